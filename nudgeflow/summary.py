@@ -1,0 +1,82 @@
+"""What a run did, read back from where it wrote: ClickHouse and Redis.
+
+Reading the results from the stores (not from counters in the flow) is the
+point: the demo shows that the data really landed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from connectors.clickhouse import connect
+from connectors.redis_store import user_key
+from flows.main import clickhouse_dsn
+
+if TYPE_CHECKING:
+    from flows.main import Runtime
+
+FUNNEL_SQL = """
+SELECT platform,
+       uniqExactIf(user_id, type = 'browse')      AS browsers,
+       uniqExactIf(user_id, type = 'add_to_cart') AS carters,
+       uniqExactIf(user_id, type = 'order')       AS buyers,
+       round(sumIf(amount, type = 'order'), 2)    AS revenue
+FROM {db}.events FINAL
+GROUP BY platform ORDER BY browsers DESC
+"""
+
+
+def collect(rt: Runtime) -> dict[str, Any]:
+    """The run's figures as plain data (the test and the printer share it)."""
+    db = rt.settings.clickhouse.database
+    ch = connect(clickhouse_dsn(rt.settings, rt.base))
+    q = lambda sql: ch.query(sql.format(db=db)).result_rows  # noqa: E731
+    events = q("SELECT count() FROM {db}.events FINAL")[0][0]
+    dlq = dict(q("SELECT reason, count() FROM {db}.dlq FINAL GROUP BY reason ORDER BY reason"))
+    actions = dict(q("SELECT trigger_id, count() FROM {db}.actions FINAL GROUP BY trigger_id ORDER BY trigger_id"))
+    funnel = q(FUNNEL_SQL)
+    sample_user = q("SELECT user_id FROM {db}.events FINAL GROUP BY user_id ORDER BY count() DESC LIMIT 1")
+    r = redis.Redis.from_url(rt.redis_url, decode_responses=True)
+    sample = {}
+    if sample_user:
+        uid = sample_user[0][0]
+        sample = {"user_id": uid, **r.hgetall(user_key(rt.settings.redis.key_prefix, uid))}
+    return {
+        "events_in": events + sum(dlq.values()),
+        "events_accepted": events,
+        "dlq": dlq,
+        "actions": actions,
+        "funnel": funnel,
+        "sample_features": sample,
+    }
+
+
+def print_summary(rt: Runtime, console: Console) -> None:
+    f = collect(rt)
+    console.print(
+        f"\n[bold]events in[/bold] {f['events_in']}  [bold]accepted[/bold] {f['events_accepted']}  "
+        f"[bold]dead letters[/bold] {sum(f['dlq'].values())}  [bold]actions fired[/bold] {sum(f['actions'].values())}"
+    )
+    t = Table(title="dead letters by reason")
+    t.add_column("reason")
+    t.add_column("count", justify="right")
+    for k, v in f["dlq"].items():
+        t.add_row(k, str(v))
+    console.print(t)
+    t = Table(title="actions by trigger")
+    t.add_column("trigger")
+    t.add_column("count", justify="right")
+    for k, v in f["actions"].items():
+        t.add_row(k, str(v))
+    console.print(t)
+    t = Table(title="analyst query: funnel browse → cart → order by platform (ClickHouse)")
+    for c in ("platform", "browsers", "carters", "buyers", "revenue"):
+        t.add_column(c, justify="right" if c != "platform" else "left")
+    for row in f["funnel"]:
+        t.add_row(*(str(x) for x in row))
+    console.print(t)
+    console.print(f"features in Redis for the busiest user: {f['sample_features']}")
