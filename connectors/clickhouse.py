@@ -147,12 +147,15 @@ class ClickHouseWriter:
                 self._insert(t)
 
     def close(self) -> None:
-        """Flush and stop the thread."""
+        """Flush, stop the thread and close the client (chDB allows one open data folder per process)."""
         self.flush()
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=5)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def _due(self) -> list[str]:
         now = time.monotonic()

@@ -82,14 +82,20 @@ def build(s: Settings, base: Path) -> tuple[Dataflow, Runtime]:
     embedded = ensure_redis(s.redis.url) if s.redis.embedded else None
     redis_url = embedded.url if embedded else s.redis.url
     dsn = clickhouse_dsn(s, base)
-    migrate(connect(dsn), s.clickhouse.database)
+    client = connect(dsn)
+    try:
+        migrate(client, s.clickhouse.database)
+    finally:
+        client.close()
     writer = ClickHouseWriter(s.clickhouse.model_copy(update={"dsn": dsn}))
     rt = Runtime(s, base, redis_url, writer, embedded)
 
     triggers = load_triggers(_resolve(base, s.triggers), s.events)
     parser = Parser(s.events)
     features = FeatureEngine(s.features, s.events)
-    trigger_engine = TriggerEngine(triggers.triggers, int(s.features.allowed_lateness * 1000))
+    trigger_engine = TriggerEngine(
+        triggers.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000)
+    )
     shards = s.shards
 
     flow = Dataflow(s.name)

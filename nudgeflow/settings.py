@@ -103,6 +103,8 @@ class EventsConfig(Strict):
 
 class FeaturesConfig(Strict):
     allowed_lateness: Duration = 300.0
+    #: a source partition silent this long (wall clock) stops holding event time back
+    idle_timeout: Duration = 10.0
     window: Duration = 3600.0
     #: bucket width: a window is exact to one bucket at its old edge
     bucket: Duration = 30.0

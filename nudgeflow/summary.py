@@ -34,12 +34,15 @@ def collect(rt: Runtime) -> dict[str, Any]:
     """The run's figures as plain data (the test and the printer share it)."""
     db = rt.settings.clickhouse.database
     ch = connect(clickhouse_dsn(rt.settings, rt.base))
-    q = lambda sql: ch.query(sql.format(db=db)).result_rows  # noqa: E731
-    events = q("SELECT count() FROM {db}.events FINAL")[0][0]
-    dlq = dict(q("SELECT reason, count() FROM {db}.dlq FINAL GROUP BY reason ORDER BY reason"))
-    actions = dict(q("SELECT trigger_id, count() FROM {db}.actions FINAL GROUP BY trigger_id ORDER BY trigger_id"))
-    funnel = q(FUNNEL_SQL)
-    sample_user = q("SELECT user_id FROM {db}.events FINAL GROUP BY user_id ORDER BY count() DESC LIMIT 1")
+    try:
+        q = lambda sql: ch.query(sql.format(db=db)).result_rows  # noqa: E731
+        events = q("SELECT count() FROM {db}.events FINAL")[0][0]
+        dlq = dict(q("SELECT reason, count() FROM {db}.dlq FINAL GROUP BY reason ORDER BY reason"))
+        actions = dict(q("SELECT trigger_id, count() FROM {db}.actions FINAL GROUP BY trigger_id ORDER BY trigger_id"))
+        funnel = q(FUNNEL_SQL)
+        sample_user = q("SELECT user_id FROM {db}.events FINAL GROUP BY user_id ORDER BY count() DESC LIMIT 1")
+    finally:
+        ch.close()
     r = redis.Redis.from_url(rt.redis_url, decode_responses=True)
     sample = {}
     if sample_user:

@@ -6,9 +6,9 @@ shard's event time has moved ``window`` past them, so memory is bounded by the
 events of one window (plus the allowed lateness).
 
 >>> d = Deduper(window_ms=60_000)
->>> d.seen("e1", 1_000), d.seen("e1", 2_000), d.seen("e2", 2_000)
-(False, True, False)
->>> d.expire(watermark=200_000); d.seen("e1", 200_000)
+>>> d.add("e1", 1_000); "e1" in d, "e2" in d
+(True, False)
+>>> d.expire(watermark=200_000); "e1" in d
 False
 """
 
@@ -24,12 +24,12 @@ class Deduper:
         self.window_ms = window_ms
         self.ids: dict[str, int] = {}
 
-    def seen(self, event_id: str, ts: int) -> bool:
-        """True if ``event_id`` was seen within the window; remembers it otherwise."""
-        if event_id in self.ids:
-            return True
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self.ids
+
+    def add(self, event_id: str, ts: int) -> None:
+        """Remember an accepted event's id."""
         self.ids[event_id] = ts
-        return False
 
     def expire(self, watermark: int) -> None:
         """Forget ids older than the window before ``watermark``.

@@ -126,11 +126,12 @@ class FeatureEngine:
 
     def apply(self, st: ShardState, ev: Event) -> Enriched | DeadLetter:
         ts = ev.ts
+        if ev.event_id in st.dedup:
+            return _refuse(ev, "duplicate", f"event_id {ev.event_id[:60]!r} seen within events.dedup_window")
         user = st.users.get(ev.user_id)
         if user is not None and ts < user.last_ts - self.lateness_ms:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
-        if st.dedup.seen(ev.event_id, ts):
-            return _refuse(ev, "duplicate", f"event_id {ev.event_id[:60]!r} seen within events.dedup_window")
+        st.dedup.add(ev.event_id, ts)
         if user is None:
             user = st.users[ev.user_id] = UserState(ts, self.window_ms, self.bucket_ms)
         elif ts < user.first_ts:

@@ -8,21 +8,30 @@ Two kinds so far:
   triggers that can fire on it.
 - ``absence``: an ``after`` event with no ``unless`` event within ``within``
   ("add_to_cart, no order within 30 min"). A timer per (trigger, user) fires
-  when the shard's **watermark** passes its deadline; the watermark is the
-  newest event time minus the allowed lateness, advanced by the wall clock
-  while the stream is idle (as Bytewax's EventClock does), so an ``unless``
-  that arrives late but within the lateness still cancels the timer.
+  when the shard's **watermark** passes its deadline.
+
+The watermark is computed as in Flink, not per key: each source partition
+(Kafka partition, file, simulator partition) has its own newest event time,
+and the watermark is the *oldest* of those minus the allowed lateness. So a
+partition that lags behind another never lets a timer fire before the events
+that could cancel it have been read. A partition silent for ``idle_timeout``
+of wall time stops holding the watermark back; when every partition is
+silent, event time moves on with the wall clock (a live shop at night still
+gets its cart reminders). Timers fire at the end of each batch, after every
+event of the batch has had its chance to cancel them.
 
 >>> from nudgeflow.settings import TriggersFile
 >>> from operators.features import Enriched
 >>> from nudgeflow.events import Event
 >>> tf = TriggersFile.model_validate({"triggers": [{"id": "cart", "kind": "absence",
 ...     "after": ["add_to_cart"], "unless": ["order"], "within": "30m"}]})
->>> eng = TriggerEngine(tf.triggers, lateness_ms=0, now_ms=lambda: 0)
+>>> eng = TriggerEngine(tf.triggers, lateness_ms=0, idle_ms=10_000, now_ms=lambda: 0)
 >>> st = eng.new_state()
->>> eng.on_event(st, Enriched(Event("e1", "u1", "add_to_cart", 0), {}))
+>>> eng.on_event(st, Enriched(Event("e1", "u1", "add_to_cart", 0, position="p:0"), {}), now=0)
 []
->>> [a.trigger_id for a in eng.on_event(st, Enriched(Event("e2", "u2", "browse", 1_800_000), {}))]
+>>> eng.on_event(st, Enriched(Event("e2", "u2", "browse", 1_800_000, position="p:1"), {}), now=0)
+[]
+>>> [a.trigger_id for a in eng.advance(st, eng.watermark(st, now=0))]
 ['cart']
 """
 
@@ -88,15 +97,22 @@ class TriggerState:
         self.heap: list[tuple[int, str, str]] = []
         #: newest ``unless`` time per (trigger, user), for ``after`` events that arrive late
         self.last_unless: dict[tuple[str, str], int] = {}
+        #: newest event time and the wall time it was seen, per source partition
+        self.part_max: dict[str, int] = {}
+        self.part_wall: dict[str, int] = {}
         self.max_ts = 0
         self.wall_at_max = 0
+        self.wm = 0
 
 
 class TriggerEngine:
     """Pure trigger logic over one shard's :class:`TriggerState`."""
 
-    def __init__(self, triggers: Iterable[TriggerDef], lateness_ms: int, now_ms: Callable[[], int] = wall_ms):
+    def __init__(
+        self, triggers: Iterable[TriggerDef], lateness_ms: int, idle_ms: int, now_ms: Callable[[], int] = wall_ms
+    ):
         self.lateness_ms = lateness_ms
+        self.idle_ms = idle_ms
         self.now_ms = now_ms
         self.by_type: dict[str, list[tuple[EventTrigger, cel.Program]]] = {}
         self.after: dict[str, list[AbsenceTrigger]] = {}
@@ -120,26 +136,32 @@ class TriggerEngine:
     def new_state(self) -> TriggerState:
         return TriggerState()
 
-    def on_event(self, st: TriggerState, en: Enriched) -> list[Action]:
-        """Evaluate one enriched event; returns actions fired by it or by timers it made due."""
+    def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action]:
+        """Evaluate one enriched event: condition triggers fire now, timers are armed or cancelled.
+
+        ``now`` is the batch's wall-clock reading. Timers fire in :meth:`advance`.
+        """
         ev = en.event
+        ts = ev.ts
+        part = ev.position.rpartition(":")[0]
+        if ts > st.part_max.get(part, -1):
+            st.part_max[part] = ts
+            st.part_wall[part] = now
+            if ts > st.max_ts:
+                st.max_ts, st.wall_at_max = ts, now
         out: list[Action] = []
         for t, prog in self.by_type.get(ev.type, ()):
             if self._holds(prog, ev, en.features):
-                out.append(self._action(t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features))
+                out.append(self._action(t, ev.user_id, ev.event_id, ts, ev.ingest_ms, en.features))
         for t in self.unless.get(ev.type, ()):
             key = (t.id, ev.user_id)
-            if st.last_unless.get(key, -1) < ev.ts:
-                st.last_unless[key] = ev.ts
+            if st.last_unless.get(key, -1) < ts:
+                st.last_unless[key] = ts
             p = st.pending.get(key)
-            if p is not None and ev.ts >= p.start_ts:
+            if p is not None and p.start_ts <= ts <= p.deadline:
                 del st.pending[key]  # its heap entry is skipped when popped
         for t in self.after.get(ev.type, ()):
             self._arm(st, t, ev, en.features)
-        if ev.ts > st.max_ts:
-            st.max_ts = ev.ts
-            st.wall_at_max = self.now_ms()
-            out.extend(self.advance(st, st.max_ts - self.lateness_ms))
         return out
 
     def _arm(self, st: TriggerState, t: AbsenceTrigger, ev: Event, feats: dict[str, Any]) -> None:
@@ -147,7 +169,7 @@ class TriggerEngine:
         within = int(t.within * 1000)
         last_b = st.last_unless.get(key)
         if last_b is not None and ev.ts <= last_b <= ev.ts + within:
-            return  # answered already: the unless event came first in arrival, later in time
+            return  # answered already: the unless event arrived first but happened later
         p = st.pending.get(key)
         deadline = ev.ts + within
         if p is None:
@@ -176,9 +198,16 @@ class TriggerEngine:
             st.last_unless = {k: v for k, v in st.last_unless.items() if v >= horizon}
         return out
 
-    def idle_watermark(self, st: TriggerState) -> int:
-        """The watermark while no events arrive: event time moves on with the wall clock."""
-        return st.max_ts - self.lateness_ms + max(0, self.now_ms() - st.wall_at_max)
+    def watermark(self, st: TriggerState, now: int) -> int:
+        """Event time up to which every shard input has been seen (monotonic)."""
+        active = [m for p, m in st.part_max.items() if now - st.part_wall[p] <= self.idle_ms]
+        if active:
+            wm = min(active) - self.lateness_ms
+        else:  # all inputs silent: event time follows the wall clock
+            wm = st.max_ts - self.lateness_ms + max(0, now - st.wall_at_max - self.idle_ms)
+        if wm > st.wm:
+            st.wm = wm
+        return st.wm
 
     def _holds(self, prog: cel.Program, ev: Event, feats: dict[str, Any]) -> bool:
         ctx = {
@@ -214,19 +243,24 @@ class TriggerLogic(StatefulBatchLogic[Enriched, Action, bytes]):
         self.state: TriggerState = pickle.loads(resume) if resume is not None else engine.new_state()
 
     def on_batch(self, values: list[Enriched]) -> tuple[list[Action], bool]:
-        on_event, st = self.engine.on_event, self.state
+        eng, st = self.engine, self.state
+        now = eng.now_ms()
+        on_event = eng.on_event
         out: list[Action] = []
         for en in values:
-            fired = on_event(st, en)
+            fired = on_event(st, en, now)
             if fired:
                 out.extend(fired)
+        if st.heap:
+            out.extend(eng.advance(st, eng.watermark(st, now)))
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[Action], bool]:
-        return self.engine.advance(self.state, self.engine.idle_watermark(self.state)), StatefulBatchLogic.RETAIN
+        eng = self.engine
+        return eng.advance(self.state, eng.watermark(self.state, eng.now_ms())), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Action], bool]:
-        # the input is finished: nothing later can arrive, so lateness no longer holds timers back
+        # the input is finished: nothing can still cancel a timer due by the newest event time
         return self.engine.advance(self.state, self.state.max_ts), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:

@@ -10,7 +10,7 @@ Buckets are a dict of the non-empty ones only: a shopper with three events in
 an hour costs three entries, not ``W/B`` slots.
 
 >>> w = BucketedCount(window_ms=3_600_000, bucket_ms=30_000)
->>> w.add(1_000, 1); w.add(61_000, 1); w.add(3_700_000, 1)
+>>> w.add(1_000, 1); w.add(700_000, 1); w.add(3_700_000, 1)
 >>> w.value(3_700_000)  # the first event fell out of the hour
 2
 """

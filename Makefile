@@ -1,0 +1,41 @@
+# nudgeflow: `make demo` runs the main job on the embedded default, `make test` runs the tests.
+# Both work on a fresh machine with Python 3.11 and pip: everything else is installed here.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench tools schema clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main job on the embedded default: simulator -> flow -> embedded Redis, chDB, files
+demo: install
+	rm -rf .nudgeflow
+	$(BIN)/nudgeflow run --config config/local.yaml
+
+## system tools some tests drive (the compose file check needs Debian's docker-compose)
+tools:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  echo "installing docker-compose (Debian) for the compose file check"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+	  || echo "could not install docker-compose: tests/test_compose.py will say so"; }
+
+test: install tools
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+## JSON Schemas of the config files, for editors
+schema: install
+	$(BIN)/nudgeflow schema --out-dir config
+
+clean:
+	rm -rf .nudgeflow .pytest_cache .hypothesis
