@@ -7,18 +7,20 @@ Two kinds so far:
   load; triggers are indexed by event type, so an event only evaluates the
   triggers that can fire on it.
 - ``absence``: an ``after`` event with no ``unless`` event within ``within``
-  ("add_to_cart, no order within 30 min"). A timer per (trigger, user) fires
-  when the shard's **watermark** passes its deadline.
+  ("add_to_cart, no order within 30 min"). See :func:`resolve_absence` for the
+  exact rule; it depends only on the *set* of events, never on their arrival
+  order, which is what makes it safe under out-of-order input and replays.
 
-The watermark is computed as in Flink, not per key: each source partition
-(Kafka partition, file, simulator partition) has its own newest event time,
-and the watermark is the *oldest* of those minus the allowed lateness. So a
-partition that lags behind another never lets a timer fire before the events
-that could cancel it have been read. A partition silent for ``idle_timeout``
-of wall time stops holding the watermark back; when every partition is
-silent, event time moves on with the wall clock (a live shop at night still
-gets its cart reminders). Timers fire at the end of each batch, after every
-event of the batch has had its chance to cancel them.
+Timers fire when the shard's **watermark** passes their deadline. The
+watermark is computed as in Flink, not per key: each source partition (Kafka
+partition, file, simulator partition) has its own newest event time, and the
+watermark is the *oldest* of those minus the allowed lateness. So a partition
+that lags behind another never lets a timer fire before the events that could
+cancel it have been read. A partition silent for ``idle_timeout`` of wall time
+stops holding the watermark back; when every partition is silent, event time
+moves on with the wall clock (a live shop at night still gets its cart
+reminders). Timers fire at the end of each batch, after every event of the
+batch has had its chance to cancel them.
 
 >>> from nudgeflow.settings import TriggersFile
 >>> from operators.features import Enriched
@@ -31,18 +33,19 @@ event of the batch has had its chance to cancel them.
 []
 >>> eng.on_event(st, Enriched(Event("e2", "u2", "browse", 1_800_000, position="p:1"), {}), now=0)
 []
->>> [a.trigger_id for a in eng.advance(st, eng.watermark(st, now=0))]
-['cart']
+>>> [(a.trigger_id, a.user_id, a.occurrence) for a in eng.advance(st, eng.watermark(st, now=0))]
+[('cart', 'u1', 'e1')]
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import pickle
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import cel
 from bytewax.operators import StatefulBatchLogic
@@ -53,7 +56,7 @@ from operators.features import Enriched
 from operators.parse import wall_ms
 
 IDLE_TICK_S = 1.0
-"""How often an idle shard advances its watermark by the wall clock."""
+"""How often a shard with open timers wakes to advance its watermark by the wall clock."""
 
 
 def action_id(trigger_id: str, user_id: str, occurrence: str) -> str:
@@ -70,33 +73,79 @@ def compile_condition(source: str) -> cel.Program:
     return cel.compile(source)
 
 
-class Pending:
-    """An open absence timer: the first ``after`` event and the deadline."""
+class After(NamedTuple):
+    """An ``after`` event waiting for its episode to be decided."""
 
-    __slots__ = ("start_ts", "deadline", "occurrence", "features", "ingest_ms")
+    ts: int
+    event_id: str
+    ingest_ms: int
+    features: dict[str, Any]
 
-    def __init__(self, start_ts: int, deadline: int, occurrence: str, features: dict[str, Any], ingest_ms: int):
-        self.start_ts = start_ts
-        self.deadline = deadline
-        self.occurrence = occurrence
-        self.features = features
-        self.ingest_ms = ingest_ms
 
-    def __getstate__(self) -> tuple[Any, ...]:
-        return (self.start_ts, self.deadline, self.occurrence, self.features, self.ingest_ms)
+def resolve_absence(
+    afters: list[After], unless: list[int], within: int, watermark: int
+) -> tuple[list[After], list[After]]:
+    """Decide the episodes of one (trigger, user) that the watermark allows; returns (fired, still open).
 
-    def __setstate__(self, s: tuple[Any, ...]) -> None:
-        self.start_ts, self.deadline, self.occurrence, self.features, self.ingest_ms = s
+    The rule, on event times only: the earliest ``after`` event ``a`` opens an
+    episode ``[a, a + within)``. If an ``unless`` event falls in it, the
+    episode is cancelled and the next one opens at the first ``after`` event
+    later than that ``unless``. Otherwise it fires once ``watermark`` reaches
+    ``a + within`` (``after`` events inside the episode join it) and the next
+    opens at the first ``after`` event at or past the deadline. Both lists are
+    sorted; ``fired`` holds the events that opened fired episodes.
+
+    >>> A = [After(0, "a0", 0, {}), After(10, "a1", 0, {}), After(50, "a2", 0, {})]
+    >>> fired, left = resolve_absence(A, unless=[], within=30, watermark=100)
+    >>> [a.event_id for a in fired], left
+    (['a0', 'a2'], [])
+    >>> fired, left = resolve_absence(A, unless=[5], within=30, watermark=100)
+    >>> [a.event_id for a in fired]  # a0 answered at 5; a1 opens the next episode
+    ['a1', 'a2']
+    """
+    fired: list[After] = []
+    i = 0
+    n = len(afters)
+    while i < n:
+        a = afters[i]
+        deadline = a.ts + within
+        j = bisect.bisect_left(unless, a.ts)
+        if j < len(unless) and unless[j] < deadline:
+            b = unless[j]
+            while i < n and afters[i].ts <= b:
+                i += 1
+            continue
+        if deadline > watermark:
+            break
+        fired.append(a)
+        while i < n and afters[i].ts < deadline:
+            i += 1
+    return fired, afters[i:]
+
+
+class Timers:
+    """The undecided ``after`` events and recent ``unless`` times of one (trigger, user)."""
+
+    __slots__ = ("afters", "unless")
+
+    def __init__(self) -> None:
+        self.afters: list[After] = []
+        self.unless: list[int] = []
+
+    def __getstate__(self) -> tuple[list[After], list[int]]:
+        return (self.afters, self.unless)
+
+    def __setstate__(self, s: tuple[list[After], list[int]]) -> None:
+        self.afters, self.unless = s
 
 
 class TriggerState:
     """Timers of one shard plus its event-time clock."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[str, str], Pending] = {}
+        self.timers: dict[tuple[str, str], Timers] = {}
+        #: (earliest possible deadline, trigger, user); stale entries are skipped when popped
         self.heap: list[tuple[int, str, str]] = []
-        #: newest ``unless`` time per (trigger, user), for ``after`` events that arrive late
-        self.last_unless: dict[tuple[str, str], int] = {}
         #: newest event time and the wall time it was seen, per source partition
         self.part_max: dict[str, int] = {}
         self.part_wall: dict[str, int] = {}
@@ -118,6 +167,7 @@ class TriggerEngine:
         self.after: dict[str, list[AbsenceTrigger]] = {}
         self.unless: dict[str, list[AbsenceTrigger]] = {}
         self.absence: dict[str, AbsenceTrigger] = {}
+        self.within_ms: dict[str, int] = {}
         for t in triggers:
             if not t.enabled:
                 continue
@@ -127,17 +177,17 @@ class TriggerEngine:
                     self.by_type.setdefault(et, []).append((t, prog))
             else:
                 self.absence[t.id] = t
+                self.within_ms[t.id] = int(t.within * 1000)
                 for et in t.after:
                     self.after.setdefault(et, []).append(t)
                 for et in t.unless:
                     self.unless.setdefault(et, []).append(t)
-        self.max_within_ms = max((int(t.within * 1000) for t in self.absence.values()), default=0)
 
     def new_state(self) -> TriggerState:
         return TriggerState()
 
     def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action]:
-        """Evaluate one enriched event: condition triggers fire now, timers are armed or cancelled.
+        """Evaluate one enriched event: condition triggers fire now, absence timers are fed.
 
         ``now`` is the batch's wall-clock reading. Timers fire in :meth:`advance`.
         """
@@ -155,47 +205,52 @@ class TriggerEngine:
                 out.append(self._action(t, ev.user_id, ev.event_id, ts, ev.ingest_ms, en.features))
         for t in self.unless.get(ev.type, ()):
             key = (t.id, ev.user_id)
-            if st.last_unless.get(key, -1) < ts:
-                st.last_unless[key] = ts
-            p = st.pending.get(key)
-            if p is not None and p.start_ts <= ts <= p.deadline:
-                del st.pending[key]  # its heap entry is skipped when popped
+            tm = st.timers.get(key)
+            if tm is None:
+                # kept for an after-event that happened earlier but arrives later (within the lateness)
+                tm = st.timers[key] = Timers()
+                heapq.heappush(st.heap, (ts + self.lateness_ms + 1, t.id, ev.user_id))
+            bisect.insort(tm.unless, ts)
         for t in self.after.get(ev.type, ()):
-            self._arm(st, t, ev, en.features)
+            key = (t.id, ev.user_id)
+            tm = st.timers.get(key)
+            if tm is None:
+                tm = st.timers[key] = Timers()
+            a = After(ts, ev.event_id, ev.ingest_ms, en.features)
+            bisect.insort(tm.afters, a)
+            if tm.afters[0] is a:
+                heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, ev.user_id))
         return out
 
-    def _arm(self, st: TriggerState, t: AbsenceTrigger, ev: Event, feats: dict[str, Any]) -> None:
-        key = (t.id, ev.user_id)
-        within = int(t.within * 1000)
-        last_b = st.last_unless.get(key)
-        if last_b is not None and ev.ts <= last_b <= ev.ts + within:
-            return  # answered already: the unless event arrived first but happened later
-        p = st.pending.get(key)
-        deadline = ev.ts + within
-        if p is None:
-            st.pending[key] = Pending(ev.ts, deadline, ev.event_id, feats, ev.ingest_ms)
-            heapq.heappush(st.heap, (deadline, t.id, ev.user_id))
-            return
-        if ev.ts < p.start_ts:  # an earlier after-event names the occurrence, whatever the arrival order
-            p.start_ts, p.occurrence = ev.ts, ev.event_id
-        if deadline > p.deadline:
-            p.deadline, p.features, p.ingest_ms = deadline, feats, ev.ingest_ms
-            heapq.heappush(st.heap, (deadline, t.id, ev.user_id))
-
     def advance(self, st: TriggerState, watermark: int) -> list[Action]:
-        """Fire every timer whose deadline the watermark has passed."""
+        """Fire every episode whose deadline the watermark has reached; forget what can no longer matter."""
         out: list[Action] = []
         heap = st.heap
+        lateness = self.lateness_ms
         while heap and heap[0][0] <= watermark:
-            deadline, tid, uid = heapq.heappop(heap)
-            p = st.pending.get((tid, uid))
-            if p is None or p.deadline != deadline:
-                continue  # cancelled, or moved to a later deadline
-            del st.pending[(tid, uid)]
-            out.append(self._action(self.absence[tid], uid, p.occurrence, deadline, p.ingest_ms, p.features))
-        if self.max_within_ms and len(st.last_unless) > 4 * (len(st.pending) + 1024):
-            horizon = watermark - self.max_within_ms - self.lateness_ms
-            st.last_unless = {k: v for k, v in st.last_unless.items() if v >= horizon}
+            due, tid, uid = heapq.heappop(heap)
+            key = (tid, uid)
+            tm = st.timers.get(key)
+            if tm is None:
+                continue
+            within = self.within_ms[tid]
+            if tm.afters and tm.afters[0].ts + within == due:
+                fired, tm.afters = resolve_absence(tm.afters, tm.unless, within, watermark)
+                t = self.absence[tid]
+                for a in fired:
+                    out.append(self._action(t, uid, a.event_id, a.ts + within, a.ingest_ms, a.features))
+                if tm.afters:
+                    heapq.heappush(heap, (tm.afters[0].ts + within, tid, uid))
+            elif tm.afters:
+                continue  # a stale entry: the live one for this key is elsewhere in the heap
+            # unless-times older than the open episode and than any after-event that may still arrive are dead
+            keep_from = min(tm.afters[0].ts if tm.afters else watermark, watermark - lateness)
+            tm.unless = tm.unless[bisect.bisect_left(tm.unless, keep_from):]
+            if not tm.afters:
+                if tm.unless:
+                    heapq.heappush(heap, (tm.unless[0] + lateness + 1, tid, uid))
+                else:
+                    del st.timers[key]
         return out
 
     def watermark(self, st: TriggerState, now: int) -> int:
@@ -220,7 +275,9 @@ class TriggerEngine:
         except Exception:  # a condition reading a missing field is false, not a crash
             return False
 
-    def _action(self, t: TriggerDef, user_id: str, occurrence: str, event_ts: int, ingest_ms: int, feats: dict[str, Any]) -> Action:
+    def _action(
+        self, t: TriggerDef, user_id: str, occurrence: str, event_ts: int, ingest_ms: int, feats: dict[str, Any]
+    ) -> Action:
         return Action(
             action_id(t.id, user_id, occurrence),
             t.id,
@@ -264,10 +321,9 @@ class TriggerLogic(StatefulBatchLogic[Enriched, Action, bytes]):
         return self.engine.advance(self.state, self.state.max_ts), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not self.state.pending:
+        if not self.state.heap:
             return None
         return datetime.now(timezone.utc) + timedelta(seconds=IDLE_TICK_S)
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
-

@@ -36,13 +36,15 @@ class BucketedCount:
 
     def value(self, at_ts: int) -> float:
         """The window's sum as of event time ``at_ts``; drops buckets that expired."""
-        oldest = at_ts // self.bucket_ms - self.n + 1
+        newest = at_ts // self.bucket_ms
+        oldest = newest - self.n + 1
         buckets = self.buckets
         total = 0
         stale = None
         for b, v in buckets.items():
             if b >= oldest:
-                total += v
+                if b <= newest:
+                    total += v
             else:
                 stale = stale or []
                 stale.append(b)

@@ -1,0 +1,58 @@
+"""The embedded default through the real CLI, as `make demo` runs it: simulator, embedded Redis, chDB, files."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import redis
+
+CONFIG = """
+name: nudgeflow_e2e
+source:
+  kind: simulator
+  simulator: {{users: 300, events: 6000, partitions: 2, seed: 7, bad_rate: 0.01}}
+events:
+  custom_types: [payment]
+redis: {{url: "{redis_url}", key_prefix: {prefix}, ttl: 1h, embedded: true}}
+clickhouse: {{chdb_path: ch}}
+actions: {{kind: file, path: out/actions.jsonl}}
+dlq: {{kind: file, path: out/dlq.jsonl}}
+triggers: {triggers}
+"""
+
+
+def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
+    triggers = Path(__file__).parents[1] / "config" / "triggers.yaml"
+    cfg = tmp_path / "local.yaml"
+    cfg.write_text(CONFIG.format(redis_url=redis_url, prefix=key_prefix, triggers=triggers))
+    proc = subprocess.run(
+        [sys.executable, "-m", "nudgeflow.cli", "run", "--config", str(cfg), "--workers", "2"],
+        capture_output=True, text=True, timeout=300, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"events in (\d+)\s+accepted (\d+)\s+dead letters (\d+)\s+actions fired (\d+)", proc.stdout)
+    assert m, proc.stdout
+    events_in, accepted, dead, fired = map(int, m.groups())
+    assert events_in == 6000 and accepted + dead == 6000  # every record is accounted for in ClickHouse
+    assert 20 <= dead <= 150  # ~1 % bad records (a few duplicates among them)
+
+    dlq = [orjson.loads(line) for line in (tmp_path / "out" / "dlq.jsonl").read_bytes().splitlines()]
+    assert len(dlq) == dead
+    assert {d["reason"] for d in dlq} >= {"malformed_json", "missing_field", "unknown_type", "oversized", "future_ts"}
+    assert all(d["raw"] and d["position"].startswith("sim:") for d in dlq)
+
+    actions = [orjson.loads(line) for line in (tmp_path / "out" / "actions.jsonl").read_bytes().splitlines()]
+    assert len(actions) == fired > 0
+    assert len({a["action_id"] for a in actions}) == len(actions)
+    assert {a["trigger_id"] for a in actions} == {"cart_abandonment", "engaged_browser"}
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = list(r.scan_iter(match=f"{key_prefix}:u:*", count=1000))
+    assert 250 <= len(keys) <= 300
+    sample = r.hgetall(keys[0])
+    assert int(sample["events_1h"]) >= 1 and sample["_v"] == "1" and int(sample["_ts"]) > 0
+    assert "funnel browse → cart → order by platform" in proc.stdout

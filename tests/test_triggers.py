@@ -1,0 +1,159 @@
+"""Trigger engine: absence timers against a brute-force model, under out-of-order arrival and restarts."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nudgeflow.events import Event
+from nudgeflow.settings import TriggersFile
+from operators.features import Enriched
+from operators.triggers import After, TriggerEngine, resolve_absence
+
+W = 30 * 60_000
+LATENESS = 5 * 60_000
+
+TRIGGERS = TriggersFile.model_validate({"triggers": [
+    {"id": "cart", "kind": "absence", "after": ["add_to_cart"], "unless": ["order"], "within": "30m"},
+    {"id": "rich", "kind": "event", "on": ["order"], "condition": "event.props.amount > 100.0 && features.n >= 2"},
+]}).triggers
+
+
+def brute_force(events: list[tuple[int, str, str]], within: int, watermark: int) -> list[str]:
+    """The absence rule as a time-ordered state machine (no buffers, no heap): ids of fired episodes."""
+    fired: list[str] = []
+    open_: tuple[int, str] | None = None
+    for ts, kind, eid in sorted(events, key=lambda e: (e[0], e[1] != "after")):
+        if open_ is not None and open_[0] + within <= ts:
+            if open_[0] + within > watermark:
+                return fired  # this episode is undecided until the watermark reaches its deadline
+            fired.append(open_[1])
+            open_ = None
+        if kind == "after" and open_ is None:
+            open_ = (ts, eid)
+        elif kind == "unless" and open_ is not None:
+            open_ = None
+    if open_ is not None and open_[0] + within <= watermark:
+        fired.append(open_[1])
+    return fired
+
+
+times = st.lists(st.tuples(st.integers(0, 240), st.sampled_from(["after", "unless"])), max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(times, st.integers(0, 300))
+def test_resolve_absence_matches_brute_force(evs: list[tuple[int, str]], wm: int) -> None:
+    events = [(ts * 60_000, kind, f"e{i}") for i, (ts, kind) in enumerate(evs)]
+    afters = sorted(After(ts, eid, 0, {}) for ts, kind, eid in events if kind == "after")
+    unless = sorted(ts for ts, kind, _ in events if kind == "unless")
+    fired, left = resolve_absence(afters, unless, W, wm * 60_000)
+    expected = brute_force(events, W, wm * 60_000)
+    # ties in time between after-events make "which id opened the episode" ambiguous: compare times
+    ts_of = {eid: ts for ts, _, eid in events}
+    assert [ts_of[a.event_id] for a in fired] == [ts_of[e] for e in expected]
+    assert all(a.ts + W > wm * 60_000 for a in left[:1])
+
+
+def shuffle_within(stream: list[Event], lateness: int, rnd: random.Random) -> list[Event]:
+    """Arrival order where no event arrives after one more than ``lateness`` newer than it."""
+    return sorted(stream, key=lambda e: e.ts + rnd.uniform(0, lateness))
+
+
+def run(engine: TriggerEngine, arrivals: list[Event], batch: int, restart_at: int | None = None) -> list[tuple[str, str, str]]:
+    state = engine.new_state()
+    out = []
+    for i in range(0, len(arrivals), batch):
+        if restart_at is not None and i >= restart_at:
+            state = pickle.loads(pickle.dumps(state))  # what Bytewax recovery does with a snapshot
+            restart_at = None
+        now = 0
+        for ev in arrivals[i:i + batch]:
+            n = sum(1 for e in arrivals if e.user_id == ev.user_id and e.ts <= ev.ts)
+            out += engine.on_event(state, Enriched(ev, {"n": n}), now)
+        out += engine.advance(state, engine.watermark(state, now))
+    out += engine.advance(state, state.max_ts)  # end of input
+    return sorted((a.trigger_id, a.user_id, a.occurrence) for a in out)
+
+
+user_streams = st.lists(
+    st.lists(st.tuples(st.integers(0, 300), st.sampled_from(["add_to_cart", "order", "browse"])), max_size=15),
+    min_size=1, max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(user_streams, st.integers(0, 2**32), st.integers(1, 7), st.booleans())
+def test_absence_fires_as_the_model_says_whatever_the_arrival_order(
+    per_user: list[list[tuple[int, str]]], seed: int, batch: int, restart: bool
+) -> None:
+    rnd = random.Random(seed)
+    stream: list[Event] = []
+    for u, evs in enumerate(per_user):
+        for i, (minute, etype) in enumerate(evs):
+            stream.append(Event(f"u{u}-{i}", f"u{u}", etype, minute * 60_000 + u, position=f"t:{u % 2}:{i}"))
+    engine = TriggerEngine(TRIGGERS, lateness_ms=LATENESS, idle_ms=10**12, now_ms=lambda: 0)
+    got = run(engine, shuffle_within(stream, LATENESS, rnd), batch, restart_at=len(stream) // 2 if restart else None)
+    # the same run in event-time order gives the same firings: arrival order does not matter
+    assert got == run(engine, sorted(stream, key=lambda e: e.ts), batch)
+    expected = []
+    final = max(e.ts for e in stream) if stream else 0
+    for u in range(len(per_user)):
+        mine = [(e.ts, "after" if e.type == "add_to_cart" else "unless", e.event_id)
+                for e in stream if e.user_id == f"u{u}" and e.type in ("add_to_cart", "order")]
+        ts_of = {eid: ts for ts, _, eid in mine}
+        fired = brute_force(mine, W, final)
+        got_u = sorted(ts_of[occ] for trig, user, occ in got if trig == "cart" and user == f"u{u}")
+        assert got_u == sorted(ts_of[e] for e in fired)
+        expected += fired
+    assert len([g for g in got if g[0] == "cart"]) == len(expected)
+
+
+def test_late_partition_holds_timers_back() -> None:
+    """A cart on partition 0 is not reminded while partition 1 lags behind the deadline."""
+    engine = TriggerEngine(TRIGGERS, lateness_ms=0, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    engine.on_event(s, Enriched(Event("a", "u1", "add_to_cart", 0, position="t:0:0"), {}), 0)
+    engine.on_event(s, Enriched(Event("b", "u2", "browse", 10 * 60_000, position="t:1:0"), {}), 0)
+    engine.on_event(s, Enriched(Event("c", "u3", "browse", 60 * 60_000, position="t:0:1"), {}), 0)
+    assert engine.advance(s, engine.watermark(s, 0)) == []  # partition 1 is only at 10 min
+    engine.on_event(s, Enriched(Event("d", "u1", "order", 20 * 60_000, position="t:1:1"), {}), 0)
+    engine.on_event(s, Enriched(Event("e", "u2", "browse", 61 * 60_000, position="t:1:2"), {}), 0)
+    assert engine.advance(s, engine.watermark(s, 0)) == []  # the order on the lagging partition cancelled it
+
+
+def test_idle_partitions_let_event_time_follow_the_wall_clock() -> None:
+    clock = [0]
+    engine = TriggerEngine(TRIGGERS, lateness_ms=LATENESS, idle_ms=10_000, now_ms=lambda: clock[0])
+    s = engine.new_state()
+    engine.on_event(s, Enriched(Event("a", "u1", "add_to_cart", 0, position="t:0:0"), {}), 0)
+    assert engine.advance(s, engine.watermark(s, 0)) == []
+    clock[0] = 10_000 + LATENESS + W  # silent long enough: 30 min + lateness past the cart add
+    fired = engine.advance(s, engine.watermark(s, clock[0]))
+    assert [(a.trigger_id, a.occurrence, a.event_ts) for a in fired] == [("cart", "a", W)]
+
+
+def test_condition_trigger_reads_event_and_features() -> None:
+    engine = TriggerEngine(TRIGGERS, lateness_ms=0, idle_ms=1, now_ms=lambda: 7)
+    s = engine.new_state()
+    order = lambda amount: Event("o", "u1", "order", 0, props={"amount": amount}, position="t:0:0")  # noqa: E731
+    assert engine.on_event(s, Enriched(order(150.0), {"n": 1}), 0) == []
+    assert engine.on_event(s, Enriched(order(50.0), {"n": 2}), 0) == []
+    fired = engine.on_event(s, Enriched(order(150.0), {"n": 2}), 0)
+    assert [(a.trigger_id, a.decided_ms) for a in fired] == [("rich", 7)]
+    # a condition over a field the event lacks is false, not an error
+    assert engine.on_event(s, Enriched(Event("p", "u1", "order", 0, position="t:0:1"), {"n": 5}), 0) == []
+
+
+def test_state_is_bounded_after_resolution() -> None:
+    engine = TriggerEngine(TRIGGERS, lateness_ms=LATENESS, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    for i in range(1000):
+        etype = ("add_to_cart", "order", "browse")[i % 3]
+        engine.on_event(s, Enriched(Event(f"e{i}", f"u{i % 50}", etype, i * 60_000, position="t:0:0"), {}), 0)
+        engine.advance(s, engine.watermark(s, 0))
+    engine.advance(s, s.max_ts + LATENESS + W + 1)
+    assert s.timers == {} and len(s.heap) <= 50
