@@ -22,7 +22,7 @@ import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from nudgeflow.settings import RedisConfig
-from operators.features import Enriched
+from operators.features import UserFeatures
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +46,26 @@ def _encode(v: Any) -> bytes | str | int | float:
     return orjson.dumps(v)
 
 
-class _FeaturePartition(StatelessSinkPartition[tuple[str, Enriched]]):
+class _FeaturePartition(StatelessSinkPartition[tuple[str, UserFeatures]]):
     def __init__(self, client: redis.Redis, cfg: RedisConfig):
         self.client = client
         self.prefix = cfg.key_prefix
         self.ttl = int(cfg.ttl)
 
-    def write_batch(self, items: list[tuple[str, Enriched]]) -> None:
-        newest: dict[str, Enriched] = {}
-        for _shard, en in items:
-            uid = en.event.user_id
-            prev = newest.get(uid)
-            if prev is None or en.features["last_event_ts"] >= prev.features["last_event_ts"]:
-                newest[uid] = en
+    def write_batch(self, items: list[tuple[str, UserFeatures]]) -> None:
+        newest: dict[str, UserFeatures] = {}
+        for _shard, uf in items:
+            prev = newest.get(uf.user_id)
+            if prev is None or uf.ts >= prev.ts:
+                newest[uf.user_id] = uf
         delay = 0.2
         while True:
             try:
                 pipe = self.client.pipeline(transaction=False)
-                for uid, en in newest.items():
+                for uid, uf in newest.items():
                     key = user_key(self.prefix, uid)
-                    mapping = {k: _encode(v) for k, v in en.features.items()}
-                    mapping["_ts"] = en.features["last_event_ts"]
+                    mapping = {k: _encode(v) for k, v in uf.features.items()}
+                    mapping["_ts"] = uf.ts
                     mapping["_v"] = FEATURE_SET_VERSION
                     pipe.hset(key, mapping=mapping)
                     pipe.expire(key, self.ttl)
@@ -81,10 +80,10 @@ class _FeaturePartition(StatelessSinkPartition[tuple[str, Enriched]]):
         self.client.close()
 
 
-class RedisFeatureSink(DynamicSink[tuple[str, Enriched]]):
+class RedisFeatureSink(DynamicSink[tuple[str, UserFeatures]]):
     """Publishes each changed user's newest features, one pipeline per batch.
 
-    Takes the feature step's keyed output as it is, ``(shard, Enriched)``.
+    Takes the feature step's keyed output as it is, ``(shard, UserFeatures)``.
     """
 
     def __init__(self, cfg: RedisConfig, url: str):

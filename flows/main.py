@@ -29,9 +29,9 @@ from connectors.files import JsonlSource, action_line, dlq_line, jsonl_sink
 from connectors.redis_store import RedisFeatureSink
 from connectors.simulator import SimulatorSource
 from nudgeflow.events import Event
-from nudgeflow.settings import Settings, SinkConfig, load_settings
-from nudgeflow.triggerload import load_triggers
-from operators.features import Enriched, FeatureEngine, FeatureLogic, shard_of
+from nudgeflow.configload import Deployment, feature_refs, load_deployment
+from nudgeflow.settings import EventTrigger, Settings, SinkConfig
+from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
 from operators.parse import Parser
 from operators.triggers import TriggerEngine, TriggerLogic
 
@@ -77,8 +77,14 @@ def _output(step: str, s: Settings, sink_cfg: SinkConfig, suffix: str, base: Pat
         op.output(step, op.map(f"{step}_line", stream, lambda x: ("", as_line(x))), jsonl_sink(_resolve(base, sink_cfg.path or "")))
 
 
-def build(s: Settings, base: Path) -> tuple[Dataflow, Runtime]:
+def needed_features(dep: Deployment) -> set[str]:
+    """What enriched events must carry: the features trigger conditions read."""
+    return {f for t in dep.triggers.triggers if isinstance(t, EventTrigger) for f in feature_refs(t.condition)}
+
+
+def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     """Build the dataflow for a deployment, starting what the embedded mode needs."""
+    s, base = dep.settings, dep.base
     embedded = ensure_redis(s.redis.url) if s.redis.embedded else None
     redis_url = embedded.url if embedded else s.redis.url
     dsn = clickhouse_dsn(s, base)
@@ -90,11 +96,10 @@ def build(s: Settings, base: Path) -> tuple[Dataflow, Runtime]:
     writer = ClickHouseWriter(s.clickhouse.model_copy(update={"dsn": dsn}))
     rt = Runtime(s, base, redis_url, writer, embedded)
 
-    triggers = load_triggers(_resolve(base, s.triggers), s.events)
     parser = Parser(s.events)
-    features = FeatureEngine(s.features, s.events)
+    features = FeatureEngine(dep.features, s.features, s.events, needed=needed_features(dep))
     trigger_engine = TriggerEngine(
-        triggers.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000)
+        dep.triggers.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000)
     )
     shards = s.shards
 
@@ -113,13 +118,14 @@ def build(s: Settings, base: Path) -> tuple[Dataflow, Runtime]:
     feats = op.stateful_batch("features", keyed, lambda resume: FeatureLogic(features, resume))
     accepted = op.branch("accepted", feats, lambda kv: type(kv[1]) is Enriched)
     enriched = accepted.trues
+    published = op.branch("published", accepted.falses, lambda kv: type(kv[1]) is UserFeatures)
 
-    refused = op.map("refused", accepted.falses, lambda kv: kv[1])
+    refused = op.map("refused", published.falses, lambda kv: kv[1])
     dead = op.merge("dead", valid.falses, refused)
     _output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message)
     op.output("dlq_ch", dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, dlq_row))
 
-    op.output("features_redis", enriched, RedisFeatureSink(s.redis, redis_url))
+    op.output("features_redis", published.trues, RedisFeatureSink(s.redis, redis_url))
     op.output("events_ch", enriched, ClickHouseSink(writer, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event)))
 
     fired = op.stateful_batch("triggers", enriched, lambda resume: TriggerLogic(trigger_engine, resume))
@@ -130,8 +136,7 @@ def build(s: Settings, base: Path) -> tuple[Dataflow, Runtime]:
 
 
 def from_file(path: str | os.PathLike[str]) -> tuple[Dataflow, Runtime]:
-    settings, base = load_settings(path)
-    return build(settings, base)
+    return build(load_deployment(path))
 
 
 def __getattr__(name: str) -> Any:

@@ -91,24 +91,39 @@ def simulate(
 @app.command()
 def validate(config: ConfigOpt = Path("config/local.yaml")) -> None:
     """Check a deployment config and its trigger file; errors name file, line and field."""
-    from nudgeflow.settings import load_settings
-    from nudgeflow.triggerload import load_triggers
+    from nudgeflow.configload import load_deployment
+    from operators.features import FeaturePlan
 
     try:
-        s, base = load_settings(config)
-        tpath = base / s.triggers
-        tf = load_triggers(tpath, s.events)
+        dep = load_deployment(config)
     except ConfigError as e:
         _fail(e)
-    console.print(f"{config}: ok; {tpath}: ok, {len(tf.triggers)} triggers")
+    s = dep.settings
+    console.print(f"{config}: ok")
+    console.print(f"{dep.resolve(s.features.definitions)}: ok, {len(FeaturePlan(dep.features).names)} features")
+    console.print(f"{dep.resolve(s.triggers)}: ok, {len(dep.triggers.triggers)} triggers")
+
+
+@app.command()
+def features(config: ConfigOpt = Path("config/local.yaml")) -> None:
+    """List every feature the definitions produce (the names triggers and Redis use)."""
+    from nudgeflow.configload import load_deployment
+    from operators.features import FeaturePlan
+
+    try:
+        dep = load_deployment(config)
+    except ConfigError as e:
+        _fail(e)
+    for name in FeaturePlan(dep.features).names:
+        console.print(name)
 
 
 @app.command()
 def schema(out_dir: Annotated[Path, typer.Option(help="where to write the JSON Schemas")] = Path("config")) -> None:
     """Write JSON Schemas of the config files for editors (YAML language server)."""
-    from nudgeflow.settings import Settings, TriggersFile
+    from nudgeflow.settings import FeatureDefs, Settings, TriggersFile
 
-    for name, model in (("settings", Settings), ("triggers", TriggersFile)):
+    for name, model in (("settings", Settings), ("features", FeatureDefs), ("triggers", TriggersFile)):
         path = out_dir / f"{name}.schema.json"
         path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
         console.print(f"wrote {path}")

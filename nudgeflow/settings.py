@@ -102,18 +102,127 @@ class EventsConfig(Strict):
 
 
 class FeaturesConfig(Strict):
+    """Event-time settings of the feature step; the features themselves are in ``definitions``."""
+
+    #: the feature definitions file (``config/features.yaml``), relative to this file
+    definitions: str = "features.yaml"
     allowed_lateness: Duration = 300.0
     #: a source partition silent this long (wall clock) stops holding event time back
     idle_timeout: Duration = 10.0
-    window: Duration = 3600.0
-    #: bucket width: a window is exact to one bucket at its old edge
-    bucket: Duration = 30.0
+
+
+AnyTypes = Literal["any"] | list[str]
+"""``any`` or a list of event types."""
+
+
+class CountDef(Strict):
+    """Events of some types over sliding windows: ``<name>_<window>``, e.g. ``views_1h``."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    types: AnyTypes
+    windows: list[Duration] = Field(min_length=1)
+
+
+class SumDef(Strict):
+    """A numeric prop summed over windows (``<name>_<window>``), with an optional average per event."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    types: list[str] = Field(min_length=1)
+    field: str
+    windows: list[Duration] = Field(min_length=1)
+    #: also publish ``<average>_<window>`` = sum / number of those events
+    average: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$")
+
+
+class DistinctDef(Strict):
+    """Distinct values of a prop over windows (``<name>_<window>``), e.g. categories viewed."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    types: list[str] = Field(min_length=1)
+    field: str
+    windows: list[Duration] = Field(min_length=1)
+    #: values remembered per user (the oldest are forgotten first)
+    max_values: int = Field(200, ge=1)
+
+
+class SessionDef(Strict):
+    #: a gap this long closes a session when events carry no session id
+    gap: Duration = 1800.0
+    #: event types counted as pages
+    page_types: list[str] = ["browse"]
+    #: windows for ``sessions_<window>``
+    windows: list[Duration] = [7 * 86400.0]
+
+
+class RfmDef(Strict):
+    """Recency, frequency and monetary value over ``horizon``, scored 1 to 5 by ascending thresholds."""
+
+    horizon: Duration = 90 * 86400.0
+    #: days since the last order: at or below the 1st threshold scores 5, above the 4th scores 1
+    recency_days: list[float] = Field([7, 14, 30, 60], min_length=4, max_length=4)
+    #: orders in the horizon: at or above the 4th threshold scores 5, below the 1st scores 1
+    frequency: list[float] = Field([1, 2, 4, 8], min_length=4, max_length=4)
+    #: revenue in the horizon, scored like frequency
+    monetary: list[float] = Field([50, 150, 400, 1000], min_length=4, max_length=4)
+    order_type: str = "order"
+    amount_field: str = "amount"
 
     @model_validator(mode="after")
-    def _bucket_divides(self) -> FeaturesConfig:
-        if self.bucket <= 0 or self.window % self.bucket:
-            raise ValueError("features.bucket must be positive and divide features.window")
+    def _ascending(self) -> RfmDef:
+        for name in ("recency_days", "frequency", "monetary"):
+            v = getattr(self, name)
+            if v != sorted(v):
+                raise ValueError(f"rfm.{name} thresholds must be ascending")
         return self
+
+
+class LifecycleDef(Strict):
+    """Stages by time since first seen and since last activity; first match wins, in this order.
+
+    ``new``: first seen within ``new_within`` and never ordered; ``active``: last event within
+    ``active_within``; ``at_risk``: within ``at_risk_within``; ``dormant``: within
+    ``dormant_within``; else ``churned``. ``repeat_buyer`` is a flag: orders in the RFM horizon at
+    or above ``repeat_orders``.
+    """
+
+    new_within: Duration = 7 * 86400.0
+    active_within: Duration = 14 * 86400.0
+    at_risk_within: Duration = 30 * 86400.0
+    dormant_within: Duration = 90 * 86400.0
+    repeat_orders: int = Field(2, ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LifecycleDef:
+        if not self.active_within <= self.at_risk_within <= self.dormant_within:
+            raise ValueError("lifecycle windows must satisfy active_within <= at_risk_within <= dormant_within")
+        return self
+
+
+class AffinityDef(Strict):
+    """Time-decayed interest per category: each event adds its weight, halving every ``half_life``."""
+
+    half_life: Duration = 7 * 86400.0
+    weights: dict[str, float] = {"browse": 1.0, "favourite": 2.0, "add_to_cart": 3.0, "order": 5.0}
+    field: str = "category"
+    top: int = Field(3, ge=1, le=10)
+    max_categories: int = Field(20, ge=1)
+
+
+class FeatureDefs(Strict):
+    """``config/features.yaml``: every per-user feature, by kind. New features of these kinds need no code."""
+
+    #: a window is kept as this many buckets: exact to 1/buckets of its width at the old edge
+    buckets_per_window: int = Field(120, ge=1, le=10_000)
+    counts: list[CountDef] = []
+    sums: list[SumDef] = []
+    distinct: list[DistinctDef] = []
+    #: ``since_<name>_s`` and ``last_<name>_ts`` for each entry: ``any`` or event types
+    recency: dict[str, AnyTypes] = {}
+    session: SessionDef | None = SessionDef()
+    cart: bool = True
+    rfm: RfmDef | None = RfmDef()
+    lifecycle: LifecycleDef | None = LifecycleDef()
+    affinity: AffinityDef | None = AffinityDef()
 
 
 class RedisConfig(Strict):

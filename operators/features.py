@@ -1,34 +1,49 @@
 """Rolling per-user features in event time, kept in keyed Bytewax state.
 
-State is keyed by **shard** (a stable hash of the user id), each shard holding
-the compact state of its users. Keying by user would give Bytewax one logic
-object and one call per shopper per batch; a shard gets the whole batch of its
-users in one ``on_batch`` call, which is what keeps the per-event cost near a
-bare counter. Users idle for longer than any window are evicted from the shard
-(Redis keeps serving their last values until the TTL), so state does not grow
-with the number of shoppers ever seen.
+Which features exist is data (``config/features.yaml``, :class:`FeatureDefs`);
+this module compiles the definitions once into a plan of window slots and
+value getters, then applies events to compact per-user state.
 
-Out-of-order events within ``allowed_lateness`` of the user's newest event
-update the right buckets; later ones are refused as ``too_late``. Duplicate
-event ids are refused as ``duplicate``. Both go to the dead-letter stream.
+**Keyed by shard.** State is keyed by a stable hash of the user id modulo
+``shards``, each shard holding the state of its users. Keying by user would
+give Bytewax one logic object and one call per shopper per batch; a shard gets
+its whole share of a batch in one ``on_batch`` call. Users idle past every
+window are evicted from the shard (Redis keeps serving their last values until
+its TTL), so state does not grow with the number of shoppers ever seen.
+
+**Two outputs.** Per event, an :class:`Enriched` event carries only the
+features downstream steps read (trigger conditions, model inputs): building
+all of them per event would cost more than the rest of the flow. Per batch,
+each user the batch changed gets one :class:`UserFeatures` with every feature,
+which is what Redis serves.
+
+**Event time.** Windows are sparse buckets (:mod:`operators.windows`), exact to
+``1/buckets_per_window`` of their width at the old edge. Features are
+evaluated as of the user's newest event time. Events up to
+``allowed_lateness`` behind it update the right buckets; later ones are
+refused as ``too_late``, repeated event ids as ``duplicate``.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from bytewax.operators import StatefulBatchLogic
 
 from nudgeflow.events import DeadLetter, Event
-from nudgeflow.settings import EventsConfig, FeaturesConfig
+from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.dedup import Deduper
-from operators.windows import BucketedCount
+from operators.windows import SlotWindow
 
 EVICT_EVERY = 4096
 """Events between scans for idle users (a scan is O(users in the shard))."""
+
+Getter = Callable[["UserState", int], Any]
 
 
 def shard_of(user_id: str, shards: int) -> str:
@@ -43,51 +58,277 @@ def shard_of(user_id: str, shards: int) -> str:
 def window_label(seconds: float) -> str:
     """A short name for a window, used in feature names.
 
-    >>> window_label(3600), window_label(300), window_label(7 * 86400), window_label(45)
-    ('1h', '5m', '7d', '45s')
+    >>> window_label(3600), window_label(86400), window_label(7 * 86400), window_label(45)
+    ('1h', '24h', '7d', '45s')
     """
     s = int(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s % size == 0:
+        if s % size == 0 and (unit != "d" or s >= 2 * 86400):
             return f"{s // size}{unit}"
     return f"{s}s"
 
 
 @dataclass(slots=True)
 class Enriched:
-    """An event with its user's features as of that event: what scoring and triggers see."""
+    """An event with the features downstream steps read, as of that event."""
 
     event: Event
     features: dict[str, Any]
 
 
+@dataclass(slots=True)
+class UserFeatures:
+    """Every feature of one user, valid at event time ``ts``: what Redis serves."""
+
+    user_id: str
+    ts: int
+    features: dict[str, Any]
+
+
+def _score_up(value: float, thresholds: list[float]) -> int:
+    """1 below the first threshold … 5 at or above the last."""
+    return 1 + sum(1 for t in thresholds if value >= t)
+
+
+def _score_down(value: float, thresholds: list[float]) -> int:
+    """5 at or below the first threshold … 1 above the last (smaller is better)."""
+    return 5 - sum(1 for t in thresholds if value > t)
+
+
 class UserState:
     """One shopper's compact feature state."""
 
-    __slots__ = ("first_ts", "last_ts", "events")
+    __slots__ = ("first_ts", "last_ts", "prev_ts", "wins", "last", "prev", "session", "cart", "aff", "top", "distinct")
 
-    def __init__(self, first_ts: int, window_ms: int, bucket_ms: int):
+    def __init__(self, first_ts: int, plan: FeaturePlan):
         self.first_ts = first_ts
         self.last_ts = first_ts
-        self.events = BucketedCount(window_ms, bucket_ms)
+        #: the newest event time before ``last_ts`` (-1 when none)
+        self.prev_ts = -1
+        self.wins = [SlotWindow(w, b, n) for w, b, n in plan.window_shapes]
+        #: newest and second newest event time per recency group (-1 when none)
+        self.last = [-1] * len(plan.recency)
+        self.prev = [-1] * len(plan.recency)
+        #: [session key, start ts, last ts, events, pages]
+        self.session: list[Any] | None = None
+        #: item id -> [quantity, unit price]
+        self.cart: dict[str, list[float]] = {}
+        #: category -> [decayed score, ts of that score]
+        self.aff: dict[str, list[float]] = {}
+        self.top: list[str] = []
+        #: per distinct feature: value -> newest event time
+        self.distinct: list[dict[str, int]] = [{} for _ in plan.distinct]
 
-    def __getstate__(self) -> tuple[int, int, BucketedCount]:
-        return (self.first_ts, self.last_ts, self.events)
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.__slots__)
 
-    def __setstate__(self, state: tuple[int, int, BucketedCount]) -> None:
-        self.first_ts, self.last_ts, self.events = state
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for k, v in zip(self.__slots__, state):
+            setattr(self, k, v)
+
+
+ONE, VALUE, PRESENT = 0, 1, 2
+"""How an event feeds a slot: counts 1, adds a prop's value, or counts 1 when the prop is a number."""
+
+
+class FeaturePlan:
+    """Feature definitions compiled into window slots and value getters."""
+
+    def __init__(self, defs: FeatureDefs):
+        self.defs = defs
+        self.getters: dict[str, Getter] = {}
+        self._widths: list[int] = []
+        self._slots: list[list[str]] = []
+        #: (window index, slot, types or None for any, mode, field)
+        self._feeds: list[tuple[int, int, frozenset[str] | None, int, str]] = []
+        self._plans: dict[str, list[tuple[int, tuple[tuple[int, int, str], ...]]]] = {}
+
+        self.recency = list(defs.recency.items())
+        self.recency_types: list[frozenset[str] | None] = [None if t == "any" else frozenset(t) for _, t in self.recency]
+        for gi, (name, _) in enumerate(self.recency):
+            self.getters[f"last_{name}_ts"] = _last_getter(gi)
+            self.getters[f"since_last_{name}_s"] = _since_getter(gi)
+        self.order_group = -1
+        if defs.rfm or defs.lifecycle:
+            order_type = defs.rfm.order_type if defs.rfm else "order"
+            self.order_group = next(
+                (gi for gi, t in enumerate(self.recency_types) if t == frozenset([order_type])), -1
+            )
+            if self.order_group < 0:  # a hidden group: RFM and lifecycle need the last order
+                self.recency.append(("__order", [order_type]))
+                self.recency_types.append(frozenset([order_type]))
+                self.order_group = len(self.recency) - 1
+        self.getters["first_seen_ts"] = lambda u, at: u.first_ts
+        self.getters["user_age_s"] = lambda u, at: (at - u.first_ts) // 1000
+
+        for c in defs.counts:
+            types = None if c.types == "any" else frozenset(c.types)
+            for w in c.windows:
+                self._window_feature(f"{c.name}_{window_label(w)}", w, types, ONE, "")
+        for sd in defs.sums:
+            for w in sd.windows:
+                label = window_label(w)
+                wi, si = self._window_feature(f"{sd.name}_{label}", w, frozenset(sd.types), VALUE, sd.field)
+                self.getters[f"{sd.name}_{label}"] = _rounded(self.getters[f"{sd.name}_{label}"])
+                if sd.average:
+                    _, ni = self._window_feature(f"{sd.name}_{label}__n", w, frozenset(sd.types), PRESENT, sd.field)
+                    del self.getters[f"{sd.name}_{label}__n"]
+                    self.getters[f"{sd.average}_{label}"] = _average(wi, si, ni)
+        self.session_slots: list[tuple[int, int]] = []
+        if defs.session:
+            for w in defs.session.windows:
+                self.session_slots.append(self._slot(w, f"sessions_{window_label(w)}"))
+                wi, si = self.session_slots[-1]
+                self.getters[f"sessions_{window_label(w)}"] = _window_getter(wi, si)
+            self.getters["session_id"] = lambda u, at: u.session[0] if u.session else ""
+            self.getters["session_events"] = lambda u, at: u.session[3] if u.session else 0
+            self.getters["session_pages"] = lambda u, at: u.session[4] if u.session else 0
+            self.getters["session_duration_s"] = lambda u, at: (u.session[2] - u.session[1]) // 1000 if u.session else 0
+        if defs.rfm:
+            self._rfm()
+        if defs.lifecycle:
+            self._lifecycle()
+
+        self.distinct = list(defs.distinct)
+        for di, d in enumerate(self.distinct):
+            for w in d.windows:
+                self.getters[f"{d.name}_{window_label(w)}"] = _distinct_getter(di, int(w * 1000))
+        if defs.cart:
+            self.getters["cart_items"] = lambda u, at: len(u.cart)
+            self.getters["cart_quantity"] = lambda u, at: int(sum(q for q, _ in u.cart.values()))
+            self.getters["cart_value"] = lambda u, at: round(sum(q * p for q, p in u.cart.values()), 2)
+        if defs.affinity:
+            half = defs.affinity.half_life * 1000
+            self.getters["top_categories"] = lambda u, at: list(u.top)
+            self.getters["category_affinity"] = lambda u, at: {
+                c: round(s * 2.0 ** (-(at - t) / half), 3) for c, (s, t) in u.aff.items() if c in u.top
+            }
+
+        n = defs.buckets_per_window
+        self.window_shapes = [(w, max(1, w // n), len(sl)) for w, sl in zip(self._widths, self._slots)]
+        distinct_ms = [int(w * 1000) for d in self.distinct for w in d.windows]
+        gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
+        self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
+        self.names = sorted(self.getters)
+
+    def _slot(self, window_s: float, name: str) -> tuple[int, int]:
+        w = int(window_s * 1000)
+        if w not in self._widths:
+            self._widths.append(w)
+            self._slots.append([])
+        wi = self._widths.index(w)
+        if name not in self._slots[wi]:
+            self._slots[wi].append(name)
+        return wi, self._slots[wi].index(name)
+
+    def _window_feature(
+        self, name: str, window_s: float, types: frozenset[str] | None, mode: int, fld: str
+    ) -> tuple[int, int]:
+        wi, si = self._slot(window_s, name)
+        self._feeds.append((wi, si, types, mode, fld))
+        self.getters[name] = _window_getter(wi, si)
+        return wi, si
+
+    def feeds_of(self, etype: str) -> list[tuple[int, tuple[tuple[int, int, str], ...]]]:
+        """The window slots an event type feeds, grouped by window (cached per type)."""
+        plan = self._plans.get(etype)
+        if plan is None:
+            by_window: dict[int, list[tuple[int, int, str]]] = {}
+            for wi, si, types, mode, fld in self._feeds:
+                if types is None or etype in types:
+                    by_window.setdefault(wi, []).append((si, mode, fld))
+            plan = self._plans[etype] = [(wi, tuple(v)) for wi, v in sorted(by_window.items())]
+        return plan
+
+    def _rfm(self) -> None:
+        r = self.defs.rfm
+        assert r is not None
+        types = frozenset([r.order_type])
+        wi, oi = self._window_feature("rfm_frequency", r.horizon, types, ONE, "")
+        _, mi = self._window_feature("rfm_monetary", r.horizon, types, VALUE, r.amount_field)
+        og = self.order_group
+        g = self.getters
+        g["rfm_frequency"] = _window_getter(wi, oi)
+        g["rfm_monetary"] = _rounded(_window_getter(wi, mi))
+
+        def days(u: UserState, at: int) -> float:
+            ts = u.last[og]
+            return (at - ts) / 86_400_000 if ts >= 0 else -1.0
+
+        g["rfm_recency_days"] = lambda u, at: round(days(u, at), 2)
+        g["rfm_r"] = lambda u, at: 1 if (d := days(u, at)) < 0 else _score_down(d, r.recency_days)
+        g["rfm_f"] = lambda u, at: _score_up(u.wins[wi].totals(at)[oi], r.frequency)
+        g["rfm_m"] = lambda u, at: _score_up(u.wins[wi].totals(at)[mi], r.monetary)
+        g["rfm_segment"] = lambda u, at: f"{g['rfm_r'](u, at)}{g['rfm_f'](u, at)}{g['rfm_m'](u, at)}"
+        repeat = self.defs.lifecycle.repeat_orders if self.defs.lifecycle else 2
+        g["repeat_buyer"] = lambda u, at: u.wins[wi].totals(at)[oi] >= repeat
+
+    def _lifecycle(self) -> None:
+        lc = self.defs.lifecycle
+        assert lc is not None
+        new_ms, active_ms = lc.new_within * 1000, lc.active_within * 1000
+        at_risk_ms, dormant_ms = lc.at_risk_within * 1000, lc.dormant_within * 1000
+        og = self.order_group
+
+        def stage(u: UserState, at: int) -> str:
+            """The stage the user was in when this event came: a returning dormant user says so."""
+            if at - u.first_ts <= new_ms and u.last[og] < 0:
+                return "new"
+            gap = at - u.prev_ts if u.prev_ts >= 0 else 0
+            if gap <= active_ms:
+                return "active"
+            if gap <= at_risk_ms:
+                return "at_risk"
+            if gap <= dormant_ms:
+                return "dormant"
+            return "churned"
+
+        self.getters["lifecycle_stage"] = stage
+
+
+def _window_getter(wi: int, si: int) -> Getter:
+    return lambda u, at: u.wins[wi].totals(at)[si]
+
+
+def _rounded(g: Getter) -> Getter:
+    return lambda u, at: round(g(u, at), 2)
+
+
+def _average(wi: int, si: int, ni: int) -> Getter:
+    def avg(u: UserState, at: int) -> float:
+        tot = u.wins[wi].totals(at)
+        return round(tot[si] / tot[ni], 2) if tot[ni] else 0.0
+
+    return avg
+
+
+def _last_getter(gi: int) -> Getter:
+    return lambda u, at: u.last[gi]
+
+
+def _since_getter(gi: int) -> Getter:
+    def since(u: UserState, at: int) -> int:
+        ts = u.prev[gi] if u.last[gi] == at else u.last[gi]
+        return (at - ts) // 1000 if ts >= 0 else -1
+
+    return since
+
+
+def _distinct_getter(di: int, window_ms: int) -> Getter:
+    return lambda u, at: sum(1 for ts in u.distinct[di].values() if at - window_ms < ts <= at)
 
 
 class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
-    __slots__ = ("users", "dedup", "max_ts", "since_evict")
+    __slots__ = ("users", "dedup", "max_ts", "since_evict", "changed")
 
     def __init__(self, dedup_window_ms: int):
         self.users: dict[str, UserState] = {}
         self.dedup = Deduper(dedup_window_ms)
         self.max_ts = 0
         self.since_evict = 0
+        self.changed: set[str] = set()
 
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts)
@@ -97,29 +338,51 @@ class ShardState:
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
         self.since_evict = 0
+        self.changed = set()
 
 
 class FeatureEngine:
-    """Pure feature logic: ``apply`` one event to a shard, get the enriched event or a refusal.
+    """Pure feature logic: ``apply`` events to a shard, ``flush`` the users they changed.
 
-    >>> from nudgeflow.settings import EventsConfig, FeaturesConfig
-    >>> eng = FeatureEngine(FeaturesConfig(), EventsConfig())
+    ``needed`` names the features each enriched event carries (those trigger
+    conditions and models read); ``None`` means all of them.
+
+    >>> from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
+    >>> defs = FeatureDefs.model_validate({"counts": [{"name": "views", "types": ["browse"], "windows": ["1h"]}]})
+    >>> eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig(), needed=["views_1h"])
     >>> st = eng.new_state()
     >>> out = [eng.apply(st, Event(f"e{i}", "u1", "browse", 1_000_000 + i * 60_000)) for i in range(3)]
-    >>> out[-1].features["events_1h"]
-    3
+    >>> out[-1].features
+    {'views_1h': 3}
     >>> eng.apply(st, Event("e1", "u1", "browse", 1_200_000)).reason
     'duplicate'
+    >>> [(f.user_id, f.features["views_1h"]) for f in eng.flush(st)]
+    [('u1', 3)]
     """
 
-    def __init__(self, cfg: FeaturesConfig, events: EventsConfig):
-        self.window_ms = int(cfg.window * 1000)
-        self.bucket_ms = int(cfg.bucket * 1000)
+    def __init__(self, defs: FeatureDefs, cfg: FeaturesConfig, events: EventsConfig, needed: Iterable[str] | None = None):
+        self.plan = plan = FeaturePlan(defs)
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
-        self.count_name = f"events_{window_label(cfg.window)}"
-        # a user idle this long has nothing left in any window
-        self.idle_ms = self.window_ms + self.lateness_ms
+        self.idle_ms = plan.retention_ms + self.lateness_ms
+        names = plan.names if needed is None else sorted(set(needed))
+        unknown = set(names) - set(plan.getters)
+        if unknown:
+            raise ValueError(f"unknown features: {sorted(unknown)}")
+        self.needed = [(n, plan.getters[n]) for n in names]
+        self.all = [(n, plan.getters[n]) for n in plan.names]
+        d = defs
+        self.session_gap = int(d.session.gap * 1000) if d.session else 0
+        self.page_types = frozenset(d.session.page_types) if d.session else frozenset()
+        self.aff_weights = d.affinity.weights if d.affinity else {}
+        self.aff_field = d.affinity.field if d.affinity else ""
+        self.aff_half = d.affinity.half_life * 1000 if d.affinity else 1.0
+        self.aff_top = d.affinity.top if d.affinity else 0
+        self.aff_max = d.affinity.max_categories if d.affinity else 0
+
+    @property
+    def names(self) -> list[str]:
+        return self.plan.names
 
     def new_state(self) -> ShardState:
         return ShardState(self.dedup_ms)
@@ -133,24 +396,105 @@ class FeatureEngine:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
         st.dedup.add(ev.event_id, ts)
         if user is None:
-            user = st.users[ev.user_id] = UserState(ts, self.window_ms, self.bucket_ms)
+            user = st.users[ev.user_id] = UserState(ts, self.plan)
         elif ts < user.first_ts:
             user.first_ts = ts
         if ts > user.last_ts:
-            user.last_ts = ts
+            user.prev_ts, user.last_ts = user.last_ts, ts
+        elif ts > user.prev_ts and ts != user.last_ts:
+            user.prev_ts = ts
         if ts > st.max_ts:
             st.max_ts = ts
-        user.events.add(ts, 1)
+        self._update(user, ev)
+        st.changed.add(ev.user_id)
         at = user.last_ts
-        feats = {
-            self.count_name: int(user.events.value(at)),
-            "last_event_ts": at,
-            "first_seen_ts": user.first_ts,
-        }
+        feats = {name: get(user, at) for name, get in self.needed}
         st.since_evict += 1
         if st.since_evict >= EVICT_EVERY:
             self.evict(st)
         return Enriched(ev, feats)
+
+    def _update(self, u: UserState, ev: Event) -> None:
+        ts, etype, props = ev.ts, ev.type, ev.props
+        for wi, slots in self.plan.feeds_of(etype):
+            win = u.wins[wi]
+            for si, mode, fld in slots:
+                if mode == ONE:
+                    win.add(ts, si, 1)
+                else:
+                    v = props.get(fld)
+                    if type(v) is int or type(v) is float:
+                        win.add(ts, si, v if mode == VALUE else 1)
+        for gi, types in enumerate(self.plan.recency_types):
+            if types is None or etype in types:
+                if ts > u.last[gi]:
+                    u.prev[gi], u.last[gi] = u.last[gi], ts
+                elif ts > u.prev[gi]:
+                    u.prev[gi] = ts
+        for di, d in enumerate(self.plan.distinct):
+            if etype in d.types:
+                v = props.get(d.field)
+                if v is not None:
+                    seen = u.distinct[di]
+                    key = str(v)
+                    if seen.get(key, -1) < ts:
+                        seen.pop(key, None)  # re-insert: dict order is recency order
+                        seen[key] = ts
+                        if len(seen) > d.max_values:
+                            del seen[next(iter(seen))]
+        if self.session_gap:
+            self._session(u, ev)
+        if self.plan.defs.cart:
+            _cart(u, etype, props)
+        if etype in self.aff_weights:
+            self._affinity(u, ts, props.get(self.aff_field), self.aff_weights[etype])
+
+    def _session(self, u: UserState, ev: Event) -> None:
+        s = u.session
+        key = ev.session_id
+        new = s is None or (key is not None and key != s[0] and ev.ts >= s[1]) or (
+            key is None and ev.ts - s[2] > self.session_gap
+        )
+        if new:
+            u.session = s = [key or f"{ev.user_id}-{ev.ts}", ev.ts, ev.ts, 0, 0]
+            for wi, si in self.plan.session_slots:
+                u.wins[wi].add(ev.ts, si, 1)
+        assert s is not None
+        s[1] = min(s[1], ev.ts)
+        s[2] = max(s[2], ev.ts)
+        s[3] += 1
+        if ev.type in self.page_types:
+            s[4] += 1
+
+    def _affinity(self, u: UserState, ts: int, category: Any, weight: float) -> None:
+        if category is None:
+            return
+        c = str(category)
+        cur = u.aff.get(c)
+        if cur is None:
+            u.aff[c] = [weight, ts]
+        elif ts >= cur[1]:
+            cur[0] = cur[0] * 2.0 ** (-(ts - cur[1]) / self.aff_half) + weight
+            cur[1] = ts
+        else:  # a late event: decay its weight to the score's time instead
+            cur[0] += weight * 2.0 ** (-(cur[1] - ts) / self.aff_half)
+        half = self.aff_half
+        ranked = sorted(u.aff.items(), key=lambda kv: kv[1][0] * 2.0 ** ((kv[1][1] - ts) / half), reverse=True)
+        if len(ranked) > self.aff_max:
+            for k, _ in ranked[self.aff_max:]:
+                del u.aff[k]
+        u.top = [k for k, _ in ranked[: self.aff_top]]
+
+    def flush(self, st: ShardState) -> list[UserFeatures]:
+        """Every feature of each user changed since the last flush (one per user)."""
+        out = []
+        for uid in st.changed:
+            u = st.users.get(uid)
+            if u is not None:
+                at = u.last_ts
+                out.append(UserFeatures(uid, at, {name: get(u, at) for name, get in self.all}))
+        st.changed.clear()
+        return out
 
     def evict(self, st: ShardState) -> None:
         """Drop users idle past every window and ids past the dedup window."""
@@ -162,21 +506,52 @@ class FeatureEngine:
         st.dedup.expire(st.max_ts - self.lateness_ms)
 
 
+def _cart(u: UserState, etype: str, props: dict[str, Any]) -> None:
+    if etype == "add_to_cart":
+        item = str(props.get("item_id", ""))
+        line = u.cart.get(item)
+        if line is None:
+            u.cart[item] = [props.get("quantity", 1), props.get("price", 0.0)]
+        else:
+            line[0] += props.get("quantity", 1)
+            line[1] = props.get("price", line[1])
+    elif etype == "remove_from_cart":
+        item = str(props.get("item_id", ""))
+        line = u.cart.get(item)
+        if line is not None:
+            line[0] -= props.get("quantity", 1)
+            if line[0] <= 0:
+                del u.cart[item]
+    elif etype == "order":
+        items = props.get("items")
+        if items:
+            for it in items:
+                line = u.cart.get(str(it.get("item_id", "")))
+                if line is not None:
+                    line[0] -= it.get("quantity", 1)
+                    if line[0] <= 0:
+                        del u.cart[str(it.get("item_id", ""))]
+        else:  # an order without lines buys the cart
+            u.cart.clear()
+
+
 def _refuse(ev: Event, reason: str, detail: str) -> DeadLetter:
     """A refusal after parsing, still carrying the record as it was received."""
     return DeadLetter(reason, detail, ev.raw, ev.position, ev.ingest_ms)
 
 
-class FeatureLogic(StatefulBatchLogic[Event, "Enriched | DeadLetter", bytes]):
-    """Bytewax adapter: one shard's :class:`FeatureEngine` state, snapshotted as a pickle."""
+class FeatureLogic(StatefulBatchLogic[Event, "Enriched | DeadLetter | UserFeatures", bytes]):
+    """Bytewax adapter: one shard's state; emits enriched events, refusals, then each changed user once."""
 
     def __init__(self, engine: FeatureEngine, resume: bytes | None):
         self.engine = engine
         self.state = pickle.loads(resume) if resume is not None else engine.new_state()
 
-    def on_batch(self, values: list[Event]) -> tuple[list[Enriched | DeadLetter], bool]:
+    def on_batch(self, values: list[Event]) -> tuple[list[Enriched | DeadLetter | UserFeatures], bool]:
         apply, st = self.engine.apply, self.state
-        return [apply(st, ev) for ev in values], StatefulBatchLogic.RETAIN
+        out: list[Enriched | DeadLetter | UserFeatures] = [apply(st, ev) for ev in values]
+        out.extend(self.engine.flush(st))
+        return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)

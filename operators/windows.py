@@ -1,60 +1,70 @@
-"""Sliding event-time windows kept as sparse buckets, so a user's state stays small.
+"""Sliding event-time windows kept as sparse buckets with running totals.
 
-A window of width ``W`` is kept as counts per bucket of width ``B`` (``B``
-divides ``W``). "As of time t" the window holds the buckets ``t//B - W/B + 1 …
-t//B``: every event of the last ``W`` is in, and events up to ``B`` older may
-be too. That is the whole error: at most one bucket at the old edge, i.e. a
-relative error in time of ``B/W`` (30 s in 1 h = 0.83 %).
+A window of width ``W`` is kept as sums per bucket of width ``B`` (``W/B``
+buckets, 120 by default). "As of time t" the window holds the buckets
+``t//B - W/B + 1 … t//B``: every event of the last ``W`` is in, and events up
+to ``B`` older may be too. That is the whole error: at most one bucket at the
+old edge, a relative error in time of ``B/W`` (1/120 = 0.83 %).
 
+One window serves every feature of the same width: a bucket holds a small
+vector, one slot per feature (views, carts, revenue …), and the window keeps
+the running total of each slot, so reading a feature is O(1). Buckets that
+fall out of the window are subtracted when the window is read past them.
 Buckets are a dict of the non-empty ones only: a shopper with three events in
-an hour costs three entries, not ``W/B`` slots.
+a month costs three entries, not 120.
 
->>> w = BucketedCount(window_ms=3_600_000, bucket_ms=30_000)
->>> w.add(1_000, 1); w.add(700_000, 1); w.add(3_700_000, 1)
->>> w.value(3_700_000)  # the first event fell out of the hour
-2
+>>> w = SlotWindow(window_ms=3_600_000, bucket_ms=30_000, slots=2)
+>>> w.add(1_000, 0, 1); w.add(700_000, 0, 1); w.add(3_700_000, 0, 1); w.add(3_700_000, 1, 9.5)
+>>> w.totals(3_700_000)  # the first event fell out of the hour
+[2, 9.5]
 """
 
 from __future__ import annotations
 
 
-class BucketedCount:
-    """A sum over a sliding event-time window, exact to one bucket at the old edge."""
+class SlotWindow:
+    """Sums of several slots over one sliding event-time window, exact to one bucket at the old edge."""
 
-    __slots__ = ("buckets", "bucket_ms", "n")
+    __slots__ = ("bucket_ms", "n", "buckets", "tot", "lo")
 
-    def __init__(self, window_ms: int, bucket_ms: int):
+    def __init__(self, window_ms: int, bucket_ms: int, slots: int):
         self.bucket_ms = bucket_ms
-        self.n = window_ms // bucket_ms
-        self.buckets: dict[int, float] = {}
+        self.n = max(1, window_ms // bucket_ms)
+        self.buckets: dict[int, list[float]] = {}
+        self.tot: list[float] = [0] * slots
+        #: the oldest bucket held (a lower bound); -1 when empty
+        self.lo = -1
 
-    def add(self, ts: int, amount: float) -> None:
-        """Add ``amount`` at event time ``ts`` (any order)."""
+    def add(self, ts: int, slot: int, amount: float) -> None:
+        """Add ``amount`` to ``slot`` at event time ``ts`` (any order)."""
         b = ts // self.bucket_ms
+        vec = self.buckets.get(b)
+        if vec is None:
+            vec = self.buckets[b] = [0] * len(self.tot)
+            if self.lo < 0 or b < self.lo:
+                self.lo = b
+        vec[slot] += amount
+        self.tot[slot] += amount
+
+    def totals(self, at_ts: int) -> list[float]:
+        """Every slot's sum as of event time ``at_ts`` (no event after ``at_ts`` may have been added)."""
+        oldest = at_ts // self.bucket_ms - self.n + 1
+        if 0 <= self.lo < oldest:
+            self._expire(oldest)
+        return self.tot
+
+    def _expire(self, oldest: int) -> None:
+        tot = self.tot
         buckets = self.buckets
-        buckets[b] = buckets.get(b, 0) + amount
+        for b in [b for b in buckets if b < oldest]:
+            for i, v in enumerate(buckets.pop(b)):
+                tot[i] -= v
+        self.lo = min(buckets) if buckets else -1
+        if not buckets:  # exact zeros, whatever float subtraction left behind
+            self.tot = [0] * len(tot)
 
-    def value(self, at_ts: int) -> float:
-        """The window's sum as of event time ``at_ts``; drops buckets that expired."""
-        newest = at_ts // self.bucket_ms
-        oldest = newest - self.n + 1
-        buckets = self.buckets
-        total = 0
-        stale = None
-        for b, v in buckets.items():
-            if b >= oldest:
-                if b <= newest:
-                    total += v
-            else:
-                stale = stale or []
-                stale.append(b)
-        if stale:
-            for b in stale:
-                del buckets[b]
-        return total
+    def __getstate__(self) -> tuple[int, int, dict[int, list[float]], list[float], int]:
+        return (self.bucket_ms, self.n, self.buckets, self.tot, self.lo)
 
-    def __getstate__(self) -> tuple[dict[int, float], int, int]:
-        return (self.buckets, self.bucket_ms, self.n)
-
-    def __setstate__(self, state: tuple[dict[int, float], int, int]) -> None:
-        self.buckets, self.bucket_ms, self.n = state
+    def __setstate__(self, s: tuple[int, int, dict[int, list[float]], list[float], int]) -> None:
+        self.bucket_ms, self.n, self.buckets, self.tot, self.lo = s

@@ -17,6 +17,7 @@ source:
   simulator: {{users: 300, events: 6000, partitions: 2, seed: 7, bad_rate: 0.01}}
 events:
   custom_types: [payment]
+features: {{definitions: {features}}}
 redis: {{url: "{redis_url}", key_prefix: {prefix}, ttl: 1h, embedded: true}}
 clickhouse: {{chdb_path: ch}}
 actions: {{kind: file, path: out/actions.jsonl}}
@@ -28,7 +29,8 @@ triggers: {triggers}
 def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
     triggers = Path(__file__).parents[1] / "config" / "triggers.yaml"
     cfg = tmp_path / "local.yaml"
-    cfg.write_text(CONFIG.format(redis_url=redis_url, prefix=key_prefix, triggers=triggers))
+    features = triggers.parent / "features.yaml"
+    cfg.write_text(CONFIG.format(redis_url=redis_url, prefix=key_prefix, triggers=triggers, features=features))
     proc = subprocess.run(
         [sys.executable, "-m", "nudgeflow.cli", "run", "--config", str(cfg), "--workers", "2"],
         capture_output=True, text=True, timeout=300, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},

@@ -13,9 +13,11 @@ from bytewax.testing import run_main
 from connectors.clickhouse import connect
 from connectors.tansu import TansuBroker, create_topics, produce, read_topic
 from flows.main import build, clickhouse_dsn
+from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
 
 MIN = 60_000
+CONFIG_DIR = Path(__file__).parents[1] / "config"
 TRIGGERS = """
 triggers:
   - id: cart_abandonment
@@ -48,12 +50,12 @@ def settings(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: 
         "source": {"kind": "kafka"},
         "kafka": {"brokers": [kafka.bootstrap], "topic_prefix": prefix, "tail": False},
         "events": {"max_future": "5m", "currency_rates": {"USD": 1.0, "EUR": 2.0}},
-        "features": {"window": "1h", "bucket": "30s", "allowed_lateness": "5m"},
         "redis": {"url": redis_url, "key_prefix": key_prefix, "ttl": "1d"},
         "clickhouse": {"chdb_path": str(chdb_path), "database": ch_database, "batch_rows": 7},
         "actions": {"kind": "kafka"},
         "dlq": {"kind": "kafka"},
         "triggers": str(tmp_path / "triggers.yaml"),
+        "features": {"definitions": str(CONFIG_DIR / "features.yaml"), "allowed_lateness": "5m"},
     })
 
 
@@ -92,7 +94,7 @@ def test_kafka_to_redis_actions_dlq_and_clickhouse(settings: Settings, kafka: Ta
     topic = settings.kafka.input_topics[0]
     assert produce(kafka.bootstrap, topic, records) == len(records)
 
-    flow, rt = build(settings, tmp_path)
+    flow, rt = build(deployment(settings, tmp_path))
     try:
         run_main(flow)
     finally:

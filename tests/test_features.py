@@ -1,91 +1,190 @@
-"""Feature engine: bucketed windows against brute force, lateness, duplicates, eviction, restarts."""
+"""Feature engine: every window feature against brute force under out-of-order input; the other kinds by example."""
 
 from __future__ import annotations
 
 import pickle
 import random
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nudgeflow.configload import load_features
 from nudgeflow.events import DeadLetter, Event
-from nudgeflow.settings import EventsConfig, FeaturesConfig
-from operators.features import EVICT_EVERY, Enriched, FeatureEngine, shard_of
-from operators.windows import BucketedCount
+from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
+from operators.features import EVICT_EVERY, Enriched, FeatureEngine, FeaturePlan, shard_of, window_label
+from operators.windows import SlotWindow
 
-HOUR = 3_600_000
-BUCKET = 30_000
-LATENESS = 300_000
+MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
+LATENESS = 5 * MIN
+CONFIG = Path(__file__).parents[1] / "config" / "features.yaml"
+
+DEFS = FeatureDefs.model_validate({
+    "buckets_per_window": 120,
+    "counts": [
+        {"name": "events", "types": "any", "windows": ["5m", "1h", "24h", "7d"]},
+        {"name": "views", "types": ["browse"], "windows": ["1h", "24h"]},
+        {"name": "orders", "types": ["order"], "windows": ["24h", "7d"]},
+    ],
+    "sums": [{"name": "revenue", "types": ["order"], "field": "amount", "windows": ["1h", "7d"], "average": "aov"}],
+    "distinct": [{"name": "cats", "types": ["browse"], "field": "category", "windows": ["1h", "24h"]}],
+    "recency": {"event": "any", "order": ["order"]},
+})
+WINDOW_FEATURES = {  # name -> (window ms, predicate on an event, value of an event)
+    **{f"events_{window_label(w / 1000)}": (w, lambda e: True, lambda e: 1) for w in (5 * MIN, HOUR, DAY, 7 * DAY)},
+    **{f"views_{window_label(w / 1000)}": (w, lambda e: e.type == "browse", lambda e: 1) for w in (HOUR, DAY)},
+    **{f"orders_{window_label(w / 1000)}": (w, lambda e: e.type == "order", lambda e: 1) for w in (DAY, 7 * DAY)},
+    **{f"revenue_{window_label(w / 1000)}": (w, lambda e: e.type == "order", lambda e: e.props["amount"]) for w in (HOUR, 7 * DAY)},
+}
+
+
+def bucketed(events: list[Event], at: int, window: int, pred, value) -> float:
+    """The window as the buckets define it: bucket-aligned at the old edge."""
+    b = window // 120
+    return sum(value(e) for e in events if pred(e) and at // b - 120 < e.ts // b <= at // b)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 4 * HOUR), max_size=60), st.integers(0, 5 * HOUR))
-def test_bucketed_count_is_exact_to_one_bucket(ts_list: list[int], at: int) -> None:
+def test_slot_window_is_exact_to_one_bucket(ts_list: list[int], at: int) -> None:
     """Evaluated, as the engine does, at the newest event time seen (nothing later is in it)."""
     ts_list = [ts for ts in ts_list if ts <= at]
-    w = BucketedCount(HOUR, BUCKET)
+    w = SlotWindow(HOUR, 30_000, 2)
     for ts in ts_list:
-        w.add(ts, 1)
-    value = w.value(at)
-    aligned = sum(1 for ts in ts_list if at // BUCKET - HOUR // BUCKET < ts // BUCKET <= at // BUCKET)
-    assert value == aligned
+        w.add(ts, 0, 1)
+        w.add(ts, 1, 0.5)
+    count, half = w.totals(at)
+    assert count == sum(1 for ts in ts_list if at // 30_000 - 120 < ts // 30_000 <= at // 30_000)
+    assert half == count * 0.5
     # the stated error bound: between the exact window and the window one bucket longer
     exact = sum(1 for ts in ts_list if at - HOUR < ts <= at)
-    wider = sum(1 for ts in ts_list if at - HOUR - BUCKET < ts <= at)
-    assert exact <= value <= wider
+    wider = sum(1 for ts in ts_list if at - HOUR - 30_000 < ts <= at)
+    assert exact <= count <= wider
 
 
-streams = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3 * HOUR)), min_size=1, max_size=80)
+event_lists = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 9 * DAY), st.sampled_from(["browse", "order", "search"]),
+              st.integers(1, 400), st.sampled_from(["shoes", "bags", "toys", "tv"])),
+    min_size=1, max_size=60,
+)
 
 
-@settings(max_examples=200, deadline=None)
-@given(streams, st.integers(0, 2**32))
-def test_features_equal_brute_force_under_out_of_order_arrival(evs: list[tuple[int, int]], seed: int) -> None:
+@settings(max_examples=150, deadline=None)
+@given(event_lists, st.integers(0, 2**32))
+def test_window_features_equal_brute_force_under_out_of_order_arrival(evs: list, seed: int) -> None:
     rnd = random.Random(seed)
-    events = [Event(f"e{i}", f"u{u}", "browse", ts) for i, (u, ts) in enumerate(evs)]
+    events = [
+        Event(f"e{i}", f"u{u}", t, ts, props={"amount": float(a), "category": c}) for i, (u, ts, t, a, c) in enumerate(evs)
+    ]
     arrivals = sorted(events, key=lambda e: e.ts + rnd.uniform(0, LATENESS))  # disorder within the lateness
-    eng = FeatureEngine(FeaturesConfig(window=3600, bucket=30, allowed_lateness=300), EventsConfig())
+    eng = FeatureEngine(DEFS, FeaturesConfig(allowed_lateness=LATENESS / 1000), EventsConfig())
     state = eng.new_state()
-    accepted: list[Event] = []
+    seen: list[Event] = []
     for ev in arrivals:
         out = eng.apply(state, ev)
         assert isinstance(out, Enriched), out  # nothing is too late when disorder stays within the lateness
-        accepted.append(ev)
-        mine = [e.ts for e in accepted if e.user_id == ev.user_id]
-        at = max(mine)
-        expected = sum(1 for ts in mine if at // BUCKET - HOUR // BUCKET < ts // BUCKET <= at // BUCKET)
-        assert out.features["events_1h"] == expected
-        assert out.features["last_event_ts"] == at and out.features["first_seen_ts"] == min(mine)
+        seen.append(ev)
+        mine = [e for e in seen if e.user_id == ev.user_id]
+        at = max(e.ts for e in mine)
+        f = out.features
+        for name, (window, pred, value) in WINDOW_FEATURES.items():
+            assert abs(f[name] - bucketed(mine, at, window, pred, value)) < 1e-6, name
+        orders_7d = bucketed(mine, at, 7 * DAY, lambda e: e.type == "order", lambda e: 1)
+        assert abs(f["aov_7d"] - (round(f["revenue_7d"] / orders_7d, 2) if orders_7d else 0.0)) < 0.011
+        for name, window in (("cats_1h", HOUR), ("cats_24h", DAY)):
+            assert f[name] == len({e.props["category"] for e in mine if e.type == "browse" and at - window < e.ts <= at})
+        assert f["last_event_ts"] == at and f["first_seen_ts"] == min(e.ts for e in mine)
+        orders = sorted(e.ts for e in mine if e.type == "order")
+        assert f["last_order_ts"] == (orders[-1] if orders else -1)
 
 
-def test_too_late_and_duplicates_are_refused_with_the_original_bytes() -> None:
-    eng = FeatureEngine(FeaturesConfig(), EventsConfig())
+def test_refusals_keep_the_original_bytes() -> None:
+    eng = FeatureEngine(DEFS, FeaturesConfig(), EventsConfig())
     s = eng.new_state()
-    assert isinstance(eng.apply(s, Event("a", "u1", "browse", 10 * 60_000, raw=b"A")), Enriched)
-    late = eng.apply(s, Event("b", "u1", "browse", 10 * 60_000 - LATENESS - 1, raw=b"B", position="t:0:9"))
+    assert isinstance(eng.apply(s, Event("a", "u1", "browse", 10 * MIN, raw=b"A")), Enriched)
+    late = eng.apply(s, Event("b", "u1", "browse", 10 * MIN - LATENESS - 1, raw=b"B", position="t:0:9"))
     assert isinstance(late, DeadLetter) and (late.reason, late.raw, late.position) == ("too_late", b"B", "t:0:9")
-    edge = eng.apply(s, Event("c", "u1", "browse", 10 * 60_000 - LATENESS, raw=b"C"))
-    assert isinstance(edge, Enriched) and edge.features["events_1h"] == 2
-    dup = eng.apply(s, Event("a", "u1", "browse", 11 * 60_000, raw=b"A2"))
+    edge = eng.apply(s, Event("c", "u1", "browse", 10 * MIN - LATENESS, raw=b"C"))
+    assert isinstance(edge, Enriched) and edge.features["views_1h"] == 2
+    dup = eng.apply(s, Event("a", "u1", "browse", 11 * MIN, raw=b"A2"))
     assert isinstance(dup, DeadLetter) and (dup.reason, dup.raw) == ("duplicate", b"A2")
-    # a late event of another user is not late: lateness is per user
-    assert isinstance(eng.apply(s, Event("d", "u2", "browse", 0)), Enriched)
+    assert isinstance(eng.apply(s, Event("d", "u2", "browse", 0)), Enriched)  # lateness is per user
+
+
+def shopper(defs: FeatureDefs) -> tuple[FeatureEngine, list[Enriched]]:
+    """A scripted shopper through the repo's own features.yaml."""
+    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig())
+    s = eng.new_state()
+    t = 100 * DAY
+    script = [
+        Event("1", "u", "browse", t, props={"item_id": "i1", "category": "shoes", "price": 50.0}),
+        Event("2", "u", "browse", t + MIN, props={"item_id": "i2", "category": "shoes", "price": 30.0}),
+        Event("3", "u", "add_to_cart", t + 2 * MIN, props={"item_id": "i1", "category": "shoes", "price": 50.0, "quantity": 2}),
+        Event("4", "u", "add_to_cart", t + 3 * MIN, props={"item_id": "i3", "category": "bags", "price": 20.0, "quantity": 1}),
+        Event("5", "u", "remove_from_cart", t + 4 * MIN, props={"item_id": "i1", "quantity": 1}),
+        Event("6", "u", "order", t + 5 * MIN, props={"amount": 70.0, "item_count": 2, "items": [
+            {"item_id": "i1", "quantity": 1, "price": 50.0}, {"item_id": "i3", "quantity": 1, "price": 20.0}]}),
+        Event("7", "u", "browse", t + 2 * HOUR, props={"item_id": "i4", "category": "toys", "price": 10.0}),
+        Event("8", "u", "order", t + 40 * DAY, props={"amount": 500.0, "item_count": 1}),
+    ]
+    return eng, [eng.apply(s, e) for e in script]
+
+
+def test_session_cart_recency_rfm_lifecycle_affinity_by_example() -> None:
+    eng, out = shopper(load_features(CONFIG, EventsConfig()))
+    f = [o.features for o in out]
+    # sessions: a 30 min gap closes one (events carry no session id here)
+    assert (f[5]["session_events"], f[5]["session_pages"], f[5]["session_duration_s"]) == (6, 2, 300)
+    assert (f[6]["session_events"], f[6]["sessions_7d"]) == (1, 2)
+    # cart: add 2 × i1, add i3, remove one i1, the order buys the rest
+    assert (f[3]["cart_items"], f[3]["cart_quantity"], f[3]["cart_value"]) == (2, 3, 120.0)
+    assert (f[4]["cart_quantity"], f[4]["cart_value"]) == (2, 70.0)
+    assert (f[5]["cart_items"], f[5]["cart_value"]) == (0, 0.0)
+    # recency: seconds from the previous such event
+    assert f[1]["since_last_event_s"] == 60 and f[0]["since_last_event_s"] == -1
+    assert f[6]["since_last_order_s"] == (2 * HOUR - 5 * MIN) // 1000
+    assert f[7]["since_last_order_s"] == (40 * DAY - 5 * MIN) // 1000
+    # RFM over 90 days: two orders worth 570, the last one now
+    assert (f[7]["rfm_frequency"], f[7]["rfm_monetary"], f[7]["rfm_r"], f[7]["rfm_f"], f[7]["rfm_m"]) == (2, 570.0, 5, 3, 4)
+    assert f[7]["rfm_segment"] == "534" and f[7]["repeat_buyer"] is True and f[5]["repeat_buyer"] is False
+    # lifecycle: new until the first order, then by the gap before each event
+    assert f[0]["lifecycle_stage"] == "new" and f[5]["lifecycle_stage"] == "active"
+    assert f[7]["lifecycle_stage"] == "dormant"  # 40 days of silence before this order
+    # affinity: shoes (two views and a cart add) lead, decayed by time
+    assert f[3]["top_categories"] == ["shoes", "bags"]
+    assert f[6]["top_categories"][0] == "shoes" and set(f[6]["category_affinity"]) == set(f[6]["top_categories"])
+
+
+def test_flush_publishes_each_changed_user_once_with_every_feature() -> None:
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(), EventsConfig(), needed=["views_1h"])
+    s = eng.new_state()
+    for i in range(10):
+        out = eng.apply(s, Event(f"e{i}", f"u{i % 3}", "browse", i * MIN))
+        assert set(out.features) == {"views_1h"}  # per event: only what downstream reads
+    published = eng.flush(s)
+    assert sorted(p.user_id for p in published) == ["u0", "u1", "u2"]
+    assert all(set(p.features) == set(eng.names) for p in published)
+    assert {p.user_id: p.ts for p in published} == {"u0": 9 * MIN, "u1": 7 * MIN, "u2": 8 * MIN}
+    assert eng.flush(s) == []
 
 
 def test_idle_users_and_old_ids_are_evicted() -> None:
-    eng = FeatureEngine(FeaturesConfig(), EventsConfig(dedup_window=600))
+    defs = FeatureDefs.model_validate({"counts": [{"name": "views", "types": "any", "windows": ["1h"]}],
+                                       "session": None, "rfm": None, "lifecycle": None, "affinity": None})
+    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig(dedup_window=600))
     s = eng.new_state()
     n = EVICT_EVERY * 2
     for i in range(n):  # one event per user, a second apart: old users fall out of every window
         eng.apply(s, Event(f"e{i}", f"u{i}", "browse", i * 1000))
-    horizon = (n - 1) * 1000 - eng.idle_ms
-    assert all(u.last_ts >= horizon - EVICT_EVERY * 1000 for u in s.users.values())
-    assert len(s.users) < n and len(s.dedup.ids) < n
+    assert eng.idle_ms == HOUR + LATENESS
+    assert len(s.users) <= (eng.idle_ms // 1000) + EVICT_EVERY and len(s.dedup.ids) < n
 
 
 def test_state_survives_a_snapshot_round_trip() -> None:
-    eng = FeatureEngine(FeaturesConfig(), EventsConfig())
-    events = [Event(f"e{i}", f"u{i % 7}", "browse", i * 45_000) for i in range(300)]
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(), EventsConfig())
+    events = [Event(f"e{i}", f"u{i % 7}", ("browse", "add_to_cart", "order")[i % 3], i * 45 * MIN,
+                    props={"item_id": f"i{i % 5}", "category": f"c{i % 4}", "price": 10.0, "amount": 25.0})
+              for i in range(300)]
     straight = eng.new_state()
     want = [eng.apply(straight, e) for e in events]
     s = eng.new_state()
@@ -93,6 +192,17 @@ def test_state_survives_a_snapshot_round_trip() -> None:
     s = pickle.loads(pickle.dumps(s))
     got += [eng.apply(s, e) for e in events[150:]]
     assert [g.features for g in got] == [w.features for w in want]
+
+
+def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:
+    names = set(FeaturePlan(load_features(CONFIG, EventsConfig())).names)
+    for w in ("5m", "1h", "24h", "7d", "30d"):
+        assert f"views_{w}" in names and f"events_{w}" in names
+    assert {"revenue_30d", "avg_order_value_30d", "items_ordered_30d", "categories_viewed_24h", "items_viewed_1h",
+            "since_last_event_s", "since_last_browse_s", "since_last_cart_s", "since_last_order_s", "first_seen_ts",
+            "session_id", "session_events", "session_pages", "session_duration_s", "sessions_7d",
+            "cart_items", "cart_quantity", "cart_value", "rfm_r", "rfm_f", "rfm_m", "lifecycle_stage",
+            "repeat_buyer", "top_categories"} <= names
 
 
 def test_shards_are_stable_and_spread() -> None:

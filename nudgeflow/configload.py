@@ -1,0 +1,134 @@
+"""Loading a deployment: its config, feature definitions and triggers, all checked up front.
+
+Anything that cannot work must be refused by ``nudgeflow validate`` (and by a
+flow at start) with the file, the line and the field, never discovered at run
+time as a trigger that silently never fires: CEL errors come with a caret,
+unknown event types and unknown feature names are named.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from nudgeflow.events import BUILTIN_TYPES
+from nudgeflow.settings import EventsConfig, EventTrigger, FeatureDefs, Settings, TriggersFile, load_settings
+from nudgeflow.yamlconf import ConfigError, line_of, load_yaml, validate
+from operators.features import FeaturePlan, window_label
+from operators.triggers import compile_condition
+
+#: the names a condition may read
+CONDITION_VARIABLES = frozenset({"event", "features", "user", "score"})
+_FEATURE_REF = re.compile(r"\bfeatures\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+
+
+@dataclass
+class Deployment:
+    """Everything a flow is built from, validated."""
+
+    settings: Settings
+    base: Path
+    features: FeatureDefs
+    triggers: TriggersFile
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, relative to the config file."""
+        p = Path(path)
+        return p if p.is_absolute() else self.base / p
+
+
+def load_deployment(path: str | Path) -> Deployment:
+    """Load a deployment config with its feature and trigger files; raises ConfigError."""
+    return deployment(*load_settings(path))
+
+
+def deployment(settings: Settings, base: Path) -> Deployment:
+    """Complete loaded settings with the feature and trigger files they name (relative to ``base``)."""
+    dep = Deployment(settings, base, FeatureDefs(), TriggersFile())
+    dep.features = load_features(dep.resolve(settings.features.definitions), settings.events)
+    dep.triggers = load_triggers(dep.resolve(settings.triggers), settings.events, FeaturePlan(dep.features).names)
+    return dep
+
+
+def feature_refs(condition: str) -> set[str]:
+    """The feature names a CEL condition reads.
+
+    >>> sorted(feature_refs('features.views_1h > 2 && features["cart_value"] > 0'))
+    ['cart_value', 'views_1h']
+    """
+    return {a or b for a, b in _FEATURE_REF.findall(condition)}
+
+
+def _types_known(types: object, known: set[str], loc: tuple[str | int, ...], lines: dict, problems: list) -> None:
+    if isinstance(types, list):
+        for j, et in enumerate(types):
+            if et not in known:
+                problems.append((line_of(lines, loc + (j,)), ".".join(map(str, loc + (j,))), f"unknown event type {et!r}"))
+
+
+def load_features(path: str | Path, events: EventsConfig) -> FeatureDefs:
+    """Load and check ``features.yaml``: schema, event types, unique feature names."""
+    data, lines = load_yaml(path)
+    defs = validate(FeatureDefs, data, path, lines)
+    known = BUILTIN_TYPES | set(events.custom_types)
+    problems: list[tuple[int | None, str, str]] = []
+    for kind in ("counts", "sums", "distinct"):
+        for i, d in enumerate(getattr(defs, kind)):
+            _types_known(d.types, known, (kind, i, "types"), lines, problems)
+    for name, types in defs.recency.items():
+        _types_known(types, known, ("recency", name), lines, problems)
+    seen: dict[str, tuple[str, int]] = {}
+    for kind in ("counts", "sums", "distinct"):
+        for i, d in enumerate(getattr(defs, kind)):
+            for w in d.windows:
+                name = f"{d.name}_{window_label(w)}"
+                if name in seen:
+                    problems.append((line_of(lines, (kind, i, "name")), f"{kind}.{i}.name", f"feature {name!r} is defined twice"))
+                seen[name] = (kind, i)
+    if problems:
+        raise ConfigError(path, problems)
+    return defs
+
+
+def load_triggers(path: str | Path, events: EventsConfig, feature_names: list[str] | None = None) -> TriggersFile:
+    """Load and fully check a trigger file; raises :class:`ConfigError` listing every problem."""
+    data, lines = load_yaml(path)
+    tf = validate(TriggersFile, data, path, lines)
+    known = BUILTIN_TYPES | set(events.custom_types)
+    features = set(feature_names) if feature_names is not None else None
+    problems: list[tuple[int | None, str, str]] = []
+    for i, t in enumerate(tf.triggers):
+        for fld in ("on", "after", "unless"):
+            for j, et in enumerate(getattr(t, fld, ()) or ()):
+                if et not in known:
+                    loc = ("triggers", i, fld, j)
+                    problems.append((line_of(lines, loc), ".".join(map(str, loc)), f"unknown event type {et!r}"))
+        if isinstance(t, EventTrigger):
+            loc = ("triggers", i, "condition")
+            try:
+                prog = compile_condition(t.condition)
+            except ValueError as e:
+                problems.append((line_of(lines, loc), ".".join(map(str, loc)), _cel_message(str(e))))
+                continue
+            unknown = set(prog.variables()) - CONDITION_VARIABLES
+            if unknown:
+                problems.append(
+                    (line_of(lines, loc), ".".join(map(str, loc)),
+                     f"unknown name(s) {sorted(unknown)}; a condition reads {sorted(CONDITION_VARIABLES)}")
+                )
+            missing = feature_refs(t.condition) - features if features is not None else set()
+            if missing:
+                problems.append(
+                    (line_of(lines, loc), ".".join(map(str, loc)),
+                     f"unknown feature(s) {sorted(missing)}; see the feature definitions (nudgeflow features)")
+                )
+    if problems:
+        raise ConfigError(path, problems)
+    return tf
+
+
+def _cel_message(msg: str) -> str:
+    """CEL's own message keeps its source line and caret; indent them under ours."""
+    head, _, rest = msg.partition("ERROR: <input>:")
+    return ("CEL: " + rest).replace("\n", "\n    ") if rest else f"CEL: {head}"
