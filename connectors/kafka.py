@@ -59,3 +59,19 @@ def dlq_message(d: DeadLetter) -> KafkaSinkMessage[bytes | None, bytes]:
 def action_message(a: Action) -> KafkaSinkMessage[bytes, bytes]:
     """Keyed by user so one shopper's actions stay in order on one partition."""
     return KafkaSinkMessage(key=a.user_id.encode(), value=orjson.dumps(a.to_dict()))
+
+
+def user_keyed(records: Iterable[bytes]) -> Iterator[tuple[bytes | None, bytes]]:
+    """Key records by their ``user_id`` so one shopper's events stay in order on one partition.
+
+    A record whose user cannot be read goes unkeyed; the flow will refuse it with a reason.
+
+    >>> list(user_keyed([b'{"user_id":"u1"}', b"{broken"]))
+    [(b'u1', b'{"user_id":"u1"}'), (None, b'{broken')]
+    """
+    for raw in records:
+        try:
+            uid = orjson.loads(raw).get("user_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            uid = None
+        yield (uid.encode() if isinstance(uid, str) else None, raw)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
 from bytewax.connectors.stdio import StdOutSink
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.recovery import RecoveryConfig
 
 from connectors import kafka
 from connectors.clickhouse import (
@@ -51,6 +53,19 @@ class Runtime:
 
     def close(self) -> None:
         self.writer.close()
+
+    def bytewax_options(self) -> dict[str, Any]:
+        """``cli_main`` keyword arguments for the recovery settings (epoch length, store)."""
+        rec = self.settings.recovery
+        if rec is None:
+            return {}
+        db = _resolve(self.base, rec.dir)
+        if not db.is_dir() or not any(db.glob("part-*.sqlite3")):
+            raise FileNotFoundError(f"recovery store {db} is not initialised: run `nudgeflow recovery init`")
+        return {
+            "epoch_interval": timedelta(seconds=rec.snapshot_interval),
+            "recovery_config": RecoveryConfig(db, backup_interval=timedelta(seconds=rec.backup_interval)),
+        }
 
 
 def _resolve(base: Path, path: str) -> Path:

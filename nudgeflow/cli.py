@@ -38,14 +38,40 @@ def run(
 
     try:
         flow, rt = from_file(config)
+        options = rt.bytewax_options()
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
     try:
-        cli_main(flow, workers_per_process=workers)
+        cli_main(flow, workers_per_process=workers, **options)
     finally:
         rt.close()
     if summary:
         print_summary(rt, console)
+
+
+recovery_app = typer.Typer(help="Bytewax recovery store.")
+app.add_typer(recovery_app, name="recovery")
+
+
+@recovery_app.command("init")
+def recovery_init(config: ConfigOpt = Path("config/local.yaml")) -> None:
+    """Create the recovery store named by ``recovery.dir`` (once, before the first run)."""
+    from bytewax.recovery import init_db_dir
+
+    from nudgeflow.settings import load_settings
+
+    try:
+        s, base = load_settings(config)
+    except ConfigError as e:
+        _fail(e)
+    if s.recovery is None:
+        _fail(ValueError(f"{config} has no recovery section"))
+    db = Path(s.recovery.dir) if Path(s.recovery.dir).is_absolute() else base / s.recovery.dir
+    if any(db.glob("part-*.sqlite3")):
+        _fail(FileExistsError(f"{db} already holds a recovery store; remove it to start over"))
+    db.mkdir(parents=True, exist_ok=True)
+    init_db_dir(db, s.recovery.partitions)
+    console.print(f"created {s.recovery.partitions} recovery partition(s) in {db}")
 
 
 @app.command()
@@ -80,11 +106,12 @@ def simulate(
                 n += 1
         console.print(f"wrote {n} events to {out}")
         return
+    from connectors.kafka import user_keyed
     from connectors.tansu import create_topics, produce
 
     topic = s.kafka.input_topics[0]
     create_topics(",".join(s.kafka.brokers), [topic], partitions=s.kafka.partitions)
-    n = produce(",".join(s.kafka.brokers), topic, iter_records(sim))
+    n = produce(",".join(s.kafka.brokers), topic, user_keyed(iter_records(sim)))
     console.print(f"produced {n} events to {topic}")
 
 

@@ -259,6 +259,19 @@ class SinkConfig(Strict):
         return self
 
 
+class RecoverySettings(Strict):
+    """Bytewax recovery: state and source positions snapshotted, so a restart resumes where it stopped."""
+
+    #: the recovery store, relative to this file; create it with ``nudgeflow recovery init``
+    dir: str
+    #: recovery partitions to create (``nudgeflow recovery init``); more spread snapshot writes
+    partitions: int = Field(1, ge=1)
+    #: Bytewax epoch length: how often state is snapshotted
+    snapshot_interval: Duration = 10.0
+    #: how long old snapshots are kept (for stores backed up asynchronously)
+    backup_interval: Duration = 0.0
+
+
 class Settings(Strict):
     name: str = "nudgeflow"
     source: SourceConfig = SourceConfig()
@@ -273,6 +286,7 @@ class Settings(Strict):
     triggers: str = "triggers.yaml"
     #: state keys per step (users are hashed onto them); fixed for the life of a recovery store
     shards: int = Field(64, ge=1, le=4096)
+    recovery: RecoverySettings | None = None
 
     def topic(self, sink: SinkConfig, suffix: str) -> str:
         """The Kafka topic of a sink: its own, else ``<prefix>.<suffix>``."""

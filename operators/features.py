@@ -130,6 +130,10 @@ class UserState:
 ONE, VALUE, PRESENT = 0, 1, 2
 """How an event feeds a slot: counts 1, adds a prop's value, or counts 1 when the prop is a number."""
 
+SCALE = 1_000_000
+"""Summed values are kept as integer millionths: integer sums are exact in any order, so a replay
+after recovery, or events arriving out of order, give the very same totals (floats would not)."""
+
 
 class FeaturePlan:
     """Feature definitions compiled into window slots and value getters."""
@@ -169,7 +173,6 @@ class FeaturePlan:
             for w in sd.windows:
                 label = window_label(w)
                 wi, si = self._window_feature(f"{sd.name}_{label}", w, frozenset(sd.types), VALUE, sd.field)
-                self.getters[f"{sd.name}_{label}"] = _rounded(self.getters[f"{sd.name}_{label}"])
                 if sd.average:
                     _, ni = self._window_feature(f"{sd.name}_{label}__n", w, frozenset(sd.types), PRESENT, sd.field)
                     del self.getters[f"{sd.name}_{label}__n"]
@@ -226,7 +229,7 @@ class FeaturePlan:
     ) -> tuple[int, int]:
         wi, si = self._slot(window_s, name)
         self._feeds.append((wi, si, types, mode, fld))
-        self.getters[name] = _window_getter(wi, si)
+        self.getters[name] = _sum_getter(wi, si) if mode == VALUE else _window_getter(wi, si)
         return wi, si
 
     def feeds_of(self, etype: str) -> list[tuple[int, tuple[tuple[int, int, str], ...]]]:
@@ -248,8 +251,6 @@ class FeaturePlan:
         _, mi = self._window_feature("rfm_monetary", r.horizon, types, VALUE, r.amount_field)
         og = self.order_group
         g = self.getters
-        g["rfm_frequency"] = _window_getter(wi, oi)
-        g["rfm_monetary"] = _rounded(_window_getter(wi, mi))
 
         def days(u: UserState, at: int) -> float:
             ts = u.last[og]
@@ -258,7 +259,7 @@ class FeaturePlan:
         g["rfm_recency_days"] = lambda u, at: round(days(u, at), 2)
         g["rfm_r"] = lambda u, at: 1 if (d := days(u, at)) < 0 else _score_down(d, r.recency_days)
         g["rfm_f"] = lambda u, at: _score_up(u.wins[wi].totals(at)[oi], r.frequency)
-        g["rfm_m"] = lambda u, at: _score_up(u.wins[wi].totals(at)[mi], r.monetary)
+        g["rfm_m"] = lambda u, at: _score_up(u.wins[wi].totals(at)[mi] / SCALE, r.monetary)
         g["rfm_segment"] = lambda u, at: f"{g['rfm_r'](u, at)}{g['rfm_f'](u, at)}{g['rfm_m'](u, at)}"
         repeat = self.defs.lifecycle.repeat_orders if self.defs.lifecycle else 2
         g["repeat_buyer"] = lambda u, at: u.wins[wi].totals(at)[oi] >= repeat
@@ -290,14 +291,14 @@ def _window_getter(wi: int, si: int) -> Getter:
     return lambda u, at: u.wins[wi].totals(at)[si]
 
 
-def _rounded(g: Getter) -> Getter:
-    return lambda u, at: round(g(u, at), 2)
+def _sum_getter(wi: int, si: int) -> Getter:
+    return lambda u, at: round(u.wins[wi].totals(at)[si] / SCALE, 2)
 
 
 def _average(wi: int, si: int, ni: int) -> Getter:
     def avg(u: UserState, at: int) -> float:
         tot = u.wins[wi].totals(at)
-        return round(tot[si] / tot[ni], 2) if tot[ni] else 0.0
+        return round(tot[si] / SCALE / tot[ni], 2) if tot[ni] else 0.0
 
     return avg
 
@@ -395,7 +396,9 @@ class FeatureEngine:
         if user is not None and ts < user.last_ts - self.lateness_ms:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
         st.dedup.add(ev.event_id, ts)
-        if user is None:
+        if user is None or ts - user.last_ts > self.idle_ms:
+            # a user back after the longest retention starts afresh, evicted yet or not: results never
+            # depend on when the eviction scan ran
             user = st.users[ev.user_id] = UserState(ts, self.plan)
         elif ts < user.first_ts:
             user.first_ts = ts
@@ -424,7 +427,7 @@ class FeatureEngine:
                 else:
                     v = props.get(fld)
                     if type(v) is int or type(v) is float:
-                        win.add(ts, si, v if mode == VALUE else 1)
+                        win.add(ts, si, round(v * SCALE) if mode == VALUE else 1)
         for gi, types in enumerate(self.plan.recency_types):
             if types is None or etype in types:
                 if ts > u.last[gi]:

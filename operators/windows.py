@@ -14,28 +14,32 @@ Buckets are a dict of the non-empty ones only: a shopper with three events in
 a month costs three entries, not 120.
 
 >>> w = SlotWindow(window_ms=3_600_000, bucket_ms=30_000, slots=2)
->>> w.add(1_000, 0, 1); w.add(700_000, 0, 1); w.add(3_700_000, 0, 1); w.add(3_700_000, 1, 9.5)
+>>> w.add(1_000, 0, 1); w.add(700_000, 0, 1); w.add(3_700_000, 0, 1); w.add(3_700_000, 1, 95)
 >>> w.totals(3_700_000)  # the first event fell out of the hour
-[2, 9.5]
+[2, 95]
 """
 
 from __future__ import annotations
 
 
 class SlotWindow:
-    """Sums of several slots over one sliding event-time window, exact to one bucket at the old edge."""
+    """Integer sums of several slots over one sliding event-time window, exact to one bucket at the old edge.
+
+    Integers keep sums exact whatever the order of adds and expiries (callers scale
+    fractional values), which is what makes a replay give identical results.
+    """
 
     __slots__ = ("bucket_ms", "n", "buckets", "tot", "lo")
 
     def __init__(self, window_ms: int, bucket_ms: int, slots: int):
         self.bucket_ms = bucket_ms
         self.n = max(1, window_ms // bucket_ms)
-        self.buckets: dict[int, list[float]] = {}
-        self.tot: list[float] = [0] * slots
+        self.buckets: dict[int, list[int]] = {}
+        self.tot: list[int] = [0] * slots
         #: the oldest bucket held (a lower bound); -1 when empty
         self.lo = -1
 
-    def add(self, ts: int, slot: int, amount: float) -> None:
+    def add(self, ts: int, slot: int, amount: int) -> None:
         """Add ``amount`` to ``slot`` at event time ``ts`` (any order)."""
         b = ts // self.bucket_ms
         vec = self.buckets.get(b)
@@ -46,7 +50,7 @@ class SlotWindow:
         vec[slot] += amount
         self.tot[slot] += amount
 
-    def totals(self, at_ts: int) -> list[float]:
+    def totals(self, at_ts: int) -> list[int]:
         """Every slot's sum as of event time ``at_ts`` (no event after ``at_ts`` may have been added)."""
         oldest = at_ts // self.bucket_ms - self.n + 1
         if 0 <= self.lo < oldest:
@@ -60,11 +64,9 @@ class SlotWindow:
             for i, v in enumerate(buckets.pop(b)):
                 tot[i] -= v
         self.lo = min(buckets) if buckets else -1
-        if not buckets:  # exact zeros, whatever float subtraction left behind
-            self.tot = [0] * len(tot)
 
-    def __getstate__(self) -> tuple[int, int, dict[int, list[float]], list[float], int]:
+    def __getstate__(self) -> tuple[int, int, dict[int, list[int]], list[int], int]:
         return (self.bucket_ms, self.n, self.buckets, self.tot, self.lo)
 
-    def __setstate__(self, s: tuple[int, int, dict[int, list[float]], list[float], int]) -> None:
+    def __setstate__(self, s: tuple[int, int, dict[int, list[int]], list[int], int]) -> None:
         self.bucket_ms, self.n, self.buckets, self.tot, self.lo = s

@@ -52,10 +52,10 @@ def test_slot_window_is_exact_to_one_bucket(ts_list: list[int], at: int) -> None
     w = SlotWindow(HOUR, 30_000, 2)
     for ts in ts_list:
         w.add(ts, 0, 1)
-        w.add(ts, 1, 0.5)
-    count, half = w.totals(at)
+        w.add(ts, 1, 5)
+    count, five = w.totals(at)
     assert count == sum(1 for ts in ts_list if at // 30_000 - 120 < ts // 30_000 <= at // 30_000)
-    assert half == count * 0.5
+    assert five == count * 5
     # the stated error bound: between the exact window and the window one bucket longer
     exact = sum(1 for ts in ts_list if at - HOUR < ts <= at)
     wider = sum(1 for ts in ts_list if at - HOUR - 30_000 < ts <= at)
