@@ -31,7 +31,7 @@ import pickle
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
 
@@ -98,10 +98,13 @@ def _score_down(value: float, thresholds: list[float]) -> int:
 class UserState:
     """One shopper's compact feature state."""
 
-    __slots__ = ("first_ts", "last_ts", "prev_ts", "wins", "last", "prev", "session", "cart", "aff", "top", "distinct")
+    __slots__ = ("first_ts", "ref_ts", "last_ts", "prev_ts", "wins", "last", "prev", "session", "cart", "aff", "top",
+                 "distinct")
 
     def __init__(self, first_ts: int, plan: FeaturePlan):
         self.first_ts = first_ts
+        #: fixed reference time of the affinity scores (``first_ts`` may still move back)
+        self.ref_ts = first_ts
         self.last_ts = first_ts
         #: the newest event time before ``last_ts`` (-1 when none)
         self.prev_ts = -1
@@ -113,8 +116,8 @@ class UserState:
         self.session: list[Any] | None = None
         #: item id -> [quantity, unit price]
         self.cart: dict[str, list[float]] = {}
-        #: category -> [decayed score, ts of that score]
-        self.aff: dict[str, list[float]] = {}
+        #: category -> interest, scaled to ref_ts (see FeatureEngine._affinity)
+        self.aff: dict[str, float] = {}
         self.top: list[str] = []
         #: per distinct feature: value -> newest event time
         self.distinct: list[dict[str, int]] = [{} for _ in plan.distinct]
@@ -125,6 +128,16 @@ class UserState:
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         for k, v in zip(self.__slots__, state):
             setattr(self, k, v)
+
+
+class Recipe(NamedTuple):
+    """The updates one event type makes."""
+
+    #: per window: (window index, slots counting 1, (slot, field) summing a value, (slot, field) counting a number)
+    windows: tuple[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]], ...]
+    recency: tuple[int, ...]
+    #: (distinct index, field, max values)
+    distinct: tuple[tuple[int, str, int], ...]
 
 
 ONE, VALUE, PRESENT = 0, 1, 2
@@ -145,7 +158,7 @@ class FeaturePlan:
         self._slots: list[list[str]] = []
         #: (window index, slot, types or None for any, mode, field)
         self._feeds: list[tuple[int, int, frozenset[str] | None, int, str]] = []
-        self._plans: dict[str, list[tuple[int, tuple[tuple[int, int, str], ...]]]] = {}
+        self._recipes: dict[str, Recipe] = {}
 
         self.recency = list(defs.recency.items())
         self.recency_types: list[frozenset[str] | None] = [None if t == "any" else frozenset(t) for _, t in self.recency]
@@ -204,7 +217,7 @@ class FeaturePlan:
             half = defs.affinity.half_life * 1000
             self.getters["top_categories"] = lambda u, at: list(u.top)
             self.getters["category_affinity"] = lambda u, at: {
-                c: round(s * 2.0 ** (-(at - t) / half), 3) for c, (s, t) in u.aff.items() if c in u.top
+                c: round(u.aff[c] * 2.0 ** (-(at - u.ref_ts) / half), 3) for c in u.top
             }
 
         n = defs.buckets_per_window
@@ -232,16 +245,21 @@ class FeaturePlan:
         self.getters[name] = _sum_getter(wi, si) if mode == VALUE else _window_getter(wi, si)
         return wi, si
 
-    def feeds_of(self, etype: str) -> list[tuple[int, tuple[tuple[int, int, str], ...]]]:
-        """The window slots an event type feeds, grouped by window (cached per type)."""
-        plan = self._plans.get(etype)
-        if plan is None:
-            by_window: dict[int, list[tuple[int, int, str]]] = {}
+    def recipe(self, etype: str) -> Recipe:
+        """What an event type updates, worked out once per type (the per-event path only follows it)."""
+        r = self._recipes.get(etype)
+        if r is None:
+            by_window: dict[int, tuple[list[int], list[tuple[int, str]], list[tuple[int, str]]]] = {}
             for wi, si, types, mode, fld in self._feeds:
                 if types is None or etype in types:
-                    by_window.setdefault(wi, []).append((si, mode, fld))
-            plan = self._plans[etype] = [(wi, tuple(v)) for wi, v in sorted(by_window.items())]
-        return plan
+                    ones, values, present = by_window.setdefault(wi, ([], [], []))
+                    (ones.append(si) if mode == ONE else (values if mode == VALUE else present).append((si, fld)))
+            r = self._recipes[etype] = Recipe(
+                tuple((wi, tuple(o), tuple(v), tuple(p)) for wi, (o, v, p) in sorted(by_window.items())),
+                tuple(gi for gi, t in enumerate(self.recency_types) if t is None or etype in t),
+                tuple((di, d.field, d.max_values) for di, d in enumerate(self.distinct) if etype in d.types),
+            )
+        return r
 
     def _rfm(self) -> None:
         r = self.defs.rfm
@@ -419,38 +437,41 @@ class FeatureEngine:
 
     def _update(self, u: UserState, ev: Event) -> None:
         ts, etype, props = ev.ts, ev.type, ev.props
-        for wi, slots in self.plan.feeds_of(etype):
-            win = u.wins[wi]
-            for si, mode, fld in slots:
-                if mode == ONE:
-                    win.add(ts, si, 1)
-                else:
-                    v = props.get(fld)
-                    if type(v) is int or type(v) is float:
-                        win.add(ts, si, round(v * SCALE) if mode == VALUE else 1)
-        for gi, types in enumerate(self.plan.recency_types):
-            if types is None or etype in types:
-                if ts > u.last[gi]:
-                    u.prev[gi], u.last[gi] = u.last[gi], ts
-                elif ts > u.prev[gi]:
-                    u.prev[gi] = ts
-        for di, d in enumerate(self.plan.distinct):
-            if etype in d.types:
-                v = props.get(d.field)
-                if v is not None:
-                    seen = u.distinct[di]
-                    key = str(v)
-                    if seen.get(key, -1) < ts:
-                        seen.pop(key, None)  # re-insert: dict order is recency order
-                        seen[key] = ts
-                        if len(seen) > d.max_values:
-                            del seen[next(iter(seen))]
+        r = self.plan.recipe(etype)
+        for wi, ones, values, present in r.windows:
+            adds = [(si, 1) for si in ones]
+            for si, fld in values:
+                v = props.get(fld)
+                if type(v) is int or type(v) is float:
+                    adds.append((si, round(v * SCALE)))
+            for si, fld in present:
+                v = props.get(fld)
+                if type(v) is int or type(v) is float:
+                    adds.append((si, 1))
+            u.wins[wi].add_many(ts, adds)
+        last, prev = u.last, u.prev
+        for gi in r.recency:
+            if ts > last[gi]:
+                prev[gi], last[gi] = last[gi], ts
+            elif ts > prev[gi]:
+                prev[gi] = ts
+        for di, fld, max_values in r.distinct:
+            v = props.get(fld)
+            if v is not None:
+                seen = u.distinct[di]
+                key = str(v)
+                if seen.get(key, -1) < ts:
+                    seen.pop(key, None)  # re-insert: dict order is recency order
+                    seen[key] = ts
+                    if len(seen) > max_values:
+                        del seen[next(iter(seen))]
         if self.session_gap:
             self._session(u, ev)
         if self.plan.defs.cart:
             _cart(u, etype, props)
-        if etype in self.aff_weights:
-            self._affinity(u, ts, props.get(self.aff_field), self.aff_weights[etype])
+        weight = self.aff_weights.get(etype)
+        if weight is not None:
+            self._affinity(u, ts, props.get(self.aff_field), weight)
 
     def _session(self, u: UserState, ev: Event) -> None:
         s = u.session
@@ -461,7 +482,7 @@ class FeatureEngine:
         if new:
             u.session = s = [key or f"{ev.user_id}-{ev.ts}", ev.ts, ev.ts, 0, 0]
             for wi, si in self.plan.session_slots:
-                u.wins[wi].add(ev.ts, si, 1)
+                u.wins[wi].add_many(ev.ts, ((si, 1),))
         assert s is not None
         s[1] = min(s[1], ev.ts)
         s[2] = max(s[2], ev.ts)
@@ -470,23 +491,27 @@ class FeatureEngine:
             s[4] += 1
 
     def _affinity(self, u: UserState, ts: int, category: Any, weight: float) -> None:
+        """Add a decayed weight; scores are kept scaled to the user's reference time.
+
+        ``score(c, t) = Σ w · 2^-((t - ts)/half)``; storing ``Σ w · 2^((ts - ref)/half)``
+        makes every category share one decay factor, so ranking needs no decay at all,
+        and adding is commutative: late events need no special case.
+        """
         if category is None:
             return
         c = str(category)
-        cur = u.aff.get(c)
-        if cur is None:
-            u.aff[c] = [weight, ts]
-        elif ts >= cur[1]:
-            cur[0] = cur[0] * 2.0 ** (-(ts - cur[1]) / self.aff_half) + weight
-            cur[1] = ts
-        else:  # a late event: decay its weight to the score's time instead
-            cur[0] += weight * 2.0 ** (-(cur[1] - ts) / self.aff_half)
-        half = self.aff_half
-        ranked = sorted(u.aff.items(), key=lambda kv: kv[1][0] * 2.0 ** ((kv[1][1] - ts) / half), reverse=True)
-        if len(ranked) > self.aff_max:
-            for k, _ in ranked[self.aff_max:]:
-                del u.aff[k]
-        u.top = [k for k, _ in ranked[: self.aff_top]]
+        aff = u.aff
+        aff[c] = aff.get(c, 0.0) + weight * 2.0 ** ((ts - u.ref_ts) / self.aff_half)
+        if len(aff) > self.aff_max:
+            del aff[min(aff, key=aff.__getitem__)]
+        top = u.top
+        if c in top:
+            top.sort(key=aff.__getitem__, reverse=True)
+        elif len(top) < self.aff_top or aff[c] > aff[top[-1]]:
+            top.append(c)
+            top.sort(key=aff.__getitem__, reverse=True)
+            del top[self.aff_top:]
+        u.top = [t for t in top if t in aff]
 
     def flush(self, st: ShardState) -> list[UserFeatures]:
         """Every feature of each user changed since the last flush (one per user)."""

@@ -21,6 +21,8 @@ a month costs three entries, not 120.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SlotWindow:
     """Integer sums of several slots over one sliding event-time window, exact to one bucket at the old edge.
@@ -41,14 +43,20 @@ class SlotWindow:
 
     def add(self, ts: int, slot: int, amount: int) -> None:
         """Add ``amount`` to ``slot`` at event time ``ts`` (any order)."""
+        self.add_many(ts, ((slot, amount),))
+
+    def add_many(self, ts: int, adds: Iterable[tuple[int, int]]) -> None:
+        """Add several ``(slot, amount)`` at event time ``ts``: one bucket lookup for all."""
         b = ts // self.bucket_ms
         vec = self.buckets.get(b)
         if vec is None:
             vec = self.buckets[b] = [0] * len(self.tot)
             if self.lo < 0 or b < self.lo:
                 self.lo = b
-        vec[slot] += amount
-        self.tot[slot] += amount
+        tot = self.tot
+        for slot, amount in adds:
+            vec[slot] += amount
+            tot[slot] += amount
 
     def totals(self, at_ts: int) -> list[int]:
         """Every slot's sum as of event time ``at_ts`` (no event after ``at_ts`` may have been added)."""
