@@ -1,0 +1,1 @@
+"""Throughput benchmarks: ``python -m benchmarks.run`` (``make bench``). See ``benchmarks/README.md``."""

@@ -1,0 +1,409 @@
+"""The benchmark harness: ``python -m benchmarks.run`` (``make bench``).
+
+Starts a tansu broker (in memory), produces simulated shopper events keyed by
+user, then runs every stage of :data:`benchmarks.stage.STAGES` on that topic,
+each in a fresh ``python -m benchmarks.stage`` process, prints a table, appends
+the run to ``benchmarks/RESULTS.md`` and ``benchmarks/results.jsonl``, and
+ends with one machine-readable ``BENCH ...`` line. See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from connectors.embedded import DEFAULT_REDIS_URL, EmbeddedRedis, ensure_redis, ping
+from connectors.simulator import SimulatorConfig, iter_records, resolve_start_ms
+from connectors.tansu import TansuBroker, create_topics, produce
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_EVENTS = 200_000
+QUICK_EVENTS = 20_000
+DEFAULT_USERS = 20_000
+BAD_RATE = 0.001
+STAGE_TIMEOUT_S = 600.0
+
+#: (numerator, denominator) stages whose events/s ratio is reported; skipped when a stage did not run
+RATIOS: list[tuple[str, str]] = [("skeleton", "raw"), ("skeleton", "bare"), ("bare", "raw")]
+#: the fields of the last line, ``BENCH k=v ...``: (name, stage, figure) or (name, (num, den), None) for a ratio
+BENCH_FIELDS: list[tuple[str, Any, str | None]] = [
+    ("skeleton_eps", "skeleton", "eps"),
+    ("bare_eps", "bare", "eps"),
+    ("raw_eps", "raw", "eps"),
+    ("skeleton_vs_raw", ("skeleton", "raw"), None),
+    ("skeleton_vs_bare", ("skeleton", "bare"), None),
+]
+
+
+def stage_names() -> list[str]:
+    from benchmarks.stage import STAGES
+
+    return list(STAGES)
+
+
+# -- the machine and the tree
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def git_revision() -> str:
+    """``git rev-parse --short HEAD``, plus ``+dirty`` when the tree has changes (untracked files count)."""
+    rev = _git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("+dirty" if _git("status", "--porcelain") else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {
+        "utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "rev": git_revision(),
+        # platform.processor() is empty on many Linux builds: then only the machine type
+        "machine": "/".join(x for x in (platform.processor(), platform.machine()) if x),
+        "cpu": cpu_model(),
+        "nproc": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "bytewax": version("bytewax"),
+        "load1": round(os.getloadavg()[0], 2),
+    }
+
+
+# -- producing
+
+
+def user_key(rec: bytes) -> bytes | None:
+    """The user id of a simulator record, found without parsing (orjson writes no spaces).
+
+    Records whose user id is missing or not a string (deliberately bad ones) get no key.
+
+    >>> user_key(b'{"event_id":"sim-0-1","user_id":"u00042","type":"browse"}')
+    b'u00042'
+    >>> user_key(b'{"event_id":"sim-0-1","user_id":42}') is None
+    True
+    """
+    i = rec.find(b'"user_id":"')
+    if i < 0:
+        return None
+    i += 11
+    j = rec.find(b'"', i)
+    return rec[i:j] if j > 0 else None
+
+
+def simulator_config(users: int, events: int, seed: int) -> SimulatorConfig:
+    """One simulator partition (so the topic is in event-time order per user and overall), 0.1 % bad records.
+
+    The start is the simulator's own (now minus the history the events need)
+    moved back to midnight UTC: the same arguments give the same records on any
+    day up to a whole-day shift of every time stamp, which changes nothing the
+    flow computes (local night is periodic), while the ``future_ts`` bad records
+    still lie in the future.
+    """
+    cfg = SimulatorConfig(users=users, events=events, seed=seed, partitions=1, bad_rate=BAD_RATE)
+    start = resolve_start_ms(cfg)
+    return cfg.model_copy(update={"start_ms": start - start % 86_400_000})
+
+
+def keyed_records(cfg: SimulatorConfig) -> Iterator[tuple[bytes | None, bytes]]:
+    """(user id, record) pairs; the record is copied because each ``orjson.dumps`` result kept
+    alive pins about 4 KB of heap (orjson 3.13), which made 200k held records cost 0.9 GB."""
+    for rec in iter_records(cfg):
+        yield user_key(rec), bytes(memoryview(rec))
+
+
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+# -- running a stage in a fresh process
+
+
+def run_stage(name: str, broker: TansuBroker, topic: str, events: int, redis_url: str, prefix: str) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"nfbench-{name}-"))
+    cmd = [
+        sys.executable, "-m", "benchmarks.stage", name,
+        "--bootstrap", broker.bootstrap, "--topic", topic, "--events", str(events),
+        "--workdir", str(workdir), "--redis-url", redis_url, "--prefix", f"{prefix}-{name}",
+    ]  # fmt: skip
+    pid = broker.process.pid if broker.process else None
+    b0 = _proc_cpu_s(pid)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"stage {name} did not finish in {STAGE_TIMEOUT_S:.0f}s") from e
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    process_s = time.perf_counter() - t0
+    b1 = _proc_cpu_s(pid)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"stage {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    res = json.loads(lines[-1])
+    if proc.returncode != 0 or not res.get("ok"):
+        raise RuntimeError(
+            f"stage {name} read {res.get('consumed')} of {events} records (rc={proc.returncode}): {res}\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    res["process_s"] = process_s  # the whole child: interpreter start, imports, build, run, report
+    if b0 is not None and b1 is not None:
+        res["broker_cpu_s"] = b1 - b0
+    return res
+
+
+# -- reporting
+
+
+def ratios(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """events/s of one stage over another's (skeleton_vs_raw = 0.25: the full flow runs at a quarter of the ceiling)."""
+    return {
+        f"{a}_vs_{b}": stages[a]["eps"] / stages[b]["eps"] for a, b in RATIOS if a in stages and b in stages
+    }
+
+
+def checks(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """Cross-checks of a stage's outputs that do not invalidate its timing."""
+    out = []
+    sk = stages.get("skeleton")
+    if sk:
+        for what in ("actions", "dlq"):
+            if sk.get(f"kafka_{what}") != sk.get(f"ch_{what}"):
+                out.append(f"skeleton: {what} in Kafka {sk.get(f'kafka_{what}')} != in ClickHouse {sk.get(f'ch_{what}')}")
+    return out
+
+
+def table(run: dict[str, Any]) -> str:
+    head = f"{'stage':<10} {'events/s':>10} {'µs CPU/ev':>10} {'wall s':>8} {'CPU s':>8} {'max RSS MB':>11} {'broker CPU s':>13}"
+    rows = [head, "-" * len(head)]
+    for name, r in run["stages"].items():
+        broker = r.get("broker_cpu_s")
+        rows.append(
+            f"{name:<10} {r['eps']:>10,.0f} {r['us_cpu_per_event']:>10.2f} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+            f"{r['max_rss_mb']:>11.0f} {'' if broker is None else f'{broker:.2f}':>13}"
+        )
+    p = run["produce"]
+    rows.append(f"{'(produce)':<10} {p['eps']:>10,.0f} {'':>10} {p['produce_s']:>8.2f}")
+    if run["ratios"]:
+        rows.append("events/s ratios: " + "  ".join(f"{k.replace('_vs_', '/')} {v:.3f}" for k, v in run["ratios"].items()))
+    for name, r in run["stages"].items():
+        if "first_record_s" in r:
+            rows.append(
+                f"{name}: first record {r['first_record_s']:.2f}s after flow start (source start-up), "
+                f"last at {r['last_record_s']:.2f}s, end {r['wall_s']:.2f}s"
+            )
+    sk = run["stages"].get("skeleton")
+    if sk:
+        rows.append(
+            f"skeleton: flow {sk['flow_s']:.2f}s + close {sk['close_s']:.2f}s; ClickHouse rows events={sk.get('ch_events')} "
+            f"dlq={sk.get('ch_dlq')} actions={sk.get('ch_actions')}; Kafka actions={sk.get('kafka_actions')} "
+            f"dlq={sk.get('kafka_dlq')}; Redis users={sk.get('redis_users')}"
+        )
+    return "\n".join(rows)
+
+
+def bench_line(run: dict[str, Any]) -> str:
+    parts = []
+    for key, src, fig in BENCH_FIELDS:
+        if fig is None:
+            v = run["ratios"].get(f"{src[0]}_vs_{src[1]}")
+            if v is not None:
+                parts.append(f"{key}={v:.4f}")
+        elif src in run["stages"]:
+            parts.append(f"{key}={run['stages'][src][fig]:.0f}")
+    return "BENCH " + " ".join(parts)
+
+
+RESULTS_HEADER = """\
+# Benchmark results
+
+One row per run of `python -m benchmarks.run` (`make bench`), appended by the harness; the same
+figures, and more (build time, CPU split, broker CPU, row counts), are in `results.jsonl`, one JSON
+object per run. Read `README.md` in this folder for what each stage measures.
+
+Columns: **utc** when the run started; **rev** `git rev-parse --short HEAD` (`+dirty`: the tree had
+changes); **machine** `platform.processor()/machine`; **cpu** model from `/proc/cpuinfo`; **nproc**
+cores; **py** Python version; **load1** 1-minute load average at the start (this machine is shared:
+a high load means noisy figures); **events** records on the topic (users, Kafka partitions).
+Then per stage (`raw`, `bare`, `skeleton`, …): **ev/s** records read per second of wall time from
+flow start to end (for `skeleton` including the final ClickHouse flush); **µs/ev** CPU time of the
+stage's process (all threads) per record; **wall s**; **RSS MB** peak resident memory of the stage's
+process. **produce ev/s** how fast the harness filled the topic. Ratios are of events/s:
+**skeleton/raw** = 0.25 means the full flow runs at a quarter of the raw Kafka+orjson ceiling.
+
+Only compare rows from the same machine, event count and users.
+"""
+
+
+def _stage_columns(names: list[str]) -> list[str]:
+    return [f"{n} {c}" for n in names for c in ("ev/s", "µs/ev", "wall s", "RSS MB")]
+
+
+def results_row(run: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The markdown columns and cells of one run."""
+    env = run["env"]
+    cols = ["utc", "rev", "machine", "cpu", "nproc", "py", "load1", "events"]
+    cells = [
+        env["utc"], f"`{env['rev']}`", env["machine"], env["cpu"], str(env["nproc"]), env["python"], f"{env['load1']:.2f}",
+        f"{run['events']:,} ({run['users']:,} users, {run['partitions']} part.)",
+    ]
+    names = list(run["stages"])
+    cols += _stage_columns(names)
+    for n in names:
+        r = run["stages"][n]
+        cells += [f"{r['eps']:,.0f}", f"{r['us_cpu_per_event']:.2f}", f"{r['wall_s']:.2f}", f"{r['max_rss_mb']:.0f}"]
+    cols.append("produce ev/s")
+    cells.append(f"{run['produce']['eps']:,.0f}")
+    for k, v in run["ratios"].items():
+        cols.append(k.replace("_vs_", "/"))
+        cells.append(f"{v:.3f}")
+    return cols, cells
+
+
+def _md(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+
+def record(run: dict[str, Any], out_dir: Path) -> None:
+    """Append the run to RESULTS.md (a new table header when the columns changed) and results.jsonl."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "RESULTS.md"
+    cols, cells = results_row(run)
+    header = _md(cols)
+    text = md.read_text() if md.exists() else RESULTS_HEADER
+    last_header = next((ln for ln in reversed(text.splitlines()) if ln.startswith("| utc |")), None)
+    add = ""
+    if last_header != header:
+        add += ("" if text.endswith("\n\n") else "\n") + header + "\n" + _md(["---"] * len(cols)) + "\n"
+    add += _md(cells) + "\n"
+    md.write_text(text + add)
+    with (out_dir / "results.jsonl").open("a") as f:
+        f.write(json.dumps(run, sort_keys=False) + "\n")
+
+
+# -- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=None, help=f"records to produce (default {DEFAULT_EVENTS:,})")
+    p.add_argument("--users", type=int, default=None,
+                   help=f"simulated shoppers (default {DEFAULT_USERS:,}; with --quick, events/10)")
+    p.add_argument("--partitions", type=int, default=3, help="Kafka partitions of the input topic (default 3)")
+    p.add_argument("--seed", type=int, default=42, help="simulator seed (default 42)")
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_EVENTS:,} events")
+    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md / results.jsonl")
+    p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stage_names())}")
+    p.add_argument("--out-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.events is None:
+        a.events = QUICK_EVENTS if a.quick else DEFAULT_EVENTS
+    if a.users is None:
+        a.users = max(1, a.events // 10) if a.quick else DEFAULT_USERS
+    names = stage_names()
+    a.stage_list = names if a.stages is None else [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = set(a.stage_list) - set(names)
+    if unknown:
+        p.error(f"unknown stages {sorted(unknown)}; known: {names}")
+    return a
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    env = environment()
+    log(f"nudgeflow bench: {a.events:,} events, {a.users:,} users, {a.partitions} partitions, seed {a.seed}; "
+        f"rev {env['rev']}, {env['cpu']} x{env['nproc']}, load {env['load1']}")
+
+    redis_server: EmbeddedRedis | None = None
+    if ping(DEFAULT_REDIS_URL):
+        redis_url = DEFAULT_REDIS_URL
+    else:
+        redis_server = ensure_redis(None)
+        redis_url = redis_server.url
+    prefix = f"nfbench-{uuid.uuid4().hex[:10]}"
+    topic = f"{prefix}.events"
+    try:
+        with TansuBroker() as broker:
+            create_topics(broker.bootstrap, [topic], partitions=a.partitions)
+
+            cfg = simulator_config(a.users, a.events, a.seed)
+            t0 = time.perf_counter()
+            records = list(keyed_records(cfg))
+            gen_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            n = produce(broker.bootstrap, topic, records, timeout_s=120)
+            produce_s = time.perf_counter() - t0
+            nbytes = sum(len(v) for _, v in records)
+            del records
+            assert n == a.events, (n, a.events)
+            produced = {"generate_s": gen_s, "produce_s": produce_s, "eps": n / produce_s, "bytes": nbytes}
+            log(f"produced {n:,} records ({nbytes / 1e6:.1f} MB) to {topic}: generated in {gen_s:.2f}s, "
+                f"produced in {produce_s:.2f}s ({n / produce_s:,.0f}/s)")
+
+            stages: dict[str, dict[str, Any]] = {}
+            for name in a.stage_list:
+                r = run_stage(name, broker, topic, n, redis_url, prefix)
+                stages[name] = r
+                log(f"  {name:<9} {r['eps']:>10,.0f} events/s  wall {r['wall_s']:.2f}s  cpu {r['cpu_s']:.2f}s  "
+                    f"max RSS {r['max_rss_mb']:.0f} MB  (process {r['process_s']:.1f}s)")
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+
+    for w in checks(stages):
+        log(f"WARNING: {w}")
+    run = {
+        "env": env, "events": a.events, "users": a.users, "partitions": a.partitions, "seed": a.seed,
+        "bad_rate": BAD_RATE, "redis": "local" if redis_server is None else "started",
+        "produce": produced, "stages": stages, "ratios": ratios(stages),
+    }  # fmt: skip
+    log("")
+    log(table(run))
+    if not a.no_record:
+        record(run, a.out_dir)
+        log(f"recorded in {a.out_dir / 'RESULTS.md'} and {a.out_dir / 'results.jsonl'}")
+    log(bench_line(run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

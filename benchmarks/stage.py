@@ -1,0 +1,380 @@
+"""One benchmark stage, run to completion in this (fresh) process; prints one JSON line of figures.
+
+``python -m benchmarks.run`` starts one of these per stage, so stages never
+share memory, warmed-up caches or chDB state::
+
+    python -m benchmarks.stage raw --bootstrap 127.0.0.1:9092 --topic t.events --events 200000 \\
+        --workdir /tmp/x --redis-url redis://127.0.0.1:6379/0 --prefix t
+
+Every stage reads the same Kafka topic from the beginning to its end
+(``KafkaSource`` with ``tail=False``) through the same source settings
+(``connectors.kafka.source``, batch size 1000), in one Bytewax worker
+(``bytewax.testing.run_main``).
+
+Adding a stage is one builder function registered in :data:`STAGES`: it gets
+a :class:`StageContext` and returns a :class:`Built` (the flow, how many input
+messages it read, what to close inside the timed region, what to report after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import orjson
+from bytewax.dataflow import Dataflow
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.testing import run_main
+
+from connectors import kafka
+from nudgeflow.settings import KafkaConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TRIGGERS = REPO / "config" / "triggers.yaml"
+FEATURES = REPO / "config" / "features.yaml"
+
+
+@dataclass
+class StageContext:
+    """What every stage needs to know about the run."""
+
+    bootstrap: str
+    #: the input topic, already holding ``events`` messages
+    topic: str
+    events: int
+    #: a private scratch folder (chDB data lives here)
+    workdir: Path
+    redis_url: str
+    #: prefix of the output topics (``<prefix>.actions``, ``<prefix>.dlq``) and of Redis keys
+    prefix: str
+    batch_size: int = 1000
+
+    def kafka_config(self) -> KafkaConfig:
+        return KafkaConfig(brokers=[self.bootstrap], topics=[self.topic], tail=False, batch_size=self.batch_size)
+
+
+@dataclass
+class Built:
+    """A stage ready to run."""
+
+    flow: Dataflow
+    #: input messages the flow read (checked against ``StageContext.events`` after the run)
+    consumed: Callable[[], int]
+    #: runs inside the timed region after the flow ends (final flushes)
+    close: Callable[[], None] = lambda: None
+    #: runs after timing: extra figures and checks for the JSON line
+    report: Callable[[], dict[str, Any]] = dict
+    #: runs last, untimed, even when the run failed
+    cleanup: Callable[[], None] = lambda: None
+
+
+# -- shared pieces
+
+
+class _Count:
+    __slots__ = ("n", "first", "last")
+
+    def __init__(self) -> None:
+        self.n = 0
+        #: perf_counter of the first and the last non-empty batch
+        self.first = 0.0
+        self.last = 0.0
+
+
+class _CountingPartition(StatelessSinkPartition[Any]):
+    def __init__(self, count: _Count):
+        self.count = count
+
+    def write_batch(self, items: list[Any]) -> None:
+        self.count.n += len(items)
+
+
+class CountingSink(DynamicSink[Any]):
+    """A sink that only counts what reaches it (one counter per worker, summed by ``n``)."""
+
+    def __init__(self) -> None:
+        self._counts: list[_Count] = []
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _CountingPartition:
+        c = _Count()
+        self._counts.append(c)
+        return _CountingPartition(c)
+
+    @property
+    def n(self) -> int:
+        return sum(c.n for c in self._counts)
+
+
+def _orjson_values(read: _Count) -> Callable[[list[Any]], list[Any]]:
+    """A ``flat_map_batch`` mapper: ``orjson.loads`` of each message value, counting messages read.
+
+    Records that are not JSON (the simulator's ``malformed_json``) and consumer
+    errors are dropped; ``try`` costs nothing in 3.11 until something raises.
+    """
+    loads = orjson.loads
+
+    def parse(batch: list[Any]) -> list[Any]:
+        if batch:
+            read.last = time.perf_counter()
+            if not read.n:
+                read.first = read.last
+        read.n += len(batch)
+        out = []
+        append = out.append
+        for m in batch:
+            try:
+                append(loads(m.value))
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                pass
+        return out
+
+    return parse
+
+
+# -- the stages
+
+
+def build_raw(ctx: StageContext) -> Built:
+    """The ceiling: KafkaSource → orjson.loads of every value → a sink that counts."""
+    read = _Count()
+    sink = CountingSink()
+    flow = Dataflow("bench_raw")
+    msgs = op.input("kafka_in", flow, kafka.source(ctx.kafka_config()))
+    parsed = op.flat_map_batch("parse", msgs, _orjson_values(read))
+    op.output("count", parsed, sink)
+    return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
+
+
+def _marks(read: _Count) -> dict[str, float]:
+    """When the first and the last records arrived (perf_counter; the stage runner makes them relative)."""
+    return {"first_record_at": read.first, "last_record_at": read.last}
+
+
+def _user_key(d: dict[str, Any]) -> str:
+    u = d.get("user_id")
+    return u if type(u) is str else "?"  # the simulator's missing/mistyped user ids share one key
+
+
+def _count(state: int | None, _value: Any) -> tuple[int, int]:
+    n = (state or 0) + 1
+    return n, n
+
+
+def build_bare(ctx: StageContext) -> Built:
+    """The bare Bytewax counter: raw + ``key_on`` user_id + ``stateful_map`` counting per user."""
+    read = _Count()
+    sink = CountingSink()
+    flow = Dataflow("bench_bare")
+    msgs = op.input("kafka_in", flow, kafka.source(ctx.kafka_config()))
+    parsed = op.flat_map_batch("parse", msgs, _orjson_values(read))
+    keyed = op.key_on("user", parsed, _user_key)
+    counts = op.stateful_map("per_user", keyed, _count)
+    op.output("out", counts, sink)
+    return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
+
+
+def _main_flow(settings: dict[str, Any], base: Path) -> tuple[Dataflow, Any, Any]:
+    """``flows.main.build`` on these settings: (flow, runtime, Settings).
+
+    Follows the working tree: ``build(deployment(settings, base))`` where a
+    deployment bundles the feature definitions (``config/features.yaml``), else
+    the older ``build(settings, base)``.
+    """
+    from flows.main import build
+    from nudgeflow.settings import FeaturesConfig, Settings
+
+    try:
+        from nudgeflow.configload import deployment
+    except ImportError:
+        deployment = None
+    if deployment is not None:
+        if "definitions" in FeaturesConfig.model_fields:
+            settings.setdefault("features", {})["definitions"] = str(FEATURES)
+        s = Settings.model_validate(settings)
+        flow, rt = build(deployment(s, base))
+    else:
+        s = Settings.model_validate(settings)
+        flow, rt = build(s, base)
+    return flow, rt, s
+
+
+def build_skeleton(ctx: StageContext) -> Built:
+    """The full main flow of ``flows/main.py`` in Kafka mode, ``rt.close()`` (final ClickHouse flush) timed."""
+    import redis
+
+    from connectors.clickhouse import connect
+    from connectors.tansu import create_topics
+    from flows.main import clickhouse_dsn
+
+    database = "nfbench"
+    settings: dict[str, Any] = {
+        "name": "bench_skeleton",
+        "source": {"kind": "kafka"},
+        "kafka": ctx.kafka_config().model_dump() | {"topic_prefix": ctx.prefix},
+        "redis": {"url": ctx.redis_url, "key_prefix": ctx.prefix, "ttl": "1h"},
+        "clickhouse": {"chdb_path": str(ctx.workdir / "chdb"), "database": database},
+        "actions": {"kind": "kafka"},
+        "dlq": {"kind": "kafka"},
+        "triggers": str(TRIGGERS),
+    }
+    create_topics(ctx.bootstrap, [f"{ctx.prefix}.actions", f"{ctx.prefix}.dlq"], partitions=3)
+    flow, rt, s = _main_flow(settings, ctx.workdir)
+    counts: dict[str, int] = {}
+
+    def tables() -> dict[str, int]:
+        if not counts:
+            ch = connect(clickhouse_dsn(s, ctx.workdir))
+            try:
+                for t in ("events", "dlq", "actions"):
+                    counts[t] = int(ch.query(f"SELECT count() FROM {database}.{t}").result_rows[0][0])
+            finally:
+                ch.close()
+        return counts
+
+    def report() -> dict[str, Any]:
+        rows = tables()
+        out: dict[str, Any] = {f"ch_{t}": n for t, n in rows.items()}
+        out["ch_inserted"] = rt.writer.inserted
+        out["ch_insert_failures"] = rt.writer.failures
+        out["kafka_actions"] = _topic_size(ctx.bootstrap, f"{ctx.prefix}.actions")
+        out["kafka_dlq"] = _topic_size(ctx.bootstrap, f"{ctx.prefix}.dlq")
+        out["redis_users"] = _count_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:u:*")
+        return out
+
+    def cleanup() -> None:
+        _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*")
+
+    # every record gets exactly one answer: an events row or a dead letter
+    return Built(flow, lambda: tables()["events"] + tables()["dlq"], close=rt.close, report=report, cleanup=cleanup)
+
+
+#: name → builder, in the order ``benchmarks.run`` runs them. Adding a stage is one function here.
+STAGES: dict[str, Callable[[StageContext], Built]] = {
+    "raw": build_raw,
+    "bare": build_bare,
+    "skeleton": build_skeleton,
+}
+
+
+# -- helpers for reports
+
+
+def _topic_size(bootstrap: str, topic: str) -> int:
+    """Messages in a topic, by reading it (tansu's high watermarks lag behind what it serves)."""
+    from connectors.tansu import read_topic
+
+    return len(read_topic(bootstrap, topic, timeout_s=120, idle_s=2.0))
+
+
+def _count_keys(client: Any, pattern: str) -> int:
+    try:
+        return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
+    finally:
+        client.close()
+
+
+def _delete_keys(client: Any, pattern: str) -> None:
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.delete(*batch)
+                batch.clear()
+        if batch:
+            client.delete(*batch)
+    finally:
+        client.close()
+
+
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory of this process in MB: ``VmRSS`` now or ``VmHWM``, its peak.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across fork and exec, so
+    a stage would report the harness's peak whenever the harness was bigger.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# -- the child process
+
+
+def run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
+    """Build, run and measure one stage; the figures as a dict (``ok`` False if it lost records)."""
+    t = time.perf_counter()
+    built = STAGES[name](ctx)
+    build_s = time.perf_counter() - t
+    try:
+        rss_start = _rss_mb()
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        c0 = time.process_time()  # every thread of this process: Bytewax, librdkafka, chDB, writer
+        w0 = time.perf_counter()
+        run_main(built.flow)
+        w_flow = time.perf_counter()
+        built.close()
+        w1 = time.perf_counter()
+        c1 = time.process_time()
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        res: dict[str, Any] = {
+            "stage": name,
+            "events": ctx.events,
+            "wall_s": w1 - w0,
+            "flow_s": w_flow - w0,
+            "close_s": w1 - w_flow,
+            "cpu_s": c1 - c0,
+            "user_s": ru1.ru_utime - ru0.ru_utime,
+            "sys_s": ru1.ru_stime - ru0.ru_stime,
+            "build_s": build_s,
+            "rss_start_mb": rss_start,
+            "max_rss_mb": _rss_mb("VmHWM"),
+            "ctx_switches_inv": ru1.ru_nivcsw - ru0.ru_nivcsw,
+        }
+        res["eps"] = ctx.events / res["wall_s"]
+        res["us_cpu_per_event"] = res["cpu_s"] / ctx.events * 1e6
+        for k, v in built.report().items():
+            if k.endswith("_at"):  # a perf_counter reading: seconds since flow start
+                res[k[:-3] + "_s"] = v - w0
+            else:
+                res[k] = v
+        res["consumed"] = built.consumed()
+        res["ok"] = res["consumed"] == ctx.events
+        return res
+    finally:
+        built.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.stage", description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=list(STAGES))
+    p.add_argument("--bootstrap", required=True)
+    p.add_argument("--topic", required=True)
+    p.add_argument("--events", type=int, required=True, help="messages on the topic")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--batch-size", type=int, default=1000)
+    a = p.parse_args(argv)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(a.bootstrap, a.topic, a.events, a.workdir, a.redis_url, a.prefix, a.batch_size)
+    res = run_stage(a.stage, ctx)
+    res["pid"] = os.getpid()
+    sys.stdout.write(json.dumps(res) + "\n")
+    sys.stdout.flush()
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
