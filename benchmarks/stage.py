@@ -213,7 +213,7 @@ def build_skeleton(ctx: StageContext) -> Built:
 
     from connectors.clickhouse import connect
     from connectors.tansu import create_topics
-    from flows.main import clickhouse_dsn
+    from flows.common import clickhouse_dsn
 
     database = "nfbench"
     settings: dict[str, Any] = {

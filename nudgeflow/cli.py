@@ -29,15 +29,20 @@ def run(
     config: ConfigOpt = Path("config/local.yaml"),
     workers: Annotated[int, typer.Option("--workers", "-w", help="worker threads in this process")] = 1,
     summary: Annotated[bool, typer.Option(help="print what happened when a bounded run ends")] = True,
+    flow_name: Annotated[str, typer.Option("--flow", help="main (everything) or features (feature store only)")] = "main",
 ) -> None:
-    """Run the main flow (same as ``python -m bytewax.run flows.main:flow -w N``)."""
+    """Run a flow (same as ``python -m bytewax.run flows.<flow>:flow -w N``)."""
+    import importlib
+
     from bytewax.run import cli_main
 
-    from flows.main import from_file
+    from flows.common import from_file
     from nudgeflow.summary import print_summary
 
+    if flow_name not in ("main", "features"):
+        _fail(ValueError(f"unknown flow {flow_name!r}: main or features"))
     try:
-        flow, rt = from_file(config)
+        flow, rt = from_file(importlib.import_module(f"flows.{flow_name}").build, config)
         options = rt.bytewax_options()
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
@@ -45,7 +50,7 @@ def run(
         cli_main(flow, workers_per_process=workers, **options)
     finally:
         rt.close()
-    if summary:
+    if summary and rt.writer is not None:
         print_summary(rt, console)
 
 

@@ -14,10 +14,10 @@ from rich.table import Table
 
 from connectors.clickhouse import connect
 from connectors.redis_store import user_key
-from flows.main import clickhouse_dsn
+from flows.common import clickhouse_dsn
 
 if TYPE_CHECKING:
-    from flows.main import Runtime
+    from flows.common import Runtime
 
 FUNNEL_SQL = """
 SELECT platform,

@@ -12,7 +12,8 @@ from bytewax.testing import run_main
 
 from connectors.clickhouse import connect
 from connectors.tansu import TansuBroker, create_topics, produce, read_topic
-from flows.main import build, clickhouse_dsn
+from flows.common import clickhouse_dsn
+from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
 

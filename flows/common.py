@@ -1,0 +1,149 @@
+"""Wiring shared by the flows: inputs, the feature step, outputs, and what a built flow holds open.
+
+Steps live in ``operators/`` and connectors in ``connectors/``; these functions
+only put them together so each flow module stays a short list of stages.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import bytewax.operators as op
+from bytewax.connectors.stdio import StdOutSink
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.recovery import RecoveryConfig
+
+from connectors import kafka
+from connectors.clickhouse import ClickHouseWriter
+from connectors.embedded import EmbeddedRedis, ensure_redis
+from connectors.files import JsonlSource, jsonl_sink
+from connectors.simulator import SimulatorSource
+from nudgeflow.configload import Deployment, load_deployment
+from nudgeflow.events import DeadLetter, Event
+from nudgeflow.settings import Settings, SinkConfig
+from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
+from operators.parse import Parser
+
+
+@dataclass
+class Runtime:
+    """What a built flow holds open: close it after the run to flush and stop embedded servers."""
+
+    settings: Settings
+    base: Path
+    redis_url: str
+    writer: ClickHouseWriter | None = None
+    redis: EmbeddedRedis | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def bytewax_options(self) -> dict[str, Any]:
+        """``cli_main`` keyword arguments for the recovery settings (epoch length, store)."""
+        rec = self.settings.recovery
+        if rec is None:
+            return {}
+        db = _resolve(self.base, rec.dir)
+        if not db.is_dir() or not any(db.glob("part-*.sqlite3")):
+            raise FileNotFoundError(f"recovery store {db} is not initialised: run `nudgeflow recovery init`")
+        return {
+            "epoch_interval": timedelta(seconds=rec.snapshot_interval),
+            "recovery_config": RecoveryConfig(db, backup_interval=timedelta(seconds=rec.backup_interval)),
+        }
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else base / p
+
+
+def clickhouse_dsn(s: Settings, base: Path) -> str:
+    """The server DSN, or chDB's folder (relative to the config file) as a ``chdb://`` DSN."""
+    if s.clickhouse.dsn:
+        return s.clickhouse.dsn
+    path = _resolve(base, s.clickhouse.chdb_path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"chdb://{path}"
+
+
+def output(
+    step: str, s: Settings, sink_cfg: SinkConfig, suffix: str, base: Path, stream: Stream[Any],
+    as_line: Callable[[Any], str], as_message: Callable[[Any], Any],
+) -> None:
+    """Send a stream to a sink of the config: Kafka topic ``<prefix>.<suffix>``, stdout or a JSONL file."""
+    if sink_cfg.kind == "kafka":
+        op.output(step, op.map(f"{step}_msg", stream, as_message), kafka.sink(s.kafka, s.topic(sink_cfg, suffix)))
+    elif sink_cfg.kind == "stdout":
+        op.output(step, op.map(f"{step}_line", stream, as_line), StdOutSink())
+    else:
+        # Bytewax's FileSink is one partition: every line is routed to it by a constant key
+        op.output(step, op.map(f"{step}_line", stream, lambda x: ("", as_line(x))), jsonl_sink(_resolve(base, sink_cfg.path or "")))
+
+
+def redis_url(s: Settings) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis to use: the configured one, or (embedded mode) a local server started if it does not answer."""
+    embedded = ensure_redis(s.redis.url) if s.redis.embedded else None
+    return (embedded.url if embedded else s.redis.url), embedded
+
+
+def parsed_input(flow: Dataflow, dep: Deployment) -> Stream[Event | DeadLetter]:
+    """The configured source, parsed: events and refusals in one stream."""
+    s = dep.settings
+    parser = Parser(s.events)
+    if s.source.kind == "kafka":
+        msgs = op.input("kafka_in", flow, kafka.source(s.kafka))
+        return op.flat_map_batch("parse", msgs, lambda b: parser.parse_batch(kafka.raw_records(b)))
+    src = SimulatorSource(s.source.simulator) if s.source.kind == "simulator" else JsonlSource(
+        [dep.resolve(p) for p in s.source.file.paths]
+    )
+    return op.flat_map_batch("parse", op.input("in", flow, src), parser.parse_batch)
+
+
+Builder = Callable[[Deployment], tuple[Dataflow, Runtime]]
+DEFAULT_CONFIG = "config/local.yaml"
+
+
+def from_file(build: Builder, path: str | os.PathLike[str]) -> tuple[Dataflow, Runtime]:
+    """Build a flow from a deployment config file."""
+    return build(load_deployment(path))
+
+
+def flow_attribute(build: Builder) -> Callable[[str], Any]:
+    """A module ``__getattr__`` serving ``<module>:flow`` to ``python -m bytewax.run``, built from
+    ``$NUDGEFLOW_CONFIG`` on first access (importing the module alone starts nothing)."""
+
+    def getattr_(name: str) -> Any:
+        if name == "flow":
+            flow, _rt = from_file(build, os.environ.get("NUDGEFLOW_CONFIG", DEFAULT_CONFIG))
+            return flow
+        raise AttributeError(name)
+
+    return getattr_
+
+
+class FeatureStreams(NamedTuple):
+    #: ``(shard, Enriched)``: each accepted event with the features downstream reads
+    enriched: Stream[tuple[str, Enriched]]
+    #: ``(shard, UserFeatures)``: every feature of each changed user, once per batch
+    published: Stream[tuple[str, UserFeatures]]
+    #: refusals from parsing and from the feature step (too late, duplicate)
+    dead: Stream[DeadLetter]
+
+
+def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str]) -> FeatureStreams:
+    """Key events by shard and run the feature engine over them."""
+    s = dep.settings
+    engine = FeatureEngine(dep.features, s.features, s.events, needed=needed)
+    shards = s.shards
+    valid = op.branch("valid", parsed, lambda x: type(x) is Event)
+    keyed = op.key_on("shard", valid.trues, lambda e: shard_of(e.user_id, shards))
+    feats = op.stateful_batch("features", keyed, lambda resume: FeatureLogic(engine, resume))
+    accepted = op.branch("accepted", feats, lambda kv: type(kv[1]) is Enriched)
+    published = op.branch("published", accepted.falses, lambda kv: type(kv[1]) is UserFeatures)
+    refused = op.map("refused", published.falses, lambda kv: kv[1])
+    return FeatureStreams(accepted.trues, published.trues, op.merge("dead", valid.falses, refused))
