@@ -11,16 +11,9 @@ Two kinds so far:
   exact rule; it depends only on the *set* of events, never on their arrival
   order, which is what makes it safe under out-of-order input and replays.
 
-Timers fire when the shard's **watermark** passes their deadline. The
-watermark is computed as in Flink, not per key: each source partition (Kafka
-partition, file, simulator partition) has its own newest event time, and the
-watermark is the *oldest* of those minus the allowed lateness. So a partition
-that lags behind another never lets a timer fire before the events that could
-cancel it have been read. A partition silent for ``idle_timeout`` of wall time
-stops holding the watermark back; when every partition is silent, event time
-moves on with the wall clock (a live shop at night still gets its cart
-reminders). Timers fire at the end of each batch, after every event of the
-batch has had its chance to cancel them.
+Timers fire when the shard's watermark (:mod:`operators.clock`) passes their
+deadline, at the end of each batch, after every event of the batch has had
+its chance to cancel them.
 
 >>> from nudgeflow.settings import TriggersFile
 >>> from operators.features import Enriched
@@ -52,6 +45,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from nudgeflow.events import Action, Event
 from nudgeflow.settings import AbsenceTrigger, EventTrigger, TriggerDef
+from operators.clock import PartitionClock
 from operators.features import Enriched
 from operators.parse import wall_ms
 
@@ -183,12 +177,7 @@ class TriggerState:
         self.timers: dict[tuple[str, str], Timers] = {}
         #: (earliest possible deadline, trigger, user); stale entries are skipped when popped
         self.heap: list[tuple[int, str, str]] = []
-        #: newest event time and the wall time it was seen, per source partition
-        self.part_max: dict[str, int] = {}
-        self.part_wall: dict[str, int] = {}
-        self.max_ts = 0
-        self.wall_at_max = 0
-        self.wm = 0
+        self.clock = PartitionClock()
 
 
 class TriggerEngine:
@@ -230,12 +219,7 @@ class TriggerEngine:
         """
         ev = en.event
         ts = ev.ts
-        part = ev.position.rpartition(":")[0]
-        if ts > st.part_max.get(part, -1):
-            st.part_max[part] = ts
-            st.part_wall[part] = now
-            if ts > st.max_ts:
-                st.max_ts, st.wall_at_max = ts, now
+        st.clock.see(ev.position, ts, now)
         out: list[Action] = []
         for t, cond in self.by_type.get(ev.type, ()):
             if cond.holds(ev, en.features):
@@ -291,15 +275,7 @@ class TriggerEngine:
         return out
 
     def watermark(self, st: TriggerState, now: int) -> int:
-        """Event time up to which every shard input has been seen (monotonic)."""
-        active = [m for p, m in st.part_max.items() if now - st.part_wall[p] <= self.idle_ms]
-        if active:
-            wm = min(active) - self.lateness_ms
-        else:  # all inputs silent: event time follows the wall clock
-            wm = st.max_ts - self.lateness_ms + max(0, now - st.wall_at_max - self.idle_ms)
-        if wm > st.wm:
-            st.wm = wm
-        return st.wm
+        return st.clock.watermark(self.lateness_ms, self.idle_ms, now)
 
     def _action(
         self, t: TriggerDef, user_id: str, occurrence: str, event_ts: int, ingest_ms: int, feats: dict[str, Any]
@@ -344,7 +320,7 @@ class TriggerLogic(StatefulBatchLogic[Enriched, Action, bytes]):
 
     def on_eof(self) -> tuple[list[Action], bool]:
         # the input is finished: nothing can still cancel a timer due by the newest event time
-        return self.engine.advance(self.state, self.state.max_ts), StatefulBatchLogic.RETAIN
+        return self.engine.advance(self.state, self.state.clock.max_ts), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         if not self.state.heap:

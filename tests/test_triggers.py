@@ -75,7 +75,7 @@ def run(engine: TriggerEngine, arrivals: list[Event], batch: int, restart_at: in
             n = sum(1 for e in arrivals if e.user_id == ev.user_id and e.ts <= ev.ts)
             out += engine.on_event(state, Enriched(ev, {"n": n}), now)
         out += engine.advance(state, engine.watermark(state, now))
-    out += engine.advance(state, state.max_ts)  # end of input
+    out += engine.advance(state, state.clock.max_ts)  # end of input
     return sorted((a.trigger_id, a.user_id, a.occurrence) for a in out)
 
 
@@ -155,5 +155,5 @@ def test_state_is_bounded_after_resolution() -> None:
         etype = ("add_to_cart", "order", "browse")[i % 3]
         engine.on_event(s, Enriched(Event(f"e{i}", f"u{i % 50}", etype, i * 60_000, position="t:0:0"), {}), 0)
         engine.advance(s, engine.watermark(s, 0))
-    engine.advance(s, s.max_ts + LATENESS + W + 1)
+    engine.advance(s, s.clock.max_ts + LATENESS + W + 1)
     assert s.timers == {} and len(s.heap) <= 50
