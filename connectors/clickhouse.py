@@ -27,6 +27,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from clickhouse_connect.driver.client import Client
 
 from nudgeflow.events import Action, DeadLetter, Event
+from operators.models import MetricRow, PredictionRow
 from nudgeflow.settings import ClickHouseConfig
 
 log = logging.getLogger(__name__)
@@ -224,3 +225,21 @@ class ClickHouseSink(DynamicSink[Any]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
         return _WriterPartition(self)
+
+
+PREDICTION_COLUMNS = ["model", "user_id", "event_id", "ts", "resolved_ts", "score", "learner_score", "model_version", "label"]
+
+
+def prediction_row(p: PredictionRow) -> Row:
+    r = p.example
+    return [r.model, r.user_id, r.event_id, r.ts, r.resolved_ts, r.score, p.learner_score, r.version, int(r.label)]
+
+
+METRIC_COLUMNS = ["model", "window_start", "span", "model_version", "examples", "positives", "auc", "logloss", "brier",
+                  "ece", "calibration"]
+
+
+def metric_row(m: MetricRow) -> Row:
+    v = m.values
+    return [m.model, m.window_start, m.window, m.version, v["examples"], v["positives"], v["auc"], v["logloss"],
+            v["brier"], v["ece"], orjson.dumps(v["calibration"]).decode()]

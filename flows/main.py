@@ -11,23 +11,56 @@ operators to connectors; every step lives in ``operators/`` or ``connectors/``.
 from __future__ import annotations
 
 import bytewax.operators as op
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 
 from connectors import kafka
 from connectors.clickhouse import (
-    ACTION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, ClickHouseSink, ClickHouseWriter, action_row, connect, dlq_row,
-    event_row, migrate,
+    ACTION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS, ClickHouseSink, ClickHouseWriter,
+    action_row, connect, dlq_row, event_row, metric_row, migrate, prediction_row,
 )
 from connectors.files import action_line, dlq_line
+from connectors.model_store import RedisModelSink, RedisModelStore
 from connectors.redis_store import RedisFeatureSink
 from flows.common import Runtime, clickhouse_dsn, feature_step, flow_attribute, output, parsed_input, redis_url
 from nudgeflow.configload import Deployment, feature_refs
 from nudgeflow.settings import EventTrigger
+from operators.features import Enriched, UserFeatures
+from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
 from operators.triggers import TriggerEngine, TriggerLogic
 
 def needed_features(dep: Deployment) -> set[str]:
-    """What enriched events must carry: the features trigger conditions read."""
-    return {f for t in dep.triggers.triggers if isinstance(t, EventTrigger) for f in feature_refs(t.condition)}
+    """What enriched events must carry: the features trigger conditions and models read."""
+    wanted = {f for t in dep.triggers.triggers if isinstance(t, EventTrigger) for f in feature_refs(t.condition)}
+    return wanted.union(*(m.features for m in dep.models.models))
+
+
+def score_fields(kv: tuple[str, Enriched]) -> tuple[str, UserFeatures] | None:
+    """The scores an event got, as fields of its user's Redis hash."""
+    en = kv[1]
+    if not en.scores:
+        return None
+    return kv[0], UserFeatures(en.event.user_id, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
+
+
+def model_steps(dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer: ClickHouseWriter, url: str) -> Stream:
+    """Score every event with the published models, resolve labels in event time, learn, publish."""
+    s = dep.settings
+    store = RedisModelStore(url, s.redis.key_prefix)
+    scorer = Scorer(dep.models, store.fetch)
+    labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
+    scored = op.flat_map_batch("score", enriched, scorer.score_batch)
+    op.output("scores_redis", op.filter_map("score_fields", scored, score_fields), RedisFeatureSink(s.redis, url))
+    resolved = op.map("resolved", op.stateful_batch("labels", scored, lambda resume: LabelLogic(labels, resume)), lambda kv: kv[1])
+    by_model = op.key_on("by_model", resolved, lambda r: r.model)
+    learned = op.map("learned", op.stateful_batch(
+        "learn", by_model, lambda resume: LearnerLogic(dep.models, resume, lambda name: store.fetch(name))
+    ), lambda kv: kv[1])
+    snaps = op.branch("snapshots", learned, lambda x: type(x) is Snapshot)
+    op.output("models_redis", snaps.trues, RedisModelSink(url, s.redis.key_prefix))
+    rows = op.branch("predictions", snaps.falses, lambda x: type(x) is PredictionRow)
+    op.output("predictions_ch", rows.trues, ClickHouseSink(writer, "predictions", PREDICTION_COLUMNS, prediction_row))
+    op.output("metrics_ch", rows.falses, ClickHouseSink(writer, "model_metrics", METRIC_COLUMNS, metric_row))
+    return scored
 
 
 def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
@@ -53,7 +86,8 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     op.output("features_redis", fs.published, RedisFeatureSink(s.redis, url))
     op.output("events_ch", fs.enriched, ClickHouseSink(writer, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event)))
 
-    fired = op.stateful_batch("triggers", fs.enriched, lambda resume: TriggerLogic(trigger_engine, resume))
+    scored = model_steps(dep, fs.enriched, writer, url) if dep.models.models else fs.enriched
+    fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume))
     actions = op.map("actions", fired, lambda kv: kv[1])
     output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
     op.output("actions_ch", actions, ClickHouseSink(writer, "actions", ACTION_COLUMNS, action_row))

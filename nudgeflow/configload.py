@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nudgeflow.events import BUILTIN_TYPES
-from nudgeflow.settings import EventsConfig, EventTrigger, FeatureDefs, Settings, TriggersFile, load_settings
+from nudgeflow.settings import (
+    EventsConfig, EventTrigger, FeatureDefs, ModelsFile, Settings, TriggersFile, load_settings,
+)
 from nudgeflow.yamlconf import ConfigError, line_of, load_yaml, validate
 from operators.features import FeaturePlan, window_label
 from operators.triggers import compile_condition
 
 #: the names a condition may read
 CONDITION_VARIABLES = frozenset({"event", "features", "user", "score"})
+_SCORE_REF = re.compile(r"\bscore\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 _FEATURE_REF = re.compile(r"\bfeatures\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 
 
@@ -31,6 +34,7 @@ class Deployment:
     base: Path
     features: FeatureDefs
     triggers: TriggersFile
+    models: ModelsFile
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file."""
@@ -45,10 +49,41 @@ def load_deployment(path: str | Path) -> Deployment:
 
 def deployment(settings: Settings, base: Path) -> Deployment:
     """Complete loaded settings with the feature and trigger files they name (relative to ``base``)."""
-    dep = Deployment(settings, base, FeatureDefs(), TriggersFile())
+    dep = Deployment(settings, base, FeatureDefs(), TriggersFile(), ModelsFile())
     dep.features = load_features(dep.resolve(settings.features.definitions), settings.events)
-    dep.triggers = load_triggers(dep.resolve(settings.triggers), settings.events, FeaturePlan(dep.features).names)
+    names = FeaturePlan(dep.features).names
+    if settings.models:
+        dep.models = load_models(dep.resolve(settings.models), settings.events, names)
+    dep.triggers = load_triggers(
+        dep.resolve(settings.triggers), settings.events, names, [m.name for m in dep.models.models]
+    )
     return dep
+
+
+def load_models(path: str | Path, events: EventsConfig, feature_names: list[str]) -> ModelsFile:
+    """Load and check ``models.yaml``: features exist, pipelines build with their parameters."""
+    from operators.models import build_model  # River is imported only where models are configured
+
+    data, lines = load_yaml(path)
+    mf = validate(ModelsFile, data, path, lines)
+    known = BUILTIN_TYPES | set(events.custom_types)
+    names = set(feature_names)
+    problems: list[tuple[int | None, str, str]] = []
+    for i, m in enumerate(mf.models):
+        for j, f in enumerate(m.features):
+            if f not in names:
+                loc = ("models", i, "features", j)
+                problems.append((line_of(lines, loc), ".".join(map(str, loc)), f"unknown feature {f!r} (see nudgeflow features)"))
+        _types_known(m.label.events, known, ("models", i, "label", "events"), lines, problems)
+        _types_known(m.score_on, known, ("models", i, "score_on"), lines, problems)
+        try:
+            build_model(m)
+        except ValueError as e:
+            loc = ("models", i, "params")
+            problems.append((line_of(lines, loc) or line_of(lines, ("models", i)), ".".join(map(str, loc)), str(e)))
+    if problems:
+        raise ConfigError(path, problems)
+    return mf
 
 
 def feature_refs(condition: str) -> set[str]:
@@ -58,6 +93,15 @@ def feature_refs(condition: str) -> set[str]:
     ['cart_value', 'views_1h']
     """
     return {a or b for a, b in _FEATURE_REF.findall(condition)}
+
+
+def score_refs(condition: str) -> set[str]:
+    """The model scores a CEL condition reads.
+
+    >>> sorted(score_refs("score.churn_risk > 0.8 && features.x > 1"))
+    ['churn_risk']
+    """
+    return {a or b for a, b in _SCORE_REF.findall(condition)}
 
 
 def _types_known(types: object, known: set[str], loc: tuple[str | int, ...], lines: dict, problems: list) -> None:
@@ -91,7 +135,9 @@ def load_features(path: str | Path, events: EventsConfig) -> FeatureDefs:
     return defs
 
 
-def load_triggers(path: str | Path, events: EventsConfig, feature_names: list[str] | None = None) -> TriggersFile:
+def load_triggers(
+    path: str | Path, events: EventsConfig, feature_names: list[str] | None = None, model_names: list[str] | None = None
+) -> TriggersFile:
     """Load and fully check a trigger file; raises :class:`ConfigError` listing every problem."""
     data, lines = load_yaml(path)
     tf = validate(TriggersFile, data, path, lines)
@@ -116,6 +162,12 @@ def load_triggers(path: str | Path, events: EventsConfig, feature_names: list[st
                 problems.append(
                     (line_of(lines, loc), ".".join(map(str, loc)),
                      f"unknown name(s) {sorted(unknown)}; a condition reads {sorted(CONDITION_VARIABLES)}")
+                )
+            unknown_scores = score_refs(t.condition) - set(model_names or ())
+            if unknown_scores:
+                problems.append(
+                    (line_of(lines, loc), ".".join(map(str, loc)),
+                     f"unknown score(s) {sorted(unknown_scores)}; scores come from the models in models.yaml")
                 )
             missing = feature_refs(t.condition) - features if features is not None else set()
             if missing:

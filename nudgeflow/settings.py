@@ -284,6 +284,8 @@ class Settings(Strict):
     dlq: SinkConfig = SinkConfig(kind="kafka")
     #: the marketers' trigger file, relative to this file
     triggers: str = "triggers.yaml"
+    #: the online models (``config/models.yaml``), relative to this file; unset runs no models
+    models: str | None = None
     #: state keys per step (users are hashed onto them); fixed for the life of a recovery store
     shards: int = Field(64, ge=1, le=4096)
     recovery: RecoverySettings | None = None
@@ -342,4 +344,52 @@ class TriggersFile(Strict):
             if t.id in seen:
                 raise ValueError(f"trigger id {t.id!r} is used twice")
             seen.add(t.id)
+        return self
+
+
+class LabelDef(Strict):
+    """What a model predicts: whether one of ``events`` happens (``occurs``) or not (``absent``) within ``within``."""
+
+    events: AnyTypes
+    within: Duration
+    outcome: Literal["occurs", "absent"] = "occurs"
+
+
+class ModelDef(Strict):
+    """One online model: a River pipeline over named features, learning from delayed labels."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    label: LabelDef
+    features: list[str] = Field(min_length=1)
+    #: ``logistic`` (scaling + logistic regression), ``hoeffding_tree``, ``arf`` (adaptive random forest), ``fm``
+    pipeline: Literal["logistic", "hoeffding_tree", "arf", "fm"] = "logistic"
+    #: keyword arguments of the estimator (checked against its signature); ``lr`` sets the SGD learning rate
+    params: dict[str, Any] = {}
+    #: at most one pending example per user per interval of event time
+    sample_every: Duration = 3600.0
+    #: the score before the model has learned ``min_examples`` examples
+    prior: float = Field(0.05, ge=0, le=1)
+    min_examples: int = Field(200, ge=0)
+    #: event types that are scored and may start a pending example; ``any`` scores every event
+    score_on: AnyTypes = "any"
+
+
+class ModelsFile(Strict):
+    """``config/models.yaml``: the online models and how they are published."""
+
+    models: list[ModelDef] = []
+    #: a learner publishes its model after this many updates or this long, whichever first
+    publish_every_updates: int = Field(500, ge=1)
+    publish_every: Duration = 10.0
+    #: scoring workers look for a newer snapshot this often
+    refresh_every: Duration = 2.0
+    #: model_metrics rows cover windows of event time this long
+    metrics_window: Duration = 3600.0
+    calibration_bins: int = Field(10, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModelsFile:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
         return self

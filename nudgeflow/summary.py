@@ -30,6 +30,15 @@ GROUP BY platform ORDER BY browsers DESC
 """
 
 
+MODELS_SQL = """
+SELECT model, argMax(examples, window_start) AS examples, round(argMax(auc, window_start), 3) AS auc,
+       round(argMax(logloss, window_start), 3) AS logloss, round(argMax(ece, window_start), 3) AS ece,
+       max(model_version) AS version
+FROM {db}.model_metrics FINAL WHERE span = 'cumulative'
+GROUP BY model ORDER BY model
+"""
+
+
 def collect(rt: Runtime) -> dict[str, Any]:
     """The run's figures as plain data (the test and the printer share it)."""
     db = rt.settings.clickhouse.database
@@ -41,6 +50,7 @@ def collect(rt: Runtime) -> dict[str, Any]:
         actions = dict(q("SELECT trigger_id, count() FROM {db}.actions FINAL GROUP BY trigger_id ORDER BY trigger_id"))
         funnel = q(FUNNEL_SQL)
         sample_user = q("SELECT user_id FROM {db}.events FINAL GROUP BY user_id ORDER BY count() DESC LIMIT 1")
+        models = q(MODELS_SQL)
     finally:
         ch.close()
     r = redis.Redis.from_url(rt.redis_url, decode_responses=True)
@@ -54,6 +64,7 @@ def collect(rt: Runtime) -> dict[str, Any]:
         "dlq": dlq,
         "actions": actions,
         "funnel": funnel,
+        "models": models,
         "sample_features": sample,
     }
 
@@ -82,4 +93,11 @@ def print_summary(rt: Runtime, console: Console) -> None:
     for row in f["funnel"]:
         t.add_row(*(str(x) for x in row))
     console.print(t)
+    if f["models"]:
+        t = Table(title="online models: progressive validation so far (ClickHouse model_metrics)")
+        for c in ("model", "examples", "AUC", "log loss", "ECE", "version"):
+            t.add_column(c, justify="right" if c != "model" else "left")
+        for row in f["models"]:
+            t.add_row(*(str(x) for x in row))
+        console.print(t)
     console.print(f"features in Redis for the busiest user: {f['sample_features']}")

@@ -30,7 +30,7 @@ import math
 import pickle
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
@@ -70,10 +70,14 @@ def window_label(seconds: float) -> str:
 
 @dataclass(slots=True)
 class Enriched:
-    """An event with the features downstream steps read, as of that event."""
+    """An event with the features downstream steps read, as of that event, and later its scores."""
 
     event: Event
     features: dict[str, Any]
+    #: model name -> score, filled by the scoring step
+    scores: dict[str, float] = field(default_factory=dict)
+    #: model name -> (model version, input vector) for the models that scored this event
+    scored: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

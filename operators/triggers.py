@@ -80,7 +80,7 @@ class Condition:
     (True, False)
     """
 
-    __slots__ = ("program", "wants_event", "wants_features", "wants_user")
+    __slots__ = ("program", "wants_event", "wants_features", "wants_user", "wants_score")
 
     def __init__(self, source: str):
         self.program = compile_condition(source)
@@ -88,8 +88,9 @@ class Condition:
         self.wants_event = "event" in names
         self.wants_features = "features" in names
         self.wants_user = "user" in names
+        self.wants_score = "score" in names
 
-    def holds(self, ev: Event, feats: dict[str, Any]) -> bool:
+    def holds(self, ev: Event, feats: dict[str, Any], scores: dict[str, float] | None = None) -> bool:
         ctx: dict[str, Any] = {}
         if self.wants_event:
             ctx["event"] = {"type": ev.type, "user_id": ev.user_id, "platform": ev.platform or "", "ts": ev.ts,
@@ -98,6 +99,8 @@ class Condition:
             ctx["features"] = feats
         if self.wants_user:
             ctx["user"] = {}
+        if self.wants_score:
+            ctx["score"] = scores or {}
         try:
             return self.program.execute(ctx) is True
         except Exception:  # a condition reading a missing field is false, not a crash
@@ -222,7 +225,7 @@ class TriggerEngine:
         st.clock.see(ev.position, ts, now)
         out: list[Action] = []
         for t, cond in self.by_type.get(ev.type, ()):
-            if cond.holds(ev, en.features):
+            if cond.holds(ev, en.features, en.scores):
                 out.append(self._action(t, ev.user_id, ev.event_id, ts, ev.ingest_ms, en.features))
         for t in self.unless.get(ev.type, ()):
             key = (t.id, ev.user_id)

@@ -1,0 +1,79 @@
+"""Model snapshots in Redis: the learner publishes, every scoring worker fetches the newest.
+
+One hash per model, ``<prefix>:model:<name>``: ``version``, ``examples``,
+``river`` (the River version that pickled it), ``blob`` and ``updated_ms``,
+written in one HSET so a reader never sees a half-updated model. A fetch asks
+for ``version`` first and downloads the blob only when it is newer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from operators.models import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+def model_key(prefix: str, name: str) -> str:
+    return f"{prefix}:model:{name}"
+
+
+class RedisModelStore:
+    """Publish and fetch :class:`Snapshot` objects."""
+
+    def __init__(self, url: str, prefix: str):
+        self.client = redis.Redis.from_url(url)
+        self.prefix = prefix
+
+    def publish(self, snap: Snapshot) -> None:
+        """Write a snapshot unless a newer version is there already (a replay never goes back)."""
+        key = model_key(self.prefix, snap.name)
+        have = self.client.hget(key, "version")
+        if have is not None and int(have) >= snap.version:
+            return
+        self.client.hset(key, mapping={
+            "version": snap.version, "examples": snap.examples, "river": snap.river, "blob": snap.blob,
+            "updated_ms": int(time.time() * 1000),
+        })
+
+    def fetch(self, name: str, newer_than: int = 0) -> Snapshot | None:
+        """The stored snapshot if its version is above ``newer_than``; None otherwise or when absent."""
+        key = model_key(self.prefix, name)
+        try:
+            version = self.client.hget(key, "version")
+            if version is None or int(version) <= newer_than:
+                return None
+            h = self.client.hgetall(key)
+        except redis.ConnectionError as e:  # scoring goes on with the model it has
+            log.warning("cannot fetch model %s: %s", name, e)
+            return None
+        return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"])
+
+
+class _ModelPartition(StatelessSinkPartition[Snapshot]):
+    def __init__(self, store: RedisModelStore):
+        self.store = store
+
+    def write_batch(self, items: list[Snapshot]) -> None:
+        newest: dict[str, Snapshot] = {}
+        for s in items:
+            if s.name not in newest or s.version > newest[s.name].version:
+                newest[s.name] = s
+        for s in newest.values():
+            self.store.publish(s)
+
+
+class RedisModelSink(DynamicSink[Snapshot]):
+    """Bytewax sink publishing the newest snapshot of each model in a batch."""
+
+    def __init__(self, url: str, prefix: str):
+        self.url = url
+        self.prefix = prefix
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _ModelPartition:
+        return _ModelPartition(RedisModelStore(self.url, self.prefix))

@@ -1,0 +1,535 @@
+"""Online propensity models: score live, keep pending examples, learn when the label arrives.
+
+Three steps, each a Bytewax step in the main flow:
+
+1. **Score** (stateless, every worker): :class:`Scorer` scores events with the
+   newest *published* snapshot of each model, looking for a newer one at most
+   every ``refresh_every``. Before a model has learned ``min_examples`` it
+   answers its ``prior``. Non-finite or missing features are set to 0 and
+   counted; a model that raises answers its prior and is counted.
+2. **Label** (keyed by shard, event time): :class:`LabelEngine` keeps a pending
+   example (the feature snapshot *taken when scoring*, the score, the model
+   version) for at most one event per user per ``sample_every``. It resolves
+   when a label event arrives within ``within`` (``occurs``: positive;
+   ``absent``: negative) or when the watermark passes the deadline (the
+   opposite). So a user holds at most ``ceil(within / sample_every) + 1``
+   pending examples per model, and only while active.
+3. **Learn** (keyed by model: one learner per model): :class:`Learner` scores
+   each resolved example with the current model *before* learning it
+   (progressive validation), updates AUC, log loss, Brier score and
+   calibration per window of event time, learns it once, and publishes a
+   versioned snapshot every ``publish_every_updates`` updates or
+   ``publish_every`` seconds.
+
+Snapshots carry the River version they were pickled with; loading one made by
+another version is refused (River 0.25 broke older pickles).
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import math
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import river
+from bytewax.operators import StatefulBatchLogic
+from river import compose, facto, forest, linear_model, metrics, optim, preprocessing, tree
+
+from nudgeflow.settings import ModelDef, ModelsFile
+from operators.clock import PartitionClock
+from operators.features import Enriched
+from operators.parse import wall_ms
+
+RIVER_VERSION = river.__version__
+
+_ESTIMATORS: dict[str, type] = {
+    "logistic": linear_model.LogisticRegression,
+    "hoeffding_tree": tree.HoeffdingTreeClassifier,
+    "arf": forest.ARFClassifier,
+    "fm": facto.FMClassifier,
+}
+
+
+def build_model(d: ModelDef) -> Any:
+    """The River pipeline a model definition names; raises ValueError for parameters it does not take.
+
+    >>> from nudgeflow.settings import ModelDef
+    >>> m = build_model(ModelDef(name="p", label={"events": ["order"], "within": "1h"}, features=["views_1h"]))
+    >>> type(m).__name__, list(m.steps)
+    ('Pipeline', ['StandardScaler', 'LogisticRegression'])
+    """
+    cls = _ESTIMATORS[d.pipeline]
+    params = dict(d.params)
+    lr = params.pop("lr", None)
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"{d.pipeline} does not take {unknown}; it takes lr and {sorted(accepted)}")
+    if lr is not None:
+        if d.pipeline == "logistic":
+            params["optimizer"] = optim.SGD(float(lr))
+        elif d.pipeline == "fm":
+            params["weight_optimizer"] = optim.SGD(float(lr))
+        else:
+            raise ValueError(f"{d.pipeline} has no learning rate (lr)")
+    if "seed" in accepted:
+        params.setdefault("seed", 42)
+    try:
+        est = cls(**params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{d.pipeline}: {e}") from None
+    if d.pipeline in ("logistic", "fm"):  # gradient models want scaled inputs; trees do not
+        return compose.Pipeline(preprocessing.StandardScaler(), est)
+    return est
+
+
+class SnapshotVersionError(RuntimeError):
+    """A snapshot pickled by another River version: refuse it rather than load garbage."""
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A published model: what scoring workers load."""
+
+    name: str
+    version: int
+    examples: int
+    river: str
+    blob: bytes
+
+    @classmethod
+    def of(cls, name: str, version: int, examples: int, model: Any) -> Snapshot:
+        return cls(name, version, examples, RIVER_VERSION, pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def load(self) -> Any:
+        if self.river != RIVER_VERSION:
+            raise SnapshotVersionError(
+                f"model {self.name!r} v{self.version} was saved by River {self.river}; this is River "
+                f"{RIVER_VERSION}: its pickle cannot be trusted. Retrain, or run the River it was made with."
+            )
+        return pickle.loads(self.blob)
+
+
+def vector(names: Iterable[str], feats: dict[str, Any]) -> tuple[dict[str, float], int]:
+    """The model input from features by name; missing, non-numeric or non-finite values become 0 and count as faults.
+
+    >>> vector(["a", "b", "c"], {"a": 2, "b": float("nan")})
+    ({'a': 2.0, 'b': 0.0, 'c': 0.0}, 2)
+    """
+    x: dict[str, float] = {}
+    faults = 0
+    for n in names:
+        v = feats.get(n)
+        if (type(v) is int or type(v) is float or type(v) is bool) and math.isfinite(v):
+            x[n] = float(v)
+        else:
+            x[n] = 0.0
+            faults += 1
+    return x, faults
+
+
+def proba(model: Any, x: dict[str, float]) -> float:
+    p = model.predict_proba_one(x)
+    return float(p.get(True, 0.0))
+
+
+class Scorer:
+    """Scores with the newest published snapshot of each model (per worker, refreshed on a bound)."""
+
+    def __init__(self, cfg: ModelsFile, fetch: Callable[[str, int], Snapshot | None], now_ms: Callable[[], int] = wall_ms):
+        self.cfg = cfg
+        self.fetch = fetch
+        self.now_ms = now_ms
+        self.refresh_ms = int(cfg.refresh_every * 1000)
+        self.models: dict[str, tuple[int, int, Any]] = {}  # name -> (version, examples, model)
+        self.next_refresh = 0
+        self.faults = 0
+        self.errors = 0
+        self.by_type: dict[str, list[ModelDef]] = {}
+        self.any: list[ModelDef] = [m for m in cfg.models if m.score_on == "any"]
+        for m in cfg.models:
+            if m.score_on != "any":
+                for t in m.score_on:
+                    self.by_type.setdefault(t, []).append(m)
+
+    def refresh(self, now: int) -> None:
+        """Load any newer snapshot (at most once per ``refresh_every``)."""
+        if now < self.next_refresh:
+            return
+        self.next_refresh = now + self.refresh_ms
+        for m in self.cfg.models:
+            have = self.models.get(m.name, (0, 0, None))[0]
+            snap = self.fetch(m.name, have)
+            if snap is not None and snap.version > have:
+                self.models[m.name] = (snap.version, snap.examples, snap.load())
+
+    def version(self, name: str) -> int:
+        return self.models.get(name, (0, 0, None))[0]
+
+    def score(self, d: ModelDef, feats: dict[str, Any]) -> tuple[float, int, dict[str, float]]:
+        """(score, model version, input) for one model; the prior while the model is young."""
+        x, faults = vector(d.features, feats)
+        self.faults += faults
+        version, examples, model = self.models.get(d.name, (0, 0, None))
+        if model is None or examples < d.min_examples:
+            return d.prior, version, x
+        try:
+            return proba(model, x), version, x
+        except Exception:  # a model fault must not stop the event
+            self.errors += 1
+            return d.prior, version, x
+
+    def score_batch(self, items: list[tuple[str, Enriched]]) -> list[tuple[str, Enriched]]:
+        """Score each event for the models that score its type (Bytewax ``flat_map_batch``)."""
+        self.refresh(self.now_ms())
+        for _, en in items:
+            for d in self.any + self.by_type.get(en.event.type, []):
+                s, v, x = self.score(d, en.features)
+                en.scores[d.name] = s
+                en.scored[d.name] = (v, x)
+        return items
+
+
+@dataclass(slots=True)
+class Resolved:
+    """A labelled example: the snapshot taken at scoring time, its score, and the outcome."""
+
+    model: str
+    user_id: str
+    event_id: str
+    ts: int
+    resolved_ts: int
+    x: dict[str, float]
+    score: float
+    version: int
+    label: bool
+
+
+@dataclass(slots=True)
+class Pending:
+    ts: int
+    deadline: int
+    event_id: str
+    x: dict[str, float]
+    score: float
+    version: int
+
+
+@dataclass
+class LabelState:
+    pending: dict[tuple[str, str], list[Pending]] = field(default_factory=dict)
+    last_sample: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: newest label event per (model, user), for an example sampled after it arrived but before it happened
+    last_label: dict[tuple[str, str], int] = field(default_factory=dict)
+    heap: list[tuple[int, str, str, int]] = field(default_factory=list)
+    clock: PartitionClock = field(default_factory=PartitionClock)
+
+
+class LabelEngine:
+    """Pending examples of one shard, resolved in event time."""
+
+    def __init__(self, cfg: ModelsFile, lateness_ms: int, idle_ms: int):
+        self.models = {m.name: m for m in cfg.models}
+        self.within = {m.name: int(m.label.within * 1000) for m in cfg.models}
+        self.every = {m.name: int(m.sample_every * 1000) for m in cfg.models}
+        self.positive_on_event = {m.name: m.label.outcome == "occurs" for m in cfg.models}
+        self.label_types = {m.name: (None if m.label.events == "any" else frozenset(m.label.events)) for m in cfg.models}
+        self.lateness_ms = lateness_ms
+        self.idle_ms = idle_ms
+
+    def new_state(self) -> LabelState:
+        return LabelState()
+
+    def on_event(self, st: LabelState, en: Enriched, now: int) -> list[Resolved]:
+        ev = en.event
+        ts, uid = ev.ts, ev.user_id
+        st.clock.see(ev.position, ts, now)
+        out: list[Resolved] = []
+        for name, types in self.label_types.items():
+            if types is not None and ev.type not in types:
+                continue
+            key = (name, uid)
+            if st.last_label.get(key, -1) < ts:
+                st.last_label[key] = ts
+            pend = st.pending.get(key)
+            if pend:
+                keep = []
+                for p in pend:
+                    if p.ts < ts <= p.deadline:
+                        out.append(self._resolve(name, uid, p, ts, self.positive_on_event[name]))
+                    else:
+                        keep.append(p)
+                st.pending[key] = keep
+        for name, (version, x) in en.scored.items():
+            key = (name, uid)
+            if ts - st.last_sample.get(key, -(1 << 62)) < self.every[name]:
+                continue
+            st.last_sample[key] = ts
+            p = Pending(ts, ts + self.within[name], ev.event_id, x, en.scores[name], version)
+            last = st.last_label.get(key, -1)
+            if p.ts < last <= p.deadline:  # the label event was seen already (it arrived first)
+                out.append(self._resolve(name, uid, p, last, self.positive_on_event[name]))
+                continue
+            st.pending.setdefault(key, []).append(p)
+            heapq.heappush(st.heap, (p.deadline, name, uid, p.ts))
+        return out
+
+    def advance(self, st: LabelState, watermark: int) -> list[Resolved]:
+        """Resolve every example whose deadline the watermark passed: the label event did not come."""
+        out: list[Resolved] = []
+        heap = st.heap
+        while heap and heap[0][0] <= watermark:
+            deadline, name, uid, ts = heapq.heappop(heap)
+            key = (name, uid)
+            pend = st.pending.get(key)
+            if not pend:
+                continue
+            for i, p in enumerate(pend):
+                if p.ts == ts and p.deadline == deadline:
+                    out.append(self._resolve(name, uid, p, deadline, not self.positive_on_event[name]))
+                    del pend[i]
+                    break
+            if not pend:
+                del st.pending[key]
+                horizon = watermark - self.within[name] - self.lateness_ms
+                if st.last_label.get(key, horizon) < horizon:
+                    del st.last_label[key]
+                if st.last_sample.get(key, horizon) < horizon:
+                    del st.last_sample[key]
+        return out
+
+    def watermark(self, st: LabelState, now: int) -> int:
+        return st.clock.watermark(self.lateness_ms, self.idle_ms, now)
+
+    @staticmethod
+    def _resolve(name: str, uid: str, p: Pending, at: int, label: bool) -> Resolved:
+        return Resolved(name, uid, p.event_id, p.ts, at, p.x, p.score, p.version, label)
+
+
+class Calibration:
+    """Reliability bins: count, mean score and positive rate per score bin; ECE from them."""
+
+    def __init__(self, bins: int):
+        self.n = [0] * bins
+        self.score = [0.0] * bins
+        self.pos = [0] * bins
+
+    def update(self, y: bool, p: float) -> None:
+        b = min(int(p * len(self.n)), len(self.n) - 1)
+        self.n[b] += 1
+        self.score[b] += p
+        self.pos[b] += int(y)
+
+    def ece(self) -> float:
+        total = sum(self.n)
+        if not total:
+            return 0.0
+        return sum(abs(s / n - k / n) * n for n, s, k in zip(self.n, self.score, self.pos) if n) / total
+
+    def bins(self) -> list[tuple[int, float, float]]:
+        """(count, mean score, positive rate) per bin."""
+        return [(n, s / n if n else 0.0, k / n if n else 0.0) for n, s, k in zip(self.n, self.score, self.pos)]
+
+
+class Metrics:
+    """Progressive-validation metrics of one model over one span of event time."""
+
+    def __init__(self, bins: int):
+        self.auc = metrics.ROCAUC(n_thresholds=50)
+        self.logloss = metrics.LogLoss()
+        self.brier = 0.0
+        self.count = 0
+        self.positives = 0
+        self.cal = Calibration(bins)
+
+    def update(self, y: bool, p: float) -> None:
+        self.auc.update(y, {True: p, False: 1 - p})
+        self.logloss.update(y, {True: p, False: 1 - p})
+        self.brier += (p - float(y)) ** 2
+        self.count += 1
+        self.positives += int(y)
+        self.cal.update(y, p)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "examples": self.count,
+            "positives": self.positives,
+            "auc": self.auc.get() if self.positives and self.positives < self.count else float("nan"),
+            "logloss": self.logloss.get(),
+            "brier": self.brier / self.count if self.count else float("nan"),
+            "ece": self.cal.ece(),
+            "calibration": self.cal.bins(),
+        }
+
+
+@dataclass(slots=True)
+class MetricRow:
+    model: str
+    window_start: int
+    window: str  # "window" or "cumulative"
+    version: int
+    values: dict[str, Any]
+
+
+@dataclass(slots=True)
+class PredictionRow:
+    """An example's prediction at decision time (the published model's), with its outcome."""
+
+    example: Resolved
+    #: the learner's score just before learning it (progressive validation)
+    learner_score: float
+
+
+class Learner:
+    """One model's learner: progressive validation, learn once, publish snapshots."""
+
+    def __init__(self, d: ModelDef, cfg: ModelsFile, model: Any | None = None, examples: int = 0, version: int = 0):
+        self.d = d
+        self.cfg = cfg
+        self.model = model if model is not None else build_model(d)
+        self.examples = examples
+        self.version = version
+        self.window_ms = int(cfg.metrics_window * 1000)
+        self.window_start: int | None = None
+        self.window_metrics = Metrics(cfg.calibration_bins)
+        self.total = Metrics(cfg.calibration_bins)
+        self.updates_since = 0
+        self.published_wall = 0
+
+    def learn(self, r: Resolved) -> tuple[list[MetricRow], PredictionRow]:
+        out: list[MetricRow] = []
+        start = r.ts - r.ts % self.window_ms
+        if self.window_start is None:
+            self.window_start = start
+        elif start > self.window_start:
+            out.extend(self.close_window())
+            self.window_start = start
+        p = proba(self.model, r.x)  # scored before it is learned
+        self.window_metrics.update(r.label, p)
+        self.total.update(r.label, p)
+        self.model.learn_one(r.x, r.label)
+        self.examples += 1
+        self.updates_since += 1
+        return out, PredictionRow(r, p)
+
+    def close_window(self) -> list[MetricRow]:
+        """Rows for the window so far and the cumulative figures; starts a new window."""
+        if self.window_start is None or not self.window_metrics.count:
+            return []
+        rows = [
+            MetricRow(self.d.name, self.window_start, "window", self.version, self.window_metrics.row()),
+            MetricRow(self.d.name, self.window_start, "cumulative", self.version, self.total.row()),
+        ]
+        self.window_metrics = Metrics(self.cfg.calibration_bins)
+        return rows
+
+    def maybe_publish(self, now: int, force: bool = False) -> Snapshot | None:
+        due = self.updates_since >= self.cfg.publish_every_updates or (
+            self.updates_since and now - self.published_wall >= self.cfg.publish_every * 1000
+        )
+        if not (due or (force and self.updates_since)):
+            return None
+        self.version += 1
+        self.updates_since = 0
+        self.published_wall = now
+        return Snapshot.of(self.d.name, self.version, self.examples, self.model)
+
+
+class LabelLogic(StatefulBatchLogic[Enriched, Resolved, bytes]):
+    """Bytewax adapter: one shard's pending examples; wakes once a second while any are open."""
+
+    def __init__(self, engine: LabelEngine, resume: bytes | None, now_ms: Callable[[], int] = wall_ms):
+        self.engine = engine
+        self.now_ms = now_ms
+        self.state: LabelState = pickle.loads(resume) if resume is not None else engine.new_state()
+
+    def on_batch(self, values: list[Enriched]) -> tuple[list[Resolved], bool]:
+        eng, st = self.engine, self.state
+        now = self.now_ms()
+        out: list[Resolved] = []
+        for en in values:
+            out.extend(eng.on_event(st, en, now))
+        if st.heap:
+            out.extend(eng.advance(st, eng.watermark(st, now)))
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[Resolved], bool]:
+        return self.engine.advance(self.state, self.engine.watermark(self.state, self.now_ms())), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[Resolved], bool]:
+        return self.engine.advance(self.state, self.state.clock.max_ts), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return datetime.now(timezone.utc) + timedelta(seconds=1) if self.state.heap else None
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+LearnerOut = MetricRow | PredictionRow | Snapshot
+
+
+class LearnerLogic(StatefulBatchLogic[Resolved, LearnerOut, bytes]):
+    """Bytewax adapter: the one learner of a model (the key is the model name).
+
+    Bytewax builds logic without telling it its key, so the learner is made on
+    the first example: warm from the newest published snapshot when there is
+    one (and no recovery state), else cold.
+    """
+
+    def __init__(
+        self, cfg: ModelsFile, resume: bytes | None, warm: Callable[[str], Snapshot | None],
+        now_ms: Callable[[], int] = wall_ms,
+    ):
+        self.cfg = cfg
+        self.warm = warm
+        self.learner: Learner | None = pickle.loads(resume) if resume is not None else None
+        self.now_ms = now_ms
+
+    def _learner(self, name: str) -> Learner:
+        if self.learner is None:
+            d = next(m for m in self.cfg.models if m.name == name)
+            snap = self.warm(name)
+            if snap is not None:
+                self.learner = Learner(d, self.cfg, snap.load(), snap.examples, snap.version)
+            else:
+                self.learner = Learner(d, self.cfg)
+        return self.learner
+
+    def on_batch(self, values: list[Resolved]) -> tuple[list[LearnerOut], bool]:
+        learner = self._learner(values[0].model)
+        out: list[LearnerOut] = []
+        for r in values:
+            rows, pred = learner.learn(r)
+            out.extend(rows)
+            out.append(pred)
+        snap = learner.maybe_publish(self.now_ms())
+        if snap is not None:
+            out.append(snap)
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[LearnerOut], bool]:
+        snap = self.learner.maybe_publish(self.now_ms()) if self.learner else None
+        return ([snap] if snap else []), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[LearnerOut], bool]:
+        if self.learner is None:
+            return [], StatefulBatchLogic.RETAIN
+        out: list[LearnerOut] = list(self.learner.close_window())
+        snap = self.learner.maybe_publish(self.now_ms(), force=True)
+        if snap is not None:
+            out.append(snap)
+        return out, StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if self.learner is None or not self.learner.updates_since:
+            return None
+        return datetime.now(timezone.utc) + timedelta(seconds=self.cfg.publish_every)
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self.learner, protocol=pickle.HIGHEST_PROTOCOL)

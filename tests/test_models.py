@@ -1,0 +1,201 @@
+"""Online models: labels in event time, learning once, snapshots, scoring from the newest snapshot."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.model_store import RedisModelStore
+from nudgeflow.configload import load_models
+from nudgeflow.events import Event
+from nudgeflow.settings import EventsConfig, ModelDef, ModelsFile
+from nudgeflow.yamlconf import ConfigError
+from operators.features import Enriched
+from operators.models import (
+    LabelEngine, Learner, LearnerLogic, Resolved, Scorer, Snapshot, SnapshotVersionError, build_model,
+)
+
+MIN, HOUR = 60_000, 3_600_000
+CFG = ModelsFile.model_validate({
+    "publish_every_updates": 3, "publish_every": 3600, "refresh_every": 2, "metrics_window": 3600,
+    "models": [
+        {"name": "buy", "label": {"events": ["order"], "within": "1h"}, "features": ["views_1h"],
+         "sample_every": "10m", "min_examples": 0, "score_on": ["browse"]},
+        {"name": "churn", "label": {"events": "any", "within": "1h", "outcome": "absent"}, "features": ["views_1h"],
+         "sample_every": "30m", "min_examples": 0, "score_on": "any"},
+    ],
+})
+
+
+def scored(ev: Event, names: list[str], score: float = 0.5) -> Enriched:
+    en = Enriched(ev, {"views_1h": 1})
+    for n in names:
+        en.scores[n] = score
+        en.scored[n] = (1, {"views_1h": 1.0})
+    return en
+
+
+def test_labels_resolve_at_the_right_event_time() -> None:
+    eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
+    s = eng.new_state()
+    out = eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0"), ["buy", "churn"]), 0)
+    assert out == []
+    # another event of u1 at 5 min: not an order; it does answer churn (activity within the hour)
+    out = eng.on_event(s, scored(Event("b2", "u1", "browse", 5 * MIN, position="p:0"), ["buy", "churn"]), 0)
+    assert [(r.model, r.label, r.resolved_ts) for r in out] == [("churn", False, 5 * MIN)]
+    # sampled at most once per interval: b2 (5 min later) opened no new example of either model
+    assert len(s.pending[("buy", "u1")]) == 1 and s.pending[("churn", "u1")] == []
+    # an order at exactly the deadline is inside the window: positive
+    out = eng.on_event(s, scored(Event("o1", "u1", "order", HOUR, position="p:0"), []), 0)
+    assert [(r.model, r.event_id, r.label, r.resolved_ts) for r in out] == [("buy", "b1", True, HOUR)]
+    # u2 browses and nothing follows: the watermark passing the deadline makes buy negative, churn positive
+    eng.on_event(s, scored(Event("c1", "u2", "browse", 2 * HOUR, position="p:0"), ["buy", "churn"]), 0)
+    assert eng.advance(s, 3 * HOUR - 1) == []
+    out = eng.advance(s, 3 * HOUR)
+    assert sorted((r.model, r.user_id, r.label, r.resolved_ts) for r in out) == [
+        ("buy", "u2", False, 3 * HOUR), ("churn", "u2", True, 3 * HOUR)]
+
+
+def test_a_label_event_that_arrives_first_still_counts() -> None:
+    eng = LabelEngine(CFG, lateness_ms=10 * MIN, idle_ms=10**12)
+    s = eng.new_state()
+    eng.on_event(s, scored(Event("o", "u1", "order", 5 * MIN, position="p:0"), []), 0)
+    out = eng.on_event(s, scored(Event("b", "u1", "browse", 0, position="p:0"), ["buy"]), 0)  # late browse
+    assert [(r.model, r.label) for r in out] == [("buy", True)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 600), st.sampled_from(["browse", "order"])), max_size=60))
+def test_every_example_resolves_exactly_once_and_state_is_bounded(evs: list[tuple[int, int, str]]) -> None:
+    eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
+    s = eng.new_state()
+    resolved: list[Resolved] = []
+    created = 0
+    for i, (u, minute, etype) in enumerate(sorted(evs, key=lambda e: e[1])):
+        names = ["buy", "churn"] if etype == "browse" else ["churn"]
+        before = dict(s.last_sample)
+        resolved += eng.on_event(s, scored(Event(f"e{i}", f"u{u}", etype, minute * MIN, position="p:0"), names), 0)
+        created += sum(1 for k, v in s.last_sample.items() if before.get(k) != v)  # examples sampled
+        for (name, _), pend in s.pending.items():  # bound: ceil(within / sample_every) + 1 per user and model
+            assert len(pend) <= math.ceil(3600 / (600 if name == "buy" else 1800)) + 1
+        resolved += eng.advance(s, minute * MIN)
+    resolved += eng.advance(s, 10**9)
+    keys = [(r.model, r.user_id, r.ts) for r in resolved]
+    assert len(keys) == len(set(keys)) == created
+    assert not any(s.pending.values())
+
+
+def test_learner_learns_each_example_once_scores_before_learning_and_publishes() -> None:
+    d = CFG.models[0]
+    learner = Learner(d, CFG)
+    rnd = random.Random(1)
+    snaps = []
+    for i in range(9):
+        x = {"views_1h": float(rnd.randint(0, 10))}
+        r = Resolved("buy", "u", f"e{i}", i * MIN, i * MIN + 1, x, 0.5, 0, x["views_1h"] > 5)
+        _, pred = learner.learn(r)
+        assert 0.0 <= pred.learner_score <= 1.0
+        snap = learner.maybe_publish(now=0)
+        if snap:
+            snaps.append(snap)
+    assert learner.examples == 9 and learner.total.count == 9
+    assert [s.version for s in snaps] == [1, 2, 3] and [s.examples for s in snaps] == [3, 6, 9]
+    # the snapshot round-trips: the loaded model scores like the learner's
+    model = snaps[-1].load()
+    assert model.predict_proba_one({"views_1h": 8.0}) == learner.model.predict_proba_one({"views_1h": 8.0})
+
+
+def test_progressive_validation_uses_the_model_before_the_update() -> None:
+    d = CFG.models[0]
+    learner, shadow = Learner(d, CFG), build_model(d)
+    for i in range(20):
+        x = {"views_1h": float(i % 7)}
+        r = Resolved("buy", "u", f"e{i}", i, i, x, 0.5, 0, i % 7 > 3)
+        expected = shadow.predict_proba_one(x).get(True, 0.0)
+        _, pred = learner.learn(r)
+        assert pred.learner_score == pytest.approx(expected)
+        shadow.learn_one(x, r.label)
+
+
+def test_snapshot_from_another_river_is_refused() -> None:
+    snap = Snapshot.of("buy", 1, 10, build_model(CFG.models[0]))
+    snap.river = "0.21.0"
+    with pytest.raises(SnapshotVersionError, match="River 0.21.0"):
+        snap.load()
+
+
+def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(redis_url: str, key_prefix: str) -> None:
+    store = RedisModelStore(redis_url, key_prefix)
+    clock = [0]
+    scorer = Scorer(CFG, store.fetch, now_ms=lambda: clock[0])
+    d = CFG.models[0]
+    en = lambda: Enriched(Event("e", "u", "browse", 0), {"views_1h": 9})  # noqa: E731
+    scorer.score_batch([("0", en())])
+    assert scorer.version("buy") == 0  # nothing published: the prior
+    for version in (1, 2):
+        learner = Learner(d, CFG)
+        for i in range(50):
+            learner.learn(Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i % 10)}, 0.5, 0, (i % 10 > 4) == (version == 1)))
+        learner.version = version - 1
+        store.publish(learner.maybe_publish(now=0, force=True))
+        clock[0] += 1000  # within the 2 s refresh bound: still the old model
+        scorer.score_batch([("0", en())])
+        assert scorer.version("buy") == version - 1
+        clock[0] += 1000  # the bound has passed: the newest snapshot is used
+        out = scorer.score_batch([("0", en())])
+        assert scorer.version("buy") == version
+        assert out[0][1].scores["buy"] == pytest.approx(learner.model.predict_proba_one({"views_1h": 9.0})[True])
+    store.publish(Snapshot.of("buy", 1, 5, build_model(d)))  # an older version never replaces a newer one
+    assert store.fetch("buy").version == 2
+
+
+def test_non_finite_features_are_counted_and_the_event_still_scored() -> None:
+    scorer = Scorer(CFG, lambda name, have: None)
+    en = Enriched(Event("e", "u", "browse", 0), {"views_1h": float("inf")})
+    scorer.score_batch([("0", en)])
+    assert en.scores["buy"] == CFG.models[0].prior and scorer.faults == 2  # two models read views_1h
+
+
+def test_learner_logic_warm_starts_from_the_published_snapshot() -> None:
+    d = CFG.models[0]
+    trained = Learner(d, CFG)
+    for i in range(10):
+        trained.learn(Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i)}, 0.5, 0, i > 5))
+    trained.version = 6
+    snap = trained.maybe_publish(now=0, force=True)
+    logic = LearnerLogic(CFG, None, warm=lambda name: snap)
+    out, _ = logic.on_batch([Resolved("buy", "u", "x", 100, 100, {"views_1h": 3.0}, 0.5, 7, False)])
+    assert logic.learner is not None and logic.learner.examples == 11 and logic.learner.version >= 7
+
+
+def test_repo_models_validate_and_bad_ones_are_named(tmp_path: Path) -> None:
+    from nudgeflow.configload import load_deployment
+
+    dep = load_deployment(Path(__file__).parents[1] / "config" / "local.yaml")
+    assert {m.name for m in dep.models.models} >= {"purchase_propensity", "purchase_propensity_30m", "churn_risk"}
+    bad = tmp_path / "models.yaml"
+    bad.write_text(
+        "models:\n"
+        "  - name: p\n"
+        "    label: {events: [order], within: 1h}\n"
+        "    features: [views_1h, no_such_feature]\n"
+        "    pipeline: hoeffding_tree\n"
+        "    params: {grace_period: 50, learning_rate: 3}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_models(bad, EventsConfig(), ["views_1h"])
+    msg = str(e.value)
+    assert "models.yaml:4: models.0.features.1: unknown feature 'no_such_feature'" in msg
+    assert "models.0.params" in msg and "learning_rate" in msg
+    with pytest.raises(ValueError, match="no learning rate"):
+        build_model(ModelDef(name="t", label={"events": ["order"], "within": "1h"}, features=["a"],
+                             pipeline="hoeffding_tree", params={"lr": 0.1}))
+    for pipeline in ("logistic", "hoeffding_tree", "arf", "fm"):
+        m = build_model(ModelDef(name="t", label={"events": ["order"], "within": "1h"}, features=["a"], pipeline=pipeline))
+        m.learn_one({"a": 1.0}, True)
+        assert 0.0 <= m.predict_proba_one({"a": 1.0}).get(True, 0.0) <= 1.0
