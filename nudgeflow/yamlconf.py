@@ -107,6 +107,20 @@ def line_of(lines: dict[Loc, int], loc: Loc) -> int | None:
     return None
 
 
+def _data_path(loc: Loc, lines: dict[Loc, int]) -> Loc:
+    """Drop the parts pydantic adds that are not in the file (a union's tag, like ``absence``).
+
+    >>> _data_path(("triggers", 0, "absence", "within"), {("triggers",): 1, ("triggers", 0): 2, ("triggers", 0, "within"): 6})
+    ('triggers', 0, 'within')
+    """
+    out: Loc = ()
+    for i, part in enumerate(loc):
+        tag = out + (part,) not in lines and i + 1 < len(loc) and out + (loc[i + 1],) in lines
+        if not tag:
+            out += (part,)
+    return out
+
+
 def validate(model: type[M], data: Any, path: str | Path, lines: dict[Loc, int], base: Loc = ()) -> M:
     """Validate ``data`` as ``model``, turning pydantic errors into a ConfigError with lines."""
     try:
@@ -114,7 +128,7 @@ def validate(model: type[M], data: Any, path: str | Path, lines: dict[Loc, int],
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            loc = base + tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+            loc = _data_path(base + tuple(p for p in err["loc"] if isinstance(p, (str, int))), lines)
             field = ".".join(str(p) for p in loc)
             problems.append((line_of(lines, loc), field, _message(err)))
         raise ConfigError(path, problems) from None

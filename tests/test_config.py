@@ -1,0 +1,125 @@
+"""Configuration: errors name file, line and field; env interpolation; the repo's configs load; the CLI says so."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nudgeflow.configload import load_deployment, load_triggers
+from nudgeflow.settings import EventsConfig, Settings
+from nudgeflow.yamlconf import ConfigError, load_model
+
+ROOT = Path(__file__).parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def error(model: type, path: Path) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_model(model, path)
+    return str(e.value)
+
+
+def test_the_repo_configs_load() -> None:
+    for name in ("local.yaml", "docker.yaml"):
+        dep = load_deployment(ROOT / "config" / name)
+        assert dep.triggers.triggers and dep.models.models and dep.features.counts
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("name: x\nredis:\n  urll: redis://x\n", ":3: redis.urll: unknown field"),
+    ("features:\n  allowed_lateness: 30 minutes\n", ":2: features.allowed_lateness: Value error, expected a duration"),
+    ("shards: many\n", ":1: shards: Input should be a valid integer"),
+    ("name: x\nsource:\n  kind: carrier_pigeon\n", ":3: source.kind: Input should be"),
+    ("name: x\nname: y\n", ":2: name: duplicate key"),
+    ("name: [x\n", "invalid YAML"),
+])
+def test_errors_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    msg = error(Settings, path)
+    assert str(path) in msg and expected in msg, msg
+
+
+def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, 'redis:\n  url: "${NF_T_URL:-redis://default:6379/0}"\nshards: "${NF_T_SHARDS:-8}"\n')
+    s = load_model(Settings, path)
+    assert (s.redis.url, s.shards) == ("redis://default:6379/0", 8)
+    monkeypatch.setenv("NF_T_URL", "redis://other:6379/1")
+    monkeypatch.setenv("NF_T_SHARDS", "16")
+    s = load_model(Settings, path)
+    assert (s.redis.url, s.shards) == ("redis://other:6379/1", 16)  # a substituted number is a number
+    msg = error(Settings, write(tmp_path, "redis:\n  url: ${NF_T_UNSET_VAR}\n", "d.yaml"))
+    assert ":2:" in msg and "NF_T_UNSET_VAR is not set" in msg
+
+
+TRIGGER = """triggers:
+  - id: t1
+    kind: event
+    on: [browse]
+    condition: "{condition}"
+"""
+
+
+def trigger_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_triggers(write(tmp_path, text, "triggers.yaml"), EventsConfig(), ["views_1h"], ["propensity"])
+    return str(e.value)
+
+
+def test_trigger_file_checks(tmp_path: Path) -> None:
+    ok = load_triggers(write(tmp_path, TRIGGER.format(condition="features.views_1h > 2 && score.propensity > 0.5"),
+                             "triggers.yaml"), EventsConfig(), ["views_1h"], ["propensity"])
+    assert ok.triggers[0].on == ["browse"]  # `on:` is a key, not YAML 1.1's boolean
+    msg = trigger_error(tmp_path, TRIGGER.format(condition="features.views_1h >"))
+    assert "triggers.yaml:5: triggers.0.condition: CEL:" in msg and "^" in msg
+    assert "unknown feature(s) ['nope']" in trigger_error(tmp_path, TRIGGER.format(condition="features.nope > 1"))
+    assert "unknown score(s) ['other']" in trigger_error(tmp_path, TRIGGER.format(condition="score.other > 1.0"))
+    assert "unknown name(s) ['foo']" in trigger_error(tmp_path, TRIGGER.format(condition="foo.x > 1"))
+    msg = trigger_error(tmp_path, TRIGGER.format(condition="true").replace("[browse]", "[browse, teleport]"))
+    assert ":4: triggers.0.on.1: unknown event type 'teleport'" in msg
+    twice = TRIGGER.format(condition="true") + TRIGGER.format(condition="true").replace("triggers:\n", "")
+    assert "used twice" in trigger_error(tmp_path, twice)
+    bad_within = "triggers:\n  - id: c\n    kind: absence\n    after: [add_to_cart]\n    unless: [order]\n    within: soon\n"
+    assert ":6: triggers.0.within: Value error, expected a duration" in trigger_error(tmp_path, bad_within)
+
+
+def test_validate_command(tmp_path: Path) -> None:
+    run = lambda cfg: subprocess.run([sys.executable, "-m", "nudgeflow.cli", "validate", "--config", str(cfg)],  # noqa: E731
+                                     capture_output=True, text=True, timeout=120, env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"})
+    good = run(ROOT / "config" / "local.yaml")
+    assert good.returncode == 0 and "triggers" in good.stdout
+    bad = run(write(tmp_path, "features:\n  idle_timeout: never\n"))
+    assert bad.returncode == 2 and "c.yaml:2: features.idle_timeout" in bad.stderr
+
+
+yamlish = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.sampled_from(["event", "absence", "30m", "browse"]),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+        st.sampled_from(["triggers", "id", "kind", "on", "after", "unless", "within", "condition", "channel", "x"]),
+        kids, max_size=5),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(yamlish)
+def test_fuzz_trigger_loader_only_ever_raises_config_errors(doc: object) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "t.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        try:
+            load_triggers(path, EventsConfig(), ["views_1h"])
+        except ConfigError as e:
+            assert e.problems and all(msg for _, _, msg in e.problems)
