@@ -163,6 +163,8 @@ class FeaturePlan:
         #: (window index, slot, types or None for any, mode, field)
         self._feeds: list[tuple[int, int, frozenset[str] | None, int, str]] = []
         self._recipes: dict[str, Recipe] = {}
+        #: (name, window, slot, scaled) of every plain window feature, for ``values``
+        self._window_values: list[tuple[str, int, int, bool]] = []
 
         self.recency = list(defs.recency.items())
         self.recency_types: list[frozenset[str] | None] = [None if t == "any" else frozenset(t) for _, t in self.recency]
@@ -230,6 +232,13 @@ class FeaturePlan:
         gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
         self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
         self.names = sorted(self.getters)
+        plain = {name for name, *_ in self._window_values if name in self.getters}
+        by_window: dict[int, list[tuple[str, int, bool]]] = {}
+        for name, wi, si, scaled in self._window_values:
+            if name in plain:
+                by_window.setdefault(wi, []).append((name, si, scaled))
+        self._by_window = sorted(by_window.items())
+        self._other = [(n, g) for n, g in sorted(self.getters.items()) if n not in plain]
 
     def _slot(self, window_s: float, name: str) -> tuple[int, int]:
         w = int(window_s * 1000)
@@ -247,7 +256,19 @@ class FeaturePlan:
         wi, si = self._slot(window_s, name)
         self._feeds.append((wi, si, types, mode, fld))
         self.getters[name] = _sum_getter(wi, si) if mode == VALUE else _window_getter(wi, si)
+        self._window_values.append((name, wi, si, mode == VALUE))
         return wi, si
+
+    def values(self, u: UserState, at: int) -> dict[str, Any]:
+        """Every feature of a user as of ``at``: each window's totals are read once, not once per feature."""
+        out: dict[str, Any] = {}
+        for wi, entries in self._by_window:
+            tot = u.wins[wi].totals(at)
+            for name, si, scaled in entries:
+                out[name] = round(tot[si] / SCALE, 2) if scaled else tot[si]
+        for name, get in self._other:
+            out[name] = get(u, at)
+        return out
 
     def recipe(self, etype: str) -> Recipe:
         """What an event type updates, worked out once per type (the per-event path only follows it)."""
@@ -393,7 +414,6 @@ class FeatureEngine:
         if unknown:
             raise ValueError(f"unknown features: {sorted(unknown)}")
         self.needed = [(n, plan.getters[n]) for n in names]
-        self.all = [(n, plan.getters[n]) for n in plan.names]
         d = defs
         self.session_gap = int(d.session.gap * 1000) if d.session else 0
         self.page_types = frozenset(d.session.page_types) if d.session else frozenset()
@@ -524,7 +544,7 @@ class FeatureEngine:
             u = st.users.get(uid)
             if u is not None:
                 at = u.last_ts
-                out.append(UserFeatures(uid, at, {name: get(u, at) for name, get in self.all}))
+                out.append(UserFeatures(uid, at, self.plan.values(u, at)))
         st.changed.clear()
         return out
 

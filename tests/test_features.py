@@ -166,6 +166,13 @@ def test_flush_publishes_each_changed_user_once_with_every_feature() -> None:
     assert all(set(p.features) == set(eng.names) for p in published)
     assert {p.user_id: p.ts for p in published} == {"u0": 9 * MIN, "u1": 7 * MIN, "u2": 8 * MIN}
     assert eng.flush(s) == []
+    # the batch path (each window read once) gives what the per-feature getters give
+    _, shopped = shopper(eng.plan.defs)
+    st2 = eng.new_state()
+    for o in shopped:
+        eng.apply(st2, o.event)
+    user = st2.users["u"]
+    assert eng.plan.values(user, user.last_ts) == {n: g(user, user.last_ts) for n, g in eng.plan.getters.items()}
 
 
 def test_idle_users_and_old_ids_are_evicted() -> None:
