@@ -1,8 +1,10 @@
 """Serving features from Redis: a coalescing, pipelined writer and a one-round-trip reader.
 
 Layout: one hash per user, ``<prefix>:u:<user_id>``, holding every feature
-plus ``_ts`` (the event time the values are valid at) and ``_v`` (the feature
-set's version). The key's TTL is refreshed on every write.
+(``layout: fields``, one field each; or ``layout: json``, all of them as JSON in
+field ``f``, which costs Redis a fraction of the time), scores as
+``score_<model>`` fields, ``_ts`` (the event time the values are valid at) and
+``_v`` (the feature set's version). The key's TTL is refreshed on every write.
 
 Bytewax state is the source of truth; Redis is its published copy. A sink
 batch holds many events of few users, so the writer keeps only each user's
@@ -47,10 +49,11 @@ def _encode(v: Any) -> bytes | str | int | float:
 
 
 class _FeaturePartition(StatelessSinkPartition[tuple[str, UserFeatures]]):
-    def __init__(self, client: redis.Redis, cfg: RedisConfig):
+    def __init__(self, client: redis.Redis, cfg: RedisConfig, as_json: bool):
         self.client = client
         self.prefix = cfg.key_prefix
         self.ttl = int(cfg.ttl)
+        self.as_json = as_json
 
     def write_batch(self, items: list[tuple[str, UserFeatures]]) -> None:
         newest: dict[str, UserFeatures] = {}
@@ -64,7 +67,10 @@ class _FeaturePartition(StatelessSinkPartition[tuple[str, UserFeatures]]):
                 pipe = self.client.pipeline(transaction=False)
                 for uid, uf in newest.items():
                     key = user_key(self.prefix, uid)
-                    mapping = {k: _encode(v) for k, v in uf.features.items()}
+                    if self.as_json:
+                        mapping: dict[str, Any] = {"f": orjson.dumps(uf.features)}
+                    else:
+                        mapping = {k: _encode(v) for k, v in uf.features.items()}
                     mapping["_ts"] = uf.ts
                     mapping["_v"] = FEATURE_SET_VERSION
                     pipe.hset(key, mapping=mapping)
@@ -84,32 +90,42 @@ class RedisFeatureSink(DynamicSink[tuple[str, UserFeatures]]):
     """Publishes each changed user's newest features, one pipeline per batch.
 
     Takes the feature step's keyed output as it is, ``(shard, UserFeatures)``.
+    ``fields=True`` writes plain fields whatever the layout (scores).
     """
 
-    def __init__(self, cfg: RedisConfig, url: str):
+    def __init__(self, cfg: RedisConfig, url: str, fields: bool = False):
         self.cfg = cfg
         self.url = url
+        self.as_json = cfg.layout == "json" and not fields
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _FeaturePartition:
-        return _FeaturePartition(redis.Redis.from_url(self.url), self.cfg)
+        return _FeaturePartition(redis.Redis.from_url(self.url), self.cfg, self.as_json)
 
 
 class FeatureReader:
     """What the shop's services import: features of one or many users in one round trip.
 
-    Values come back as strings, as Redis stores them; ``_ts`` says when they were valid.
+    Either layout reads the same: a JSON field ``f`` is unpacked; plain fields come
+    back as the strings Redis stores. ``_ts`` says when the values were valid.
     """
 
     def __init__(self, url: str, key_prefix: str = "nf"):
         self.client = redis.Redis.from_url(url, decode_responses=True)
         self.prefix = key_prefix
 
-    def get(self, user_id: str) -> dict[str, str]:
-        return self.client.hgetall(user_key(self.prefix, user_id))
+    def get(self, user_id: str) -> dict[str, Any]:
+        return _unpack(self.client.hgetall(user_key(self.prefix, user_id)))
 
-    def get_many(self, user_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+    def get_many(self, user_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(user_ids)
         pipe = self.client.pipeline(transaction=False)
         for uid in ids:
             pipe.hgetall(user_key(self.prefix, uid))
-        return dict(zip(ids, pipe.execute()))
+        return {uid: _unpack(h) for uid, h in zip(ids, pipe.execute())}
+
+
+def _unpack(h: dict[str, str]) -> dict[str, Any]:
+    packed = h.pop("f", None)
+    if packed is not None:
+        h.update(orjson.loads(packed))
+    return h

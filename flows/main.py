@@ -49,7 +49,7 @@ def model_steps(dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer:
     scorer = Scorer(dep.models, store.fetch)
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
     scored = op.flat_map_batch("score", enriched, scorer.score_batch)
-    op.output("scores_redis", op.filter_map("score_fields", scored, score_fields), RedisFeatureSink(s.redis, url))
+    op.output("scores_redis", op.filter_map("score_fields", scored, score_fields), RedisFeatureSink(s.redis, url, fields=True))
     resolved = op.map("resolved", op.stateful_batch("labels", scored, lambda resume: LabelLogic(labels, resume)), lambda kv: kv[1])
     by_model = op.key_on("by_model", resolved, lambda r: r.model)
     learned = op.map("learned", op.stateful_batch(

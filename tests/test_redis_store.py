@@ -1,0 +1,38 @@
+"""The Redis feature store on a real server: layouts, coalescing, TTL and the one-round-trip reader."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from connectors.redis_store import FeatureReader, RedisFeatureSink
+from nudgeflow.settings import RedisConfig
+from operators.features import UserFeatures
+
+
+@pytest.mark.parametrize("layout", ["fields", "json"])
+def test_write_coalesce_and_read_back(redis_url: str, key_prefix: str, layout: str) -> None:
+    cfg = RedisConfig(url=redis_url, key_prefix=key_prefix, ttl=120, layout=layout)
+    features = RedisFeatureSink(cfg, redis_url).build("s", 0, 1)
+    scores = RedisFeatureSink(cfg, redis_url, fields=True).build("s", 0, 1)
+    features.write_batch([
+        ("0", UserFeatures("u1", 10, {"views_1h": 1, "top_categories": ["a"]})),
+        ("0", UserFeatures("u1", 30, {"views_1h": 3, "top_categories": ["b", "a"]})),  # the newest wins
+        ("0", UserFeatures("u1", 20, {"views_1h": 2, "top_categories": ["a"]})),
+        ("1", UserFeatures("u2", 15, {"views_1h": 7, "top_categories": []})),
+    ])
+    scores.write_batch([("0", UserFeatures("u1", 30, {"score_buy": 0.25}))])
+    reader = FeatureReader(redis_url, key_prefix)
+    u1 = reader.get("u1")
+    assert u1["_ts"] == "30" and u1["_v"] == "1" and u1["score_buy"] == "0.25"
+    if layout == "json":
+        assert u1["views_1h"] == 3 and u1["top_categories"] == ["b", "a"]
+    else:
+        assert u1["views_1h"] == "3" and u1["top_categories"] == '["b","a"]'
+    many = reader.get_many(["u1", "u2", "nobody"])
+    assert set(many) == {"u1", "u2", "nobody"} and many["nobody"] == {}
+    assert str(many["u2"]["views_1h"]) == "7"
+    r = redis.Redis.from_url(redis_url)
+    assert 0 < r.ttl(f"{key_prefix}:u:u1") <= 120
+    fields = r.hkeys(f"{key_prefix}:u:u1")
+    assert (b"f" in fields) == (layout == "json")
