@@ -22,11 +22,11 @@ from connectors.files import action_line, dlq_line
 from connectors.model_store import RedisModelSink, RedisModelStore
 from connectors.redis_store import RedisFeatureSink
 from flows.common import Runtime, clickhouse_dsn, feature_step, flow_attribute, output, parsed_input, redis_url
-from nudgeflow.configload import Deployment, feature_refs
+from nudgeflow.configload import Deployment
 from nudgeflow.settings import EventTrigger
 from operators.features import Enriched, UserFeatures
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
-from operators.triggers import TriggerEngine, TriggerLogic
+from operators.triggers import TriggerEngine, TriggerLogic, feature_refs
 
 def needed_features(dep: Deployment) -> set[str]:
     """What enriched events must carry: the features trigger conditions and models read."""

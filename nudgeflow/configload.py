@@ -8,7 +8,6 @@ unknown event types and unknown feature names are named.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,10 @@ from nudgeflow.settings import (
 )
 from nudgeflow.yamlconf import ConfigError, line_of, load_yaml, validate
 from operators.features import FeaturePlan, window_label
-from operators.triggers import compile_condition
+from operators.triggers import compile_condition, feature_refs, score_refs
 
 #: the names a condition may read
 CONDITION_VARIABLES = frozenset({"event", "features", "user", "score"})
-_SCORE_REF = re.compile(r"\bscore\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
-_FEATURE_REF = re.compile(r"\bfeatures\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 
 
 @dataclass
@@ -84,24 +81,6 @@ def load_models(path: str | Path, events: EventsConfig, feature_names: list[str]
     if problems:
         raise ConfigError(path, problems)
     return mf
-
-
-def feature_refs(condition: str) -> set[str]:
-    """The feature names a CEL condition reads.
-
-    >>> sorted(feature_refs('features.views_1h > 2 && features["cart_value"] > 0'))
-    ['cart_value', 'views_1h']
-    """
-    return {a or b for a, b in _FEATURE_REF.findall(condition)}
-
-
-def score_refs(condition: str) -> set[str]:
-    """The model scores a CEL condition reads.
-
-    >>> sorted(score_refs("score.churn_risk > 0.8 && features.x > 1"))
-    ['churn_risk']
-    """
-    return {a or b for a, b in _SCORE_REF.findall(condition)}
 
 
 def _types_known(types: object, known: set[str], loc: tuple[str | int, ...], lines: dict, problems: list) -> None:

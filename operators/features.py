@@ -260,15 +260,30 @@ class FeaturePlan:
         return wi, si
 
     def values(self, u: UserState, at: int) -> dict[str, Any]:
-        """Every feature of a user as of ``at``: each window's totals are read once, not once per feature."""
-        out: dict[str, Any] = {}
-        for wi, entries in self._by_window:
-            tot = u.wins[wi].totals(at)
-            for name, si, scaled in entries:
-                out[name] = round(tot[si] / SCALE, 2) if scaled else tot[si]
-        for name, get in self._other:
-            out[name] = get(u, at)
-        return out
+        """Every feature of a user as of ``at``."""
+        return self.reader(None)(u, at)
+
+    def reader(self, names: Iterable[str] | None) -> Callable[[UserState, int], dict[str, Any]]:
+        """A function computing the named features (all when None), each window's totals read once."""
+        wanted = set(self.names if names is None else names)
+        unknown = wanted - set(self.getters)
+        if unknown:
+            raise ValueError(f"unknown features: {sorted(unknown)}")
+        by_window = [(wi, [e for e in entries if e[0] in wanted]) for wi, entries in self._by_window]
+        by_window = [(wi, entries) for wi, entries in by_window if entries]
+        other = [(n, g) for n, g in self._other if n in wanted]
+
+        def read(u: UserState, at: int) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for wi, entries in by_window:
+                tot = u.wins[wi].totals(at)
+                for name, si, scaled in entries:
+                    out[name] = round(tot[si] / SCALE, 2) if scaled else tot[si]
+            for name, get in other:
+                out[name] = get(u, at)
+            return out
+
+        return read
 
     def recipe(self, etype: str) -> Recipe:
         """What an event type updates, worked out once per type (the per-event path only follows it)."""
@@ -409,11 +424,8 @@ class FeatureEngine:
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
         self.idle_ms = plan.retention_ms + self.lateness_ms
-        names = plan.names if needed is None else sorted(set(needed))
-        unknown = set(names) - set(plan.getters)
-        if unknown:
-            raise ValueError(f"unknown features: {sorted(unknown)}")
-        self.needed = [(n, plan.getters[n]) for n in names]
+        self.read_needed = plan.reader(needed)
+        self.read_all = plan.reader(None)
         d = defs
         self.session_gap = int(d.session.gap * 1000) if d.session else 0
         self.page_types = frozenset(d.session.page_types) if d.session else frozenset()
@@ -453,7 +465,7 @@ class FeatureEngine:
         self._update(user, ev)
         st.changed.add(ev.user_id)
         at = user.last_ts
-        feats = {name: get(user, at) for name, get in self.needed}
+        feats = self.read_needed(user, at)
         st.since_evict += 1
         if st.since_evict >= EVICT_EVERY:
             self.evict(st)
@@ -544,7 +556,7 @@ class FeatureEngine:
             u = st.users.get(uid)
             if u is not None:
                 at = u.last_ts
-                out.append(UserFeatures(uid, at, self.plan.values(u, at)))
+                out.append(UserFeatures(uid, at, self.read_all(u, at)))
         st.changed.clear()
         return out
 

@@ -33,6 +33,7 @@ its chance to cancel them.
 from __future__ import annotations
 
 import bisect
+import re
 import hashlib
 import heapq
 import pickle
@@ -62,6 +63,28 @@ def action_id(trigger_id: str, user_id: str, occurrence: str) -> str:
     return hashlib.blake2b(f"{trigger_id}\x1f{user_id}\x1f{occurrence}".encode(), digest_size=16).hexdigest()
 
 
+_SCORE_REF = re.compile(r"\bscore\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+_FEATURE_REF = re.compile(r"\bfeatures\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+
+
+def feature_refs(condition: str) -> set[str]:
+    """The feature names a CEL condition reads.
+
+    >>> sorted(feature_refs('features.views_1h > 2 && features["cart_value"] > 0'))
+    ['cart_value', 'views_1h']
+    """
+    return {a or b for a, b in _FEATURE_REF.findall(condition)}
+
+
+def score_refs(condition: str) -> set[str]:
+    """The model scores a CEL condition reads.
+
+    >>> sorted(score_refs("score.churn_risk > 0.8 && features.x > 1"))
+    ['churn_risk']
+    """
+    return {a or b for a, b in _SCORE_REF.findall(condition)}
+
+
 def compile_condition(source: str) -> cel.Program:
     """Compile a CEL condition; raises ValueError with the compiler's message."""
     return cel.compile(source)
@@ -80,7 +103,7 @@ class Condition:
     (True, False)
     """
 
-    __slots__ = ("program", "wants_event", "wants_features", "wants_user", "wants_score")
+    __slots__ = ("program", "wants_event", "wants_features", "wants_user", "wants_score", "feature_names")
 
     def __init__(self, source: str):
         self.program = compile_condition(source)
@@ -89,6 +112,7 @@ class Condition:
         self.wants_features = "features" in names
         self.wants_user = "user" in names
         self.wants_score = "score" in names
+        self.feature_names = tuple(sorted(feature_refs(source)))
 
     def holds(self, ev: Event, feats: dict[str, Any], scores: dict[str, float] | None = None) -> bool:
         ctx: dict[str, Any] = {}
@@ -96,7 +120,7 @@ class Condition:
             ctx["event"] = {"type": ev.type, "user_id": ev.user_id, "platform": ev.platform or "", "ts": ev.ts,
                             "props": ev.props}
         if self.wants_features:
-            ctx["features"] = feats
+            ctx["features"] = {n: feats[n] for n in self.feature_names if n in feats}
         if self.wants_user:
             ctx["user"] = {}
         if self.wants_score:
