@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from nudgeflow.yamlconf import ConfigError
+
+if TYPE_CHECKING:
+    from nudgeflow.configload import Deployment
 
 app = typer.Typer(help="nudgeflow: real-time marketing on Bytewax, Kafka, Redis and ClickHouse.", no_args_is_help=True)
 console = Console()
@@ -120,33 +123,36 @@ def simulate(
     console.print(f"produced {n} events to {topic}")
 
 
-@app.command()
-def validate(config: ConfigOpt = Path("config/local.yaml")) -> None:
-    """Check a deployment config and its trigger file; errors name file, line and field."""
+def _deployment(config: Path) -> Deployment:
     from nudgeflow.configload import load_deployment
-    from operators.features import FeaturePlan
 
     try:
-        dep = load_deployment(config)
+        return load_deployment(config)
     except ConfigError as e:
         _fail(e)
+        raise  # unreachable: _fail exits
+
+
+@app.command()
+def validate(config: ConfigOpt = Path("config/local.yaml")) -> None:
+    """Check a deployment config and the files it names; errors name file, line and field."""
+    from operators.features import FeaturePlan
+
+    dep = _deployment(config)
     s = dep.settings
     console.print(f"{config}: ok")
     console.print(f"{dep.resolve(s.features.definitions)}: ok, {len(FeaturePlan(dep.features).names)} features")
+    if s.models:
+        console.print(f"{dep.resolve(s.models)}: ok, {len(dep.models.models)} models")
     console.print(f"{dep.resolve(s.triggers)}: ok, {len(dep.triggers.triggers)} triggers")
 
 
 @app.command()
 def features(config: ConfigOpt = Path("config/local.yaml")) -> None:
     """List every feature the definitions produce (the names triggers and Redis use)."""
-    from nudgeflow.configload import load_deployment
     from operators.features import FeaturePlan
 
-    try:
-        dep = load_deployment(config)
-    except ConfigError as e:
-        _fail(e)
-    for name in FeaturePlan(dep.features).names:
+    for name in FeaturePlan(_deployment(config).features).names:
         console.print(name)
 
 

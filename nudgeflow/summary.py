@@ -6,6 +6,7 @@ point: the demo shows that the data really landed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -75,29 +76,21 @@ def print_summary(rt: Runtime, console: Console) -> None:
         f"\n[bold]events in[/bold] {f['events_in']}  [bold]accepted[/bold] {f['events_accepted']}  "
         f"[bold]dead letters[/bold] {sum(f['dlq'].values())}  [bold]actions fired[/bold] {sum(f['actions'].values())}"
     )
-    t = Table(title="dead letters by reason")
-    t.add_column("reason")
-    t.add_column("count", justify="right")
-    for k, v in f["dlq"].items():
-        t.add_row(k, str(v))
-    console.print(t)
-    t = Table(title="actions by trigger")
-    t.add_column("trigger")
-    t.add_column("count", justify="right")
-    for k, v in f["actions"].items():
-        t.add_row(k, str(v))
-    console.print(t)
-    t = Table(title="analyst query: funnel browse → cart → order by platform (ClickHouse)")
-    for c in ("platform", "browsers", "carters", "buyers", "revenue"):
-        t.add_column(c, justify="right" if c != "platform" else "left")
-    for row in f["funnel"]:
-        t.add_row(*(str(x) for x in row))
-    console.print(t)
+    console.print(_table("dead letters by reason", ["reason", "count"], f["dlq"].items()))
+    console.print(_table("actions by trigger", ["trigger", "count"], f["actions"].items()))
+    console.print(_table("analyst query: funnel browse → cart → order by platform (ClickHouse)",
+                         ["platform", "browsers", "carters", "buyers", "revenue"], f["funnel"]))
     if f["models"]:
-        t = Table(title="online models: progressive validation so far (ClickHouse model_metrics)")
-        for c in ("model", "examples", "AUC", "log loss", "ECE", "version"):
-            t.add_column(c, justify="right" if c != "model" else "left")
-        for row in f["models"]:
-            t.add_row(*(str(x) for x in row))
-        console.print(t)
+        console.print(_table("online models: progressive validation so far (ClickHouse model_metrics)",
+                             ["model", "examples", "AUC", "log loss", "ECE", "version"], f["models"]))
     console.print(f"features in Redis for the busiest user: {f['sample_features']}")
+
+
+def _table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Table:
+    """A table whose first column is a name and the others numbers."""
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*(str(x) for x in row))
+    return t
