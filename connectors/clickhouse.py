@@ -26,7 +26,7 @@ import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from clickhouse_connect.driver.client import Client
 
-from nudgeflow.events import Action, DeadLetter, Event
+from nudgeflow.events import Action, DeadLetter, Decision, Event
 from operators.models import MetricRow, PredictionRow
 from nudgeflow.settings import ClickHouseConfig
 
@@ -243,3 +243,13 @@ def metric_row(m: MetricRow) -> Row:
     v = m.values
     return [m.model, m.window_start, m.window, m.version, v["examples"], v["positives"], v["auc"], v["logloss"],
             v["brier"], v["ece"], orjson.dumps(v["calibration"]).decode()]
+
+
+DECISION_COLUMNS = ["decision_id", "trigger_id", "user_id", "channel", "variant", "outcome", "reason", "priority",
+                    "occurrence", "event_ts", "ingest_ts", "decided_ts", "latency_event_ms", "latency_ingest_ms"]
+
+
+def decision_row(d: Decision) -> Row:
+    a = d.action
+    return [a.action_id, a.trigger_id, a.user_id, a.channel, a.variant, d.outcome, d.reason, a.priority, a.occurrence,
+            a.event_ts, a.ingest_ms, a.decided_ms, a.decided_ms - a.event_ts, a.decided_ms - a.ingest_ms]

@@ -87,7 +87,7 @@ def output(
 
 def redis_url(s: Settings) -> tuple[str, EmbeddedRedis | None]:
     """The Redis to use: the configured one, or (embedded mode) a local server started if it does not answer."""
-    embedded = ensure_redis(s.redis.url) if s.redis.embedded else None
+    embedded = ensure_redis(s.redis.url or None) if s.redis.embedded else None
     return (embedded.url if embedded else s.redis.url), embedded
 
 

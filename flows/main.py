@@ -15,10 +15,11 @@ from bytewax.dataflow import Dataflow, Stream
 
 from connectors import kafka
 from connectors.clickhouse import (
-    ACTION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS, ClickHouseSink, ClickHouseWriter,
-    action_row, connect, dlq_row, event_row, metric_row, migrate, prediction_row,
+    ACTION_COLUMNS, DECISION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS, ClickHouseSink,
+    ClickHouseWriter, action_row, connect, decision_row, dlq_row, event_row, metric_row, migrate, prediction_row,
 )
 from connectors.files import action_line, dlq_line
+from connectors.guard_store import RedisGuards
 from connectors.model_store import RedisModelSink, RedisModelStore
 from connectors.redis_store import RedisFeatureSink
 from flows.common import Runtime, clickhouse_dsn, feature_step, flow_attribute, output, parsed_input, redis_url
@@ -26,6 +27,7 @@ from nudgeflow.configload import Deployment
 from nudgeflow.settings import EventTrigger
 from operators.features import Enriched, UserFeatures
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
+from operators.guards import StateGuards
 from operators.triggers import TriggerEngine, TriggerLogic, feature_refs
 
 def needed_features(dep: Deployment) -> set[str]:
@@ -76,8 +78,10 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     writer = ClickHouseWriter(s.clickhouse.model_copy(update={"dsn": dsn}))
     rt = Runtime(s, base, url, writer, embedded)
     trigger_engine = TriggerEngine(
-        dep.triggers.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000)
+        dep.triggers.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000),
+        guards=StateGuards(dep.triggers, s.events.default_timezone),
     )
+    redis_guards = RedisGuards(dep.triggers, url, s.redis.key_prefix)
 
     flow = Dataflow(s.name)
     fs = feature_step(parsed_input(flow, dep), dep, needed_features(dep))
@@ -88,7 +92,9 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
 
     scored = model_steps(dep, fs.enriched, writer, url) if dep.models.models else fs.enriched
     fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume))
-    actions = op.map("actions", fired, lambda kv: kv[1])
+    decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
+    op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, decision_row))
+    actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)
     output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
     op.output("actions_ch", actions, ClickHouseSink(writer, "actions", ACTION_COLUMNS, action_row))
     return flow, rt

@@ -109,6 +109,10 @@ class Action:
     decided_ms: int
     features: dict[str, Any]
     payload: dict[str, Any]
+    variant: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    #: the trigger's priority: who wins the last message a frequency cap allows
+    priority: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +124,18 @@ class Action:
             "event_ts": self.event_ts,
             "ingest_ms": self.ingest_ms,
             "decided_ms": self.decided_ms,
+            "variant": self.variant,
             "features": self.features,
+            "scores": self.scores,
             "payload": self.payload,
         }
+
+
+@dataclass(slots=True)
+class Decision:
+    """What became of a candidate action: ``fired``, ``suppressed`` (with the guard that stopped it),
+    ``holdout`` (would have fired: for uplift) or ``held`` (quiet hours; decided again when they end)."""
+
+    action: Action
+    outcome: str
+    reason: str

@@ -226,6 +226,7 @@ class FeatureDefs(Strict):
 
 
 class RedisConfig(Strict):
+    #: empty with ``embedded``: start a fresh local server for the run
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "nf"
     ttl: Duration = 30 * 86400.0
@@ -305,13 +306,57 @@ def load_settings(path: str | Path) -> tuple[Settings, Path]:
     return validate(Settings, data, path, lines), path.resolve().parent
 
 
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+class QuietHours(Strict):
+    """No message between ``start`` and ``end`` in the user's time zone (the window may cross midnight)."""
+
+    start: str = "21:00"
+    end: str = "08:00"
+    #: ``hold``: deliver when the window opens; ``drop``: suppress with reason quiet_hours
+    mode: Literal["hold", "drop"] = "hold"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, v: str) -> str:
+        if not _CLOCK.match(v):
+            raise ValueError("expected a time of day like 21:00")
+        return v
+
+
+class Variant(Strict):
+    name: str
+    weight: float = Field(gt=0)
+    #: merged into the action payload for users in this variant
+    payload: dict[str, Any] = {}
+
+
+class Guards(Strict):
+    """Guards of a trigger; anything unset falls back to the file's ``defaults``."""
+
+    #: a user gets this trigger again only after this long
+    cooldown: Duration | None = None
+    #: the share of users (0-100) held out of this trigger, logged as "would have fired"
+    holdout: float | None = Field(None, ge=0, le=100)
+    quiet_hours: QuietHours | None = None
+    #: ``opt_in``: only users who granted the channel; ``opt_out``: everyone but those who refused it
+    consent: Literal["opt_in", "opt_out"] | None = None
+    #: at most this many actions of this trigger per day (UTC), across all users
+    daily_budget: int | None = Field(None, ge=0)
+
+
 class TriggerBase(Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="stable name: it is part of every idempotency key")
     channel: str = "email"
+    #: when several triggers compete for the last message the cap allows, the highest priority wins
     priority: int = 0
     enabled: bool = True
     #: extra fields copied into every action payload (template name, coupon …)
     payload: dict[str, Any] = {}
+    guards: Guards = Guards()
+    #: A/B variants chosen by a stable hash of user and trigger
+    variants: list[Variant] = []
 
 
 class EventTrigger(TriggerBase):
@@ -335,9 +380,31 @@ class AbsenceTrigger(TriggerBase):
 TriggerDef = Annotated[EventTrigger | AbsenceTrigger, Field(discriminator="kind")]
 
 
+class FrequencyCap(Strict):
+    """Messages per user across all triggers, counted in Redis over UTC days and ISO weeks of event time."""
+
+    per_day: int | None = Field(3, ge=0)
+    per_week: int | None = Field(10, ge=0)
+
+
+class ChannelLimit(Strict):
+    """A token bucket per channel: ``rate`` messages a second, bursts up to ``burst``."""
+
+    rate: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
 class TriggersFile(Strict):
     """``config/triggers.yaml``: the marketers' file."""
 
+    #: guards every trigger gets unless it sets its own
+    defaults: Guards = Guards(cooldown=86400.0, holdout=0.0, consent="opt_out")
+    frequency_cap: FrequencyCap = FrequencyCap()
+    #: the share of all users (0-100) who get no message from any trigger: the global control group
+    control_group: float = Field(0.0, ge=0, le=100)
+    channels: dict[str, ChannelLimit] = {}
+    #: idempotency keys are kept this long: a replay within it never delivers twice
+    idempotency_ttl: Duration = 7 * 86400.0
     triggers: list[TriggerDef] = []
 
     @model_validator(mode="after")

@@ -44,10 +44,11 @@ from typing import Any, NamedTuple
 import cel
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import Action, Event
+from nudgeflow.events import Action, Decision, Event
 from nudgeflow.settings import AbsenceTrigger, EventTrigger, TriggerDef
 from operators.clock import PartitionClock
 from operators.features import Enriched
+from operators.guards import Profile, StateGuards, variant_of
 from operators.parse import wall_ms
 
 IDLE_TICK_S = 1.0
@@ -198,21 +199,26 @@ class Timers:
 
 
 class TriggerState:
-    """Timers of one shard plus its event-time clock."""
+    """Timers of one shard, its users' guard profiles, held actions and its event-time clock."""
 
     def __init__(self) -> None:
         self.timers: dict[tuple[str, str], Timers] = {}
         #: (earliest possible deadline, trigger, user); stale entries are skipped when popped
         self.heap: list[tuple[int, str, str]] = []
         self.clock = PartitionClock()
+        self.profiles: dict[str, Profile] = {}
+        #: (release event time, action id, action): candidates held by quiet hours
+        self.held: list[tuple[int, str, Action]] = []
 
 
 class TriggerEngine:
     """Pure trigger logic over one shard's :class:`TriggerState`."""
 
     def __init__(
-        self, triggers: Iterable[TriggerDef], lateness_ms: int, idle_ms: int, now_ms: Callable[[], int] = wall_ms
+        self, triggers: Iterable[TriggerDef], lateness_ms: int, idle_ms: int, now_ms: Callable[[], int] = wall_ms,
+        guards: StateGuards | None = None,
     ):
+        self.guards = guards
         self.lateness_ms = lateness_ms
         self.idle_ms = idle_ms
         self.now_ms = now_ms
@@ -239,18 +245,21 @@ class TriggerEngine:
     def new_state(self) -> TriggerState:
         return TriggerState()
 
-    def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action]:
+    def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action | Decision]:
         """Evaluate one enriched event: condition triggers fire now, absence timers are fed.
 
         ``now`` is the batch's wall-clock reading. Timers fire in :meth:`advance`.
+        Out come candidate actions, and decisions the in-state guards took.
         """
         ev = en.event
         ts = ev.ts
         st.clock.see(ev.position, ts, now)
-        out: list[Action] = []
+        if ev.type in _PROFILE_TYPES and self.guards is not None:
+            _profile(st, ev)
+        out: list[Action | Decision] = []
         for t, cond in self.by_type.get(ev.type, ()):
             if cond.holds(ev, en.features, en.scores):
-                out.append(self._action(t, ev.user_id, ev.event_id, ts, ev.ingest_ms, en.features))
+                self._fire(st, out, t, ev.user_id, ev.event_id, ts, ev.ingest_ms, en.features, en.scores)
         for t in self.unless.get(ev.type, ()):
             key = (t.id, ev.user_id)
             tm = st.timers.get(key)
@@ -270,9 +279,13 @@ class TriggerEngine:
                 heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, ev.user_id))
         return out
 
-    def advance(self, st: TriggerState, watermark: int) -> list[Action]:
-        """Fire every episode whose deadline the watermark has reached; forget what can no longer matter."""
-        out: list[Action] = []
+    def advance(self, st: TriggerState, watermark: int) -> list[Action | Decision]:
+        """Fire every episode whose deadline the watermark has reached, release held actions whose quiet
+        hours are over; forget what can no longer matter."""
+        out: list[Action | Decision] = []
+        while st.held and st.held[0][0] <= watermark:
+            release, _, a = heapq.heappop(st.held)
+            self._guard(st, out, a, release)
         heap = st.heap
         lateness = self.lateness_ms
         while heap and heap[0][0] <= watermark:
@@ -286,7 +299,7 @@ class TriggerEngine:
                 fired, tm.afters = resolve_absence(tm.afters, tm.unless, within, watermark)
                 t = self.absence[tid]
                 for a in fired:
-                    out.append(self._action(t, uid, a.event_id, a.ts + within, a.ingest_ms, a.features))
+                    self._fire(st, out, t, uid, a.event_id, a.ts + within, a.ingest_ms, a.features, {})
                 if tm.afters:
                     heapq.heappush(heap, (tm.afters[0].ts + within, tid, uid))
             elif tm.afters:
@@ -304,53 +317,78 @@ class TriggerEngine:
     def watermark(self, st: TriggerState, now: int) -> int:
         return st.clock.watermark(self.lateness_ms, self.idle_ms, now)
 
-    def _action(
-        self, t: TriggerDef, user_id: str, occurrence: str, event_ts: int, ingest_ms: int, feats: dict[str, Any]
-    ) -> Action:
-        return Action(
-            action_id(t.id, user_id, occurrence),
-            t.id,
-            user_id,
-            t.channel,
-            occurrence,
-            event_ts,
-            ingest_ms,
-            self.now_ms(),
-            feats,
-            dict(t.payload),
+    def _fire(
+        self, st: TriggerState, out: list[Action | Decision], t: TriggerDef, user_id: str, occurrence: str,
+        event_ts: int, ingest_ms: int, feats: dict[str, Any], scores: dict[str, float],
+    ) -> None:
+        """A trigger fired: make its candidate action and put it through the in-state guards."""
+        payload = dict(t.payload)
+        variant = variant_of(user_id, t)
+        if variant is not None:
+            payload.update(variant.payload)
+        a = Action(
+            action_id(t.id, user_id, occurrence), t.id, user_id, t.channel, occurrence, event_ts, ingest_ms,
+            self.now_ms(), feats, payload, variant.name if variant else "", dict(scores), t.priority,
         )
+        self._guard(st, out, a, event_ts)
+
+    def _guard(self, st: TriggerState, out: list[Action | Decision], a: Action, at: int) -> None:
+        if self.guards is None:
+            out.append(a)
+            return
+        decided, hold_until = self.guards.check(a, st.profiles.get(a.user_id), at)
+        if hold_until is not None:
+            heapq.heappush(st.held, (hold_until, a.action_id, a))
+        out.append(decided if decided is not None else a)
 
 
-class TriggerLogic(StatefulBatchLogic[Enriched, Action, bytes]):
-    """Bytewax adapter: one shard's timers; wakes once a second while timers are open."""
+_PROFILE_TYPES = frozenset({"consent", "identify"})
+
+
+def _profile(st: TriggerState, ev: Event) -> None:
+    """Consent and time zone, from the user's own events, in the order the user sent them."""
+    p = st.profiles.get(ev.user_id)
+    if p is None:
+        p = st.profiles[ev.user_id] = Profile()
+    if ev.type == "consent":
+        p.consent[ev.props["channel"]] = ev.props["granted"]
+    elif ev.props.get("timezone"):
+        p.tz = ev.props["timezone"]
+
+
+TriggerOut = Action | Decision
+
+
+class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
+    """Bytewax adapter: one shard's timers; wakes once a second while timers or holds are open."""
 
     def __init__(self, engine: TriggerEngine, resume: bytes | None):
         self.engine = engine
         self.state: TriggerState = pickle.loads(resume) if resume is not None else engine.new_state()
 
-    def on_batch(self, values: list[Enriched]) -> tuple[list[Action], bool]:
+    def on_batch(self, values: list[Enriched]) -> tuple[list[TriggerOut], bool]:
         eng, st = self.engine, self.state
         now = eng.now_ms()
         on_event = eng.on_event
-        out: list[Action] = []
+        out: list[TriggerOut] = []
         for en in values:
             fired = on_event(st, en, now)
             if fired:
                 out.extend(fired)
-        if st.heap:
+        if st.heap or st.held:
             out.extend(eng.advance(st, eng.watermark(st, now)))
         return out, StatefulBatchLogic.RETAIN
 
-    def on_notify(self) -> tuple[list[Action], bool]:
+    def on_notify(self) -> tuple[list[TriggerOut], bool]:
         eng = self.engine
         return eng.advance(self.state, eng.watermark(self.state, eng.now_ms())), StatefulBatchLogic.RETAIN
 
-    def on_eof(self) -> tuple[list[Action], bool]:
+    def on_eof(self) -> tuple[list[TriggerOut], bool]:
         # the input is finished: nothing can still cancel a timer due by the newest event time
         return self.engine.advance(self.state, self.state.clock.max_ts), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not self.state.heap:
+        if not self.state.heap and not self.state.held:
             return None
         return datetime.now(timezone.utc) + timedelta(seconds=IDLE_TICK_S)
 
