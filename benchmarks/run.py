@@ -37,7 +37,7 @@ BAD_RATE = 0.001
 STAGE_TIMEOUT_S = 600.0
 
 #: (numerator, denominator) stages whose events/s ratio is reported; skipped when a stage did not run
-RATIOS: list[tuple[str, str]] = [("skeleton", "raw"), ("skeleton", "bare"), ("bare", "raw")]
+RATIOS: list[tuple[str, str]] = [("features", "raw"), ("skeleton", "raw"), ("skeleton", "bare"), ("bare", "raw")]
 #: the fields of the last line, ``BENCH k=v ...``: (name, stage, figure) or (name, (num, den), None) for a ratio
 BENCH_FIELDS: list[tuple[str, Any, str | None]] = [
     ("skeleton_eps", "skeleton", "eps"),

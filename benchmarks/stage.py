@@ -182,29 +182,116 @@ def build_bare(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
-def _main_flow(settings: dict[str, Any], base: Path) -> tuple[Dataflow, Any, Any]:
-    """``flows.main.build`` on these settings: (flow, runtime, Settings).
+def _deployment(ctx: StageContext, name: str) -> Any:
+    """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
+    output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir."""
+    from connectors.tansu import create_topics
+    from nudgeflow.configload import deployment
+    from nudgeflow.settings import Settings
 
-    Follows the working tree: ``build(deployment(settings, base))`` where a
-    deployment bundles the feature definitions (``config/features.yaml``), else
-    the older ``build(settings, base)``.
-    """
-    from flows.main import build
-    from nudgeflow.settings import FeaturesConfig, Settings
+    create_topics(ctx.bootstrap, [f"{ctx.prefix}.actions", f"{ctx.prefix}.dlq"], partitions=3)
+    settings = Settings.model_validate({
+        "name": name,
+        "source": {"kind": "kafka"},
+        "kafka": ctx.kafka_config().model_dump() | {"topic_prefix": ctx.prefix},
+        "features": {"definitions": str(FEATURES)},
+        "redis": {"url": ctx.redis_url, "key_prefix": ctx.prefix, "ttl": "1h"},
+        "clickhouse": {"chdb_path": str(ctx.workdir / "chdb"), "database": "nfbench"},
+        "actions": {"kind": "kafka"},
+        "dlq": {"kind": "kafka"},
+        "triggers": str(TRIGGERS),
+    })
+    return deployment(settings, ctx.workdir)
 
+
+def _redis_commands(url: str) -> int:
+    """Commands the Redis server has processed so far (``INFO stats``)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
     try:
-        from nudgeflow.configload import deployment
-    except ImportError:
-        deployment = None
-    if deployment is not None:
-        if "definitions" in FeaturesConfig.model_fields:
-            settings.setdefault("features", {})["definitions"] = str(FEATURES)
-        s = Settings.model_validate(settings)
-        flow, rt = build(deployment(s, base))
-    else:
-        s = Settings.model_validate(settings)
-        flow, rt = build(s, base)
-    return flow, rt, s
+        return int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+
+
+def _redis_report(ctx: StageContext, commands_before: int) -> dict[str, Any]:
+    """Users published, Redis commands per input record and the bytes Redis keeps per user hash."""
+    import redis
+
+    client = redis.Redis.from_url(ctx.redis_url)
+    try:
+        # the counting itself (SCAN, MEMORY USAGE) comes after this reading
+        commands = _redis_commands(ctx.redis_url) - commands_before - 1
+        keys = [k for _, k in zip(range(200), client.scan_iter(match=f"{ctx.prefix}:u:*", count=1000))]
+        sizes = [client.memory_usage(k) or 0 for k in keys]
+    finally:
+        client.close()
+    return {
+        "redis_users": _count_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:u:*"),
+        "redis_cmds_per_event": commands / ctx.events,
+        "redis_bytes_per_user": sum(sizes) / len(sizes) if sizes else 0.0,
+    }
+
+
+def _state_report(logics: list[Any]) -> dict[str, Any]:
+    """Users held in the feature step's state and what they cost: pickled (what recovery stores) and in memory."""
+    import pickle
+
+    users = [u for lg in logics for u in lg.state.users.values()]
+    if not users:
+        return {"state_users": 0}
+    pickled = sum(len(pickle.dumps(lg.state.users, protocol=pickle.HIGHEST_PROTOCOL)) for lg in logics)
+    in_memory = sum(_deep_size(u) for u in users)
+    return {
+        "state_users": len(users),
+        "state_bytes_per_user": pickled / len(users),
+        "state_mem_bytes_per_user": in_memory / len(users),
+        "state_mb_per_100k_users": in_memory / len(users) * 100_000 / 1e6,
+    }
+
+
+def _deep_size(obj: Any, seen: set[int] | None = None) -> int:
+    """``sys.getsizeof`` of an object and everything it holds (slotted objects, containers)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(_deep_size(k, seen) + _deep_size(v, seen) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        size += sum(_deep_size(x, seen) for x in obj)
+    elif hasattr(obj, "__slots__"):
+        size += sum(_deep_size(getattr(obj, k), seen) for k in obj.__slots__ if hasattr(obj, k))
+    return size
+
+
+def build_features(ctx: StageContext) -> Built:
+    """The feature store alone (``flows/features.py``) in Kafka mode: parse, features, Redis, dead letters."""
+    import redis
+
+    from flows.features import build
+
+    flow, rt = build(_deployment(ctx, "bench_features"))
+    before = _redis_commands(ctx.redis_url)
+    dlq: list[int] = []
+
+    def dead_letters() -> int:
+        if not dlq:
+            dlq.append(_topic_size(ctx.bootstrap, f"{ctx.prefix}.dlq"))
+        return dlq[0]
+
+    def report() -> dict[str, Any]:
+        out = _redis_report(ctx, before) | _state_report(rt.feature_logics)
+        out["accepted"] = sum(lg.state.accepted for lg in rt.feature_logics)
+        out["kafka_dlq"] = dead_letters()
+        return out
+
+    return Built(
+        flow, lambda: sum(lg.state.accepted for lg in rt.feature_logics) + dead_letters(), close=rt.close,
+        report=report, cleanup=lambda: _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*"),
+    )
 
 
 def build_skeleton(ctx: StageContext) -> Built:
@@ -212,23 +299,14 @@ def build_skeleton(ctx: StageContext) -> Built:
     import redis
 
     from connectors.clickhouse import connect
-    from connectors.tansu import create_topics
     from flows.common import clickhouse_dsn
+    from flows.main import build
 
-    database = "nfbench"
-    settings: dict[str, Any] = {
-        "name": "bench_skeleton",
-        "source": {"kind": "kafka"},
-        "kafka": ctx.kafka_config().model_dump() | {"topic_prefix": ctx.prefix},
-        "redis": {"url": ctx.redis_url, "key_prefix": ctx.prefix, "ttl": "1h"},
-        "clickhouse": {"chdb_path": str(ctx.workdir / "chdb"), "database": database},
-        "actions": {"kind": "kafka"},
-        "dlq": {"kind": "kafka"},
-        "triggers": str(TRIGGERS),
-    }
-    create_topics(ctx.bootstrap, [f"{ctx.prefix}.actions", f"{ctx.prefix}.dlq"], partitions=3)
-    flow, rt, s = _main_flow(settings, ctx.workdir)
+    dep = _deployment(ctx, "bench_skeleton")
+    s, database = dep.settings, dep.settings.clickhouse.database
+    flow, rt = build(dep)
     counts: dict[str, int] = {}
+    before = _redis_commands(ctx.redis_url)
 
     def tables() -> dict[str, int]:
         if not counts:
@@ -247,8 +325,7 @@ def build_skeleton(ctx: StageContext) -> Built:
         out["ch_insert_failures"] = rt.writer.failures
         out["kafka_actions"] = _topic_size(ctx.bootstrap, f"{ctx.prefix}.actions")
         out["kafka_dlq"] = _topic_size(ctx.bootstrap, f"{ctx.prefix}.dlq")
-        out["redis_users"] = _count_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:u:*")
-        return out
+        return out | _redis_report(ctx, before) | _state_report(rt.feature_logics)
 
     def cleanup() -> None:
         _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*")
@@ -261,6 +338,7 @@ def build_skeleton(ctx: StageContext) -> Built:
 STAGES: dict[str, Callable[[StageContext], Built]] = {
     "raw": build_raw,
     "bare": build_bare,
+    "features": build_features,
     "skeleton": build_skeleton,
 }
 

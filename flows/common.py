@@ -7,7 +7,7 @@ only put them together so each flow module stays a short list of stages.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -38,6 +38,8 @@ class Runtime:
     redis_url: str
     writer: ClickHouseWriter | None = None
     redis: EmbeddedRedis | None = None
+    #: this process's feature-step logics (one per shard it runs), for state size and counts
+    feature_logics: list[FeatureLogic] = field(default_factory=list)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -133,6 +135,8 @@ class FeatureStreams(NamedTuple):
     published: Stream[tuple[str, UserFeatures]]
     #: refusals from parsing and from the feature step (too late, duplicate)
     dead: Stream[DeadLetter]
+    #: the logics Bytewax builds for the step, as it builds them
+    logics: list[FeatureLogic]
 
 
 def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str]) -> FeatureStreams:
@@ -142,8 +146,14 @@ def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: se
     shards = s.shards
     valid = op.branch("valid", parsed, lambda x: type(x) is Event)
     keyed = op.key_on("shard", valid.trues, lambda e: shard_of(e.user_id, shards))
-    feats = op.stateful_batch("features", keyed, lambda resume: FeatureLogic(engine, resume))
+    logics: list[FeatureLogic] = []
+
+    def logic(resume: bytes | None) -> FeatureLogic:
+        logics.append(FeatureLogic(engine, resume))
+        return logics[-1]
+
+    feats = op.stateful_batch("features", keyed, logic)
     accepted = op.branch("accepted", feats, lambda kv: type(kv[1]) is Enriched)
     published = op.branch("published", accepted.falses, lambda kv: type(kv[1]) is UserFeatures)
     refused = op.map("refused", published.falses, lambda kv: kv[1])
-    return FeatureStreams(accepted.trues, published.trues, op.merge("dead", valid.falses, refused))
+    return FeatureStreams(accepted.trues, published.trues, op.merge("dead", valid.falses, refused), logics)

@@ -26,7 +26,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     fs = feature_step(parsed_input(flow, dep), dep, needed=set())
     output("dlq_out", s, s.dlq, "dlq", dep.base, fs.dead, dlq_line, kafka.dlq_message)
     op.output("features_redis", fs.published, RedisFeatureSink(s.redis, url))
-    return flow, Runtime(s, dep.base, url, None, embedded)
+    return flow, Runtime(s, dep.base, url, None, embedded, fs.logics)
 
 
 __getattr__ = flow_attribute(build)

@@ -85,6 +85,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
 
     flow = Dataflow(s.name)
     fs = feature_step(parsed_input(flow, dep), dep, needed_features(dep))
+    rt.feature_logics = fs.logics
     output("dlq_out", s, s.dlq, "dlq", base, fs.dead, dlq_line, kafka.dlq_message)
     op.output("dlq_ch", fs.dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, dlq_row))
     op.output("features_redis", fs.published, RedisFeatureSink(s.redis, url))

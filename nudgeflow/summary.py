@@ -31,6 +31,13 @@ GROUP BY platform ORDER BY browsers DESC
 """
 
 
+TABLES_SQL = """
+SELECT table, sum(rows) FROM system.parts
+WHERE database = '{db}' AND active AND table != 'schema_migrations'
+GROUP BY table ORDER BY table
+"""
+
+
 MODELS_SQL = """
 SELECT model, argMax(examples, window_start) AS examples, round(argMax(auc, window_start), 3) AS auc,
        round(argMax(logloss, window_start), 3) AS logloss, round(argMax(ece, window_start), 3) AS ece,
@@ -52,6 +59,7 @@ def collect(rt: Runtime) -> dict[str, Any]:
         funnel = q(FUNNEL_SQL)
         sample_user = q("SELECT user_id FROM {db}.events FINAL GROUP BY user_id ORDER BY count() DESC LIMIT 1")
         models = q(MODELS_SQL)
+        tables = q(TABLES_SQL)
     finally:
         ch.close()
     r = redis.Redis.from_url(rt.redis_url, decode_responses=True)
@@ -66,6 +74,7 @@ def collect(rt: Runtime) -> dict[str, Any]:
         "actions": actions,
         "funnel": funnel,
         "models": models,
+        "tables": tables,
         "sample_features": sample,
     }
 
@@ -78,6 +87,7 @@ def print_summary(rt: Runtime, console: Console) -> None:
     )
     console.print(_table("dead letters by reason", ["reason", "count"], f["dlq"].items()))
     console.print(_table("actions by trigger", ["trigger", "count"], f["actions"].items()))
+    console.print(_table("rows in ClickHouse (before merges collapse replays)", ["table", "rows"], f["tables"]))
     console.print(_table("analyst query: funnel browse → cart → order by platform (ClickHouse)",
                          ["platform", "browsers", "carters", "buyers", "revenue"], f["funnel"]))
     if f["models"]:

@@ -380,7 +380,7 @@ def _distinct_getter(di: int, window_ms: int) -> Getter:
 class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
-    __slots__ = ("users", "dedup", "max_ts", "since_evict", "changed")
+    __slots__ = ("users", "dedup", "max_ts", "since_evict", "changed", "accepted")
 
     def __init__(self, dedup_window_ms: int):
         self.users: dict[str, UserState] = {}
@@ -388,6 +388,8 @@ class ShardState:
         self.max_ts = 0
         self.since_evict = 0
         self.changed: set[str] = set()
+        #: events accepted since this process started (not snapshotted: a run's count)
+        self.accepted = 0
 
     def __getstate__(self) -> tuple[Any, ...]:
         return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts)
@@ -398,6 +400,7 @@ class ShardState:
         self.dedup.ids = ids
         self.since_evict = 0
         self.changed = set()
+        self.accepted = 0
 
 
 class FeatureEngine:
@@ -464,6 +467,7 @@ class FeatureEngine:
             st.max_ts = ts
         self._update(user, ev)
         st.changed.add(ev.user_id)
+        st.accepted += 1
         at = user.last_ts
         feats = self.read_needed(user, at)
         st.since_evict += 1

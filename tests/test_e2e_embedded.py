@@ -58,3 +58,5 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
     sample = r.hgetall(keys[0])
     assert int(sample["events_1h"]) >= 1 and sample["_v"] == "1" and int(sample["_ts"]) > 0
     assert "funnel browse → cart → order by platform" in proc.stdout
+    rows = dict(re.findall(r"│ (\w+)\s+│\s+(\d+) │", proc.stdout.split("rows in ClickHouse")[1]))
+    assert int(rows["events"]) == accepted and int(rows["dlq"]) == dead and int(rows["actions"]) == fired
