@@ -1,8 +1,9 @@
 """Files: JSONL replay as a source, JSON lines as a sink (actions and dead letters in embedded mode).
 
-The source reads each file as one partition and records the byte offset as
-its resume state, so a replay under Bytewax recovery continues where it
-stopped. Positions are ``path:line`` so any refused record can be found.
+The line source (shared by JSONL and the CSV replay in :mod:`connectors.csvlog`)
+reads each file as one partition and records the byte offset as its resume
+state, so a replay under Bytewax recovery continues where it stopped.
+Positions are ``path:line`` so any refused record can be found.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ Raw = tuple[str, bytes]
 BATCH_LINES = 1000
 
 
-class _JsonlPartition(StatefulSourcePartition[Raw, tuple[int, int]]):
-    def __init__(self, path: Path, resume: tuple[int, int] | None):
+class _LinePartition(StatefulSourcePartition[Raw, tuple[int, int]]):
+    """One file, line by line; the state is ``(byte offset, line number)`` so a resume seeks, not rereads."""
+
+    def __init__(self, path: Path, resume: tuple[int, int] | None, skip_header: bool = False):
         self.path = path
         self.f = path.open("rb")
         self.offset, self.line = resume or (0, 0)
         self.f.seek(self.offset)
+        if skip_header and self.offset == 0:
+            self.offset = len(self.f.readline())
+            self.line = 1
         self.name = str(path)
 
     def next_batch(self) -> list[Raw]:
@@ -52,11 +58,15 @@ class _JsonlPartition(StatefulSourcePartition[Raw, tuple[int, int]]):
         self.f.close()
 
 
-class JsonlSource(FixedPartitionedSource[Raw, tuple[int, int]]):
-    """Replays JSON-lines files, one partition per file, emitting ``(position, bytes)``."""
+class LineSource(FixedPartitionedSource[Raw, tuple[int, int]]):
+    """Files replayed line by line as ``(path:line, bytes)``, one partition per file, resumable by byte offset.
 
-    def __init__(self, paths: list[str | Path]):
+    Blank lines are skipped (their numbers still count); ``skip_header`` skips each file's first line.
+    """
+
+    def __init__(self, paths: list[str | Path], skip_header: bool = False):
         self.paths = [Path(p) for p in paths]
+        self.skip_header = skip_header
         missing = [str(p) for p in self.paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"source files not found: {', '.join(missing)}")
@@ -64,8 +74,12 @@ class JsonlSource(FixedPartitionedSource[Raw, tuple[int, int]]):
     def list_parts(self) -> list[str]:
         return [str(p) for p in self.paths]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int] | None) -> _JsonlPartition:
-        return _JsonlPartition(Path(for_part), resume_state)
+    def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int] | None) -> _LinePartition:
+        return _LinePartition(Path(for_part), resume_state, self.skip_header)
+
+
+class JsonlSource(LineSource):
+    """Replays JSON-lines files: each line is one record for the parser."""
 
 
 def jsonl_sink(path: str | Path) -> FileSink:

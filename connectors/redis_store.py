@@ -48,16 +48,16 @@ def _encode(v: Any) -> bytes | str | int | float:
     return orjson.dumps(v)
 
 
-class _FeaturePartition(StatelessSinkPartition[tuple[str, UserFeatures]]):
+class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
     def __init__(self, client: redis.Redis, cfg: RedisConfig, as_json: bool):
         self.client = client
         self.prefix = cfg.key_prefix
         self.ttl = int(cfg.ttl)
         self.as_json = as_json
 
-    def write_batch(self, items: list[tuple[str, UserFeatures]]) -> None:
+    def write_batch(self, items: list[UserFeatures]) -> None:
         newest: dict[str, UserFeatures] = {}
-        for _shard, uf in items:
+        for uf in items:
             prev = newest.get(uf.user_id)
             if prev is None or uf.ts >= prev.ts:
                 newest[uf.user_id] = uf
@@ -86,10 +86,9 @@ class _FeaturePartition(StatelessSinkPartition[tuple[str, UserFeatures]]):
         self.client.close()
 
 
-class RedisFeatureSink(DynamicSink[tuple[str, UserFeatures]]):
+class RedisFeatureSink(DynamicSink[UserFeatures]):
     """Publishes each changed user's newest features, one pipeline per batch.
 
-    Takes the feature step's keyed output as it is, ``(shard, UserFeatures)``.
     ``fields=True`` writes plain fields whatever the layout (scores).
     """
 

@@ -6,6 +6,7 @@ only put them together so each flow module stays a short list of stages.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,6 +20,7 @@ from bytewax.recovery import RecoveryConfig
 
 from connectors import kafka
 from connectors.clickhouse import ClickHouseWriter
+from connectors.csvlog import CsvMapper, CsvSource
 from connectors.embedded import EmbeddedRedis, ensure_redis
 from connectors.files import JsonlSource, jsonl_sink
 from connectors.simulator import SimulatorSource
@@ -100,6 +102,11 @@ def parsed_input(flow: Dataflow, dep: Deployment) -> Stream[Event | DeadLetter]:
     if s.source.kind == "kafka":
         msgs = op.input("kafka_in", flow, kafka.source(s.kafka))
         return op.flat_map_batch("parse", msgs, lambda b: parser.parse_batch(kafka.raw_records(b)))
+    if s.source.kind == "csv":
+        assert s.source.csv is not None and dep.csv_mapping is not None  # settings and deployment() ensure both
+        mapper = CsvMapper(dep.csv_mapping)
+        lines = op.input("in", flow, CsvSource([dep.resolve(p) for p in s.source.csv.paths], dep.csv_mapping))
+        return op.flat_map_batch("parse", lines, lambda b: mapper.parse_batch(parser, b))
     src = SimulatorSource(s.source.simulator) if s.source.kind == "simulator" else JsonlSource(
         [dep.resolve(p) for p in s.source.file.paths]
     )
@@ -128,32 +135,60 @@ def flow_attribute(build: Builder) -> Callable[[str], Any]:
     return getattr_
 
 
+def by_type(step_id: str, up: Stream[Any], cls: type, keyed: bool = False) -> Stream[Any]:
+    """The items of one type, from a stream of ``(key, item)`` pairs (``keyed``: keep the pairs) or of items.
+
+    One Python call per batch: ``op.branch`` and ``op.filter`` call back into Python for every item,
+    which costs more than the test itself.
+    """
+    if keyed:
+        return op.flat_map_batch(step_id, up, lambda b: [kv for kv in b if type(kv[1]) is cls])
+    return op.flat_map_batch(step_id, up, lambda b: [kv[1] for kv in b if type(kv[1]) is cls])
+
+
 class FeatureStreams(NamedTuple):
-    #: ``(shard, Enriched)``: each accepted event with the features downstream reads
+    #: ``(shard, Enriched)``: each accepted event with the features downstream reads (empty when none does)
     enriched: Stream[tuple[str, Enriched]]
-    #: ``(shard, UserFeatures)``: every feature of each changed user, once per batch
-    published: Stream[tuple[str, UserFeatures]]
+    #: every feature of each changed user, once per batch
+    published: Stream[UserFeatures]
     #: refusals from parsing and from the feature step (too late, duplicate)
     dead: Stream[DeadLetter]
     #: the logics Bytewax builds for the step, as it builds them
     logics: list[FeatureLogic]
 
 
-def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str]) -> FeatureStreams:
-    """Key events by shard and run the feature engine over them."""
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Python collects young objects every 700 allocations by default, and every few of those passes
+escalate into scanning the whole feature state: 2.3 µs per event with 13k shoppers (17 % of the
+feature step), growing with the state. The state holds no reference cycles, so collecting rarely
+loses nothing; with these thresholds collection costs 0.2 µs per event (``benchmarks/RESULTS.md``)."""
+
+
+def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str] | None) -> FeatureStreams:
+    """Key events by shard and run the feature engine over them.
+
+    ``needed``: the features each enriched event carries; ``None``: no enriched events at all (the
+    feature store alone), which spares every event a trip through the dataflow it would not use.
+    Every flow keeps its feature state in this process, so this is where collection is tuned.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
     s = dep.settings
-    engine = FeatureEngine(dep.features, s.features, s.events, needed=needed)
+    engine = FeatureEngine(dep.features, s.features, s.events, needed=needed or (), enrich=needed is not None)
     shards = s.shards
-    valid = op.branch("valid", parsed, lambda x: type(x) is Event)
-    keyed = op.key_on("shard", valid.trues, lambda e: shard_of(e.user_id, shards))
+    keyed = op.flat_map_batch(
+        "shard", parsed, lambda b: [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]
+    )
     logics: list[FeatureLogic] = []
+    recover = s.recovery is not None
 
     def logic(resume: bytes | None) -> FeatureLogic:
-        logics.append(FeatureLogic(engine, resume))
+        logics.append(FeatureLogic(engine, resume, recover))
         return logics[-1]
 
     feats = op.stateful_batch("features", keyed, logic)
-    accepted = op.branch("accepted", feats, lambda kv: type(kv[1]) is Enriched)
-    published = op.branch("published", accepted.falses, lambda kv: type(kv[1]) is UserFeatures)
-    refused = op.map("refused", published.falses, lambda kv: kv[1])
-    return FeatureStreams(accepted.trues, published.trues, op.merge("dead", valid.falses, refused), logics)
+    dead = op.merge(
+        "dead", op.flat_map_batch("parse_refused", parsed, lambda b: [x for x in b if type(x) is DeadLetter]),
+        by_type("refused", feats, DeadLetter),
+    )
+    enriched = by_type("enriched", feats, Enriched, keyed=True)
+    return FeatureStreams(enriched, by_type("published", feats, UserFeatures), dead, logics)

@@ -23,7 +23,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     s = dep.settings
     url, embedded = redis_url(s)
     flow = Dataflow(f"{s.name}_features")
-    fs = feature_step(parsed_input(flow, dep), dep, needed=set())
+    fs = feature_step(parsed_input(flow, dep), dep, needed=None)
     output("dlq_out", s, s.dlq, "dlq", dep.base, fs.dead, dlq_line, kafka.dlq_message)
     op.output("features_redis", fs.published, RedisFeatureSink(s.redis, url))
     return flow, Runtime(s, dep.base, url, None, embedded, fs.logics)

@@ -36,12 +36,12 @@ def needed_features(dep: Deployment) -> set[str]:
     return wanted.union(*(m.features for m in dep.models.models))
 
 
-def score_fields(kv: tuple[str, Enriched]) -> tuple[str, UserFeatures] | None:
+def score_fields(kv: tuple[str, Enriched]) -> UserFeatures | None:
     """The scores an event got, as fields of its user's Redis hash."""
     en = kv[1]
     if not en.scores:
         return None
-    return kv[0], UserFeatures(en.event.user_id, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
+    return UserFeatures(en.event.user_id, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
 
 
 def model_steps(dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer: ClickHouseWriter, url: str) -> Stream:

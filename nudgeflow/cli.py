@@ -141,6 +141,9 @@ def validate(config: ConfigOpt = Path("config/local.yaml")) -> None:
     dep = _deployment(config)
     s = dep.settings
     console.print(f"{config}: ok")
+    if dep.csv_mapping is not None and s.source.csv is not None:
+        where = dep.resolve(s.source.csv.mapping) if isinstance(s.source.csv.mapping, str) else "source.csv.mapping"
+        console.print(f"{where}: ok, {len(dep.csv_mapping.columns)} columns")
     console.print(f"{dep.resolve(s.features.definitions)}: ok, {len(FeaturePlan(dep.features).names)} features")
     if s.models:
         console.print(f"{dep.resolve(s.models)}: ok, {len(dep.models.models)} models")

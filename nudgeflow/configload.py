@@ -8,9 +8,11 @@ unknown event types and unknown feature names are named.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from connectors.csvlog import CsvMapping
 from nudgeflow.events import BUILTIN_TYPES
 from nudgeflow.settings import (
     EventsConfig, EventTrigger, FeatureDefs, ModelsFile, Settings, TriggersFile, load_settings,
@@ -32,6 +34,8 @@ class Deployment:
     features: FeatureDefs
     triggers: TriggersFile
     models: ModelsFile
+    #: the CSV replay's column mapping (``source.kind: csv``), loaded from its file or inline
+    csv_mapping: CsvMapping | None = None
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file."""
@@ -54,7 +58,27 @@ def deployment(settings: Settings, base: Path) -> Deployment:
     dep.triggers = load_triggers(
         dep.resolve(settings.triggers), settings.events, names, [m.name for m in dep.models.models]
     )
+    if settings.source.kind == "csv" and settings.source.csv is not None:
+        dep.csv_mapping = load_csv_mapping(settings.source.csv.mapping, dep.resolve, settings.events)
     return dep
+
+
+def load_csv_mapping(mapping: str | CsvMapping, resolve: Callable[[str], Path], events: EventsConfig) -> CsvMapping:
+    """Load a CSV replay mapping (a file, or inline in the deployment) and check the types it maps to."""
+    if isinstance(mapping, str):
+        path: str | Path = resolve(mapping)
+        data, lines = load_yaml(path)
+        mapping = validate(CsvMapping, data, path, lines)
+    else:  # inline: validated with the deployment config, whose lines are gone by now
+        path, lines = "source.csv.mapping", {}
+    known = BUILTIN_TYPES | set(events.custom_types)
+    problems = [
+        (line_of(lines, ("types", raw)), f"types.{raw}", f"unknown event type {etype!r}")
+        for raw, etype in mapping.types.items() if etype not in known
+    ]
+    if problems:
+        raise ConfigError(path, problems)
+    return mapping
 
 
 def load_models(path: str | Path, events: EventsConfig, feature_names: list[str]) -> ModelsFile:

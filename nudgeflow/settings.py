@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from connectors.csvlog import CsvSourceConfig
 from connectors.simulator import SimulatorConfig
 from nudgeflow.yamlconf import load_yaml, validate
 
@@ -72,9 +73,17 @@ class FileSourceConfig(Strict):
 
 
 class SourceConfig(Strict):
-    kind: Literal["simulator", "kafka", "file"] = "simulator"
+    kind: Literal["simulator", "kafka", "file", "csv"] = "simulator"
     simulator: SimulatorConfig = SimulatorConfig()
     file: FileSourceConfig = FileSourceConfig()
+    #: CSV logs replayed through a column mapping (``config/datasets/``)
+    csv: CsvSourceConfig | None = None
+
+    @model_validator(mode="after")
+    def _csv_configured(self) -> SourceConfig:
+        if self.kind == "csv" and self.csv is None:
+            raise ValueError("kind csv needs a csv section (paths and mapping)")
+        return self
 
 
 class EventsConfig(Strict):

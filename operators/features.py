@@ -38,7 +38,7 @@ from bytewax.operators import StatefulBatchLogic
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.dedup import Deduper
-from operators.windows import SlotWindow
+from operators.windows import SLOT_BITS, SLOT_HALF, SLOT_MASK, PackedWindow, bias, slot
 
 EVICT_EVERY = 4096
 """Events between scans for idle users (a scan is O(users in the shard))."""
@@ -112,7 +112,7 @@ class UserState:
         self.last_ts = first_ts
         #: the newest event time before ``last_ts`` (-1 when none)
         self.prev_ts = -1
-        self.wins = [SlotWindow(w, b, n) for w, b, n in plan.window_shapes]
+        self.wins = [PackedWindow(w, b) for w, b in plan.window_shapes]
         #: newest and second newest event time per recency group (-1 when none)
         self.last = [-1] * len(plan.recency)
         self.prev = [-1] * len(plan.recency)
@@ -137,8 +137,9 @@ class UserState:
 class Recipe(NamedTuple):
     """The updates one event type makes."""
 
-    #: per window: (window index, slots counting 1, (slot, field) summing a value, (slot, field) counting a number)
-    windows: tuple[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]], ...]
+    #: per window: (window index, packed delta of the slots counting 1, (shift, field) of the slots summing a
+    #: value, (packed 1, field) of the slots counting the events whose field is a number)
+    windows: tuple[tuple[int, int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]], ...]
     recency: tuple[int, ...]
     #: (distinct index, field, max values)
     distinct: tuple[tuple[int, str, int], ...]
@@ -150,6 +151,11 @@ ONE, VALUE, PRESENT = 0, 1, 2
 SCALE = 1_000_000
 """Summed values are kept as integer millionths: integer sums are exact in any order, so a replay
 after recovery, or events arriving out of order, give the very same totals (floats would not)."""
+
+MAX_VALUE = 1e9
+"""Sums take values within ±MAX_VALUE (others, like NaN, are left out): a window slot holds 2**63
+millionths, so thousands of extreme events still cannot overflow it into its neighbour. The parser
+refuses money amounts beyond this bound."""
 
 
 class FeaturePlan:
@@ -227,7 +233,9 @@ class FeaturePlan:
             }
 
         n = defs.buckets_per_window
-        self.window_shapes = [(w, max(1, w // n), len(sl)) for w, sl in zip(self._widths, self._slots)]
+        self.window_shapes = [(w, max(1, w // n)) for w in self._widths]
+        #: per window, what a packed total needs added before a slot is read
+        self.biases = [bias(len(sl)) for sl in self._slots]
         distinct_ms = [int(w * 1000) for d in self.distinct for w in d.windows]
         gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
         self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
@@ -269,16 +277,20 @@ class FeaturePlan:
         unknown = wanted - set(self.getters)
         if unknown:
             raise ValueError(f"unknown features: {sorted(unknown)}")
-        by_window = [(wi, [e for e in entries if e[0] in wanted]) for wi, entries in self._by_window]
-        by_window = [(wi, entries) for wi, entries in by_window if entries]
+        by_window = [
+            (wi, self.biases[wi], [(name, si * SLOT_BITS, scaled) for name, si, scaled in entries if name in wanted])
+            for wi, entries in self._by_window
+        ]
+        by_window = [w for w in by_window if w[2]]
         other = [(n, g) for n, g in self._other if n in wanted]
 
         def read(u: UserState, at: int) -> dict[str, Any]:
             out: dict[str, Any] = {}
-            for wi, entries in by_window:
-                tot = u.wins[wi].totals(at)
-                for name, si, scaled in entries:
-                    out[name] = round(tot[si] / SCALE, 2) if scaled else tot[si]
+            for wi, b, entries in by_window:
+                biased = u.wins[wi].total(at) + b
+                for name, shift, scaled in entries:
+                    v = ((biased >> shift) & SLOT_MASK) - SLOT_HALF  # windows.slot, inlined: this runs per event
+                    out[name] = round(v / SCALE, 2) if scaled else v
             for name, get in other:
                 out[name] = get(u, at)
             return out
@@ -293,9 +305,13 @@ class FeaturePlan:
             for wi, si, types, mode, fld in self._feeds:
                 if types is None or etype in types:
                     ones, values, present = by_window.setdefault(wi, ([], [], []))
-                    (ones.append(si) if mode == ONE else (values if mode == VALUE else present).append((si, fld)))
+                    shift = si * SLOT_BITS
+                    if mode == ONE:
+                        ones.append(1 << shift)
+                    else:
+                        (values if mode == VALUE else present).append((shift if mode == VALUE else 1 << shift, fld))
             r = self._recipes[etype] = Recipe(
-                tuple((wi, tuple(o), tuple(v), tuple(p)) for wi, (o, v, p) in sorted(by_window.items())),
+                tuple((wi, sum(o), tuple(v), tuple(p)) for wi, (o, v, p) in sorted(by_window.items())),
                 tuple(gi for gi, t in enumerate(self.recency_types) if t is None or etype in t),
                 tuple((di, d.field, d.max_values) for di, d in enumerate(self.distinct) if etype in d.types),
             )
@@ -316,11 +332,12 @@ class FeaturePlan:
 
         g["rfm_recency_days"] = lambda u, at: round(days(u, at), 2)
         g["rfm_r"] = lambda u, at: 1 if (d := days(u, at)) < 0 else _score_down(d, r.recency_days)
-        g["rfm_f"] = lambda u, at: _score_up(u.wins[wi].totals(at)[oi], r.frequency)
-        g["rfm_m"] = lambda u, at: _score_up(u.wins[wi].totals(at)[mi] / SCALE, r.monetary)
+        orders, revenue = _window_getter(wi, oi), _window_getter(wi, mi)
+        g["rfm_f"] = lambda u, at: _score_up(orders(u, at), r.frequency)
+        g["rfm_m"] = lambda u, at: _score_up(revenue(u, at) / SCALE, r.monetary)
         g["rfm_segment"] = lambda u, at: f"{g['rfm_r'](u, at)}{g['rfm_f'](u, at)}{g['rfm_m'](u, at)}"
         repeat = self.defs.lifecycle.repeat_orders if self.defs.lifecycle else 2
-        g["repeat_buyer"] = lambda u, at: u.wins[wi].totals(at)[oi] >= repeat
+        g["repeat_buyer"] = lambda u, at: orders(u, at) >= repeat
 
     def _lifecycle(self) -> None:
         lc = self.defs.lifecycle
@@ -345,18 +362,23 @@ class FeaturePlan:
         self.getters["lifecycle_stage"] = stage
 
 
-def _window_getter(wi: int, si: int) -> Getter:
-    return lambda u, at: u.wins[wi].totals(at)[si]
+def _window_getter(wi: int, si: int) -> Callable[[UserState, int], int]:
+    """Slot ``si`` of window ``wi`` as of ``at`` (reading slot ``si`` needs the bias of slots 0 … ``si`` only)."""
+    b = bias(si + 1)
+    return lambda u, at: slot(u.wins[wi].total(at) + b, si)
 
 
 def _sum_getter(wi: int, si: int) -> Getter:
-    return lambda u, at: round(u.wins[wi].totals(at)[si] / SCALE, 2)
+    read = _window_getter(wi, si)
+    return lambda u, at: round(read(u, at) / SCALE, 2)
 
 
 def _average(wi: int, si: int, ni: int) -> Getter:
+    total, count = _window_getter(wi, si), _window_getter(wi, ni)
+
     def avg(u: UserState, at: int) -> float:
-        tot = u.wins[wi].totals(at)
-        return round(tot[si] / SCALE / tot[ni], 2) if tot[ni] else 0.0
+        n = count(u, at)
+        return round(total(u, at) / SCALE / n, 2) if n else 0.0
 
     return avg
 
@@ -422,8 +444,13 @@ class FeatureEngine:
     [('u1', 3)]
     """
 
-    def __init__(self, defs: FeatureDefs, cfg: FeaturesConfig, events: EventsConfig, needed: Iterable[str] | None = None):
+    def __init__(
+        self, defs: FeatureDefs, cfg: FeaturesConfig, events: EventsConfig, needed: Iterable[str] | None = None,
+        enrich: bool = True,
+    ):
         self.plan = plan = FeaturePlan(defs)
+        #: False: accepted events produce no Enriched (nothing downstream reads them)
+        self.enrich = enrich
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
         self.idle_ms = plan.retention_ms + self.lateness_ms
@@ -445,7 +472,14 @@ class FeatureEngine:
     def new_state(self) -> ShardState:
         return ShardState(self.dedup_ms)
 
-    def apply(self, st: ShardState, ev: Event) -> Enriched | DeadLetter:
+    def apply_batch(self, st: ShardState, events: list[Event]) -> list[Enriched | DeadLetter]:
+        """Apply events in order: their Enriched (if enriching) and the refusals."""
+        apply = self.apply
+        out = [apply(st, ev) for ev in events]
+        return out if self.enrich else [r for r in out if r is not None]
+
+    def apply(self, st: ShardState, ev: Event) -> Enriched | DeadLetter | None:
+        """One event: its Enriched (None when not enriching), or a refusal."""
         ts = ev.ts
         if ev.event_id in st.dedup:
             return _refuse(ev, "duplicate", f"event_id {ev.event_id[:60]!r} seen within events.dedup_window")
@@ -468,27 +502,25 @@ class FeatureEngine:
         self._update(user, ev)
         st.changed.add(ev.user_id)
         st.accepted += 1
-        at = user.last_ts
-        feats = self.read_needed(user, at)
         st.since_evict += 1
         if st.since_evict >= EVICT_EVERY:
             self.evict(st)
-        return Enriched(ev, feats)
+        return Enriched(ev, self.read_needed(user, user.last_ts)) if self.enrich else None
 
     def _update(self, u: UserState, ev: Event) -> None:
         ts, etype, props = ev.ts, ev.type, ev.props
         r = self.plan.recipe(etype)
-        for wi, ones, values, present in r.windows:
-            adds = [(si, 1) for si in ones]
-            for si, fld in values:
+        wins = u.wins
+        for wi, d, values, present in r.windows:
+            for shift, fld in values:
                 v = props.get(fld)
-                if type(v) is int or type(v) is float:
-                    adds.append((si, round(v * SCALE)))
-            for si, fld in present:
+                if (type(v) is int or type(v) is float) and -MAX_VALUE <= v <= MAX_VALUE:
+                    d += round(v * SCALE) << shift
+            for one, fld in present:
                 v = props.get(fld)
-                if type(v) is int or type(v) is float:
-                    adds.append((si, 1))
-            u.wins[wi].add_many(ts, adds)
+                if (type(v) is int or type(v) is float) and -MAX_VALUE <= v <= MAX_VALUE:
+                    d += one
+            wins[wi].add(ts, d)
         last, prev = u.last, u.prev
         for gi in r.recency:
             if ts > last[gi]:
@@ -522,7 +554,7 @@ class FeatureEngine:
         if new:
             u.session = s = [key or f"{ev.user_id}-{ev.ts}", ev.ts, ev.ts, 0, 0]
             for wi, si in self.plan.session_slots:
-                u.wins[wi].add_many(ev.ts, ((si, 1),))
+                u.wins[wi].add(ev.ts, 1 << (si * SLOT_BITS))
         assert s is not None
         s[1] = min(s[1], ev.ts)
         s[2] = max(s[2], ev.ts)
@@ -609,17 +641,21 @@ def _refuse(ev: Event, reason: str, detail: str) -> DeadLetter:
 
 
 class FeatureLogic(StatefulBatchLogic[Event, "Enriched | DeadLetter | UserFeatures", bytes]):
-    """Bytewax adapter: one shard's state; emits enriched events, refusals, then each changed user once."""
+    """Bytewax adapter: one shard's state; emits enriched events, refusals, then each changed user once.
 
-    def __init__(self, engine: FeatureEngine, resume: bytes | None):
+    ``recover``: whether recovery is on. Bytewax 0.21 asks every stateful step for a snapshot at the end
+    of each epoch whether or not anything stores it; without recovery we skip pickling the shard.
+    """
+
+    def __init__(self, engine: FeatureEngine, resume: bytes | None, recover: bool = True):
         self.engine = engine
         self.state = pickle.loads(resume) if resume is not None else engine.new_state()
+        self.recover = recover
 
     def on_batch(self, values: list[Event]) -> tuple[list[Enriched | DeadLetter | UserFeatures], bool]:
-        apply, st = self.engine.apply, self.state
-        out: list[Enriched | DeadLetter | UserFeatures] = [apply(st, ev) for ev in values]
-        out.extend(self.engine.flush(st))
+        out: list[Enriched | DeadLetter | UserFeatures] = self.engine.apply_batch(self.state, values)
+        out.extend(self.engine.flush(self.state))
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.recover else b""

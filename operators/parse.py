@@ -20,6 +20,7 @@ model here would cost several times the rest of the parse.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +30,7 @@ import orjson
 
 from nudgeflow.events import BUILTIN_TYPES, PLATFORM_ALIASES, DeadLetter, Event
 from nudgeflow.settings import EventsConfig
+from operators.features import MAX_VALUE
 
 Raw = tuple[str, bytes]
 """What every source emits: (position, payload)."""
@@ -70,8 +72,8 @@ def _ts_ms(value: Any) -> int:
 
 def _number(props: dict[str, Any], key: str) -> float:
     v = props.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
-        raise Refused("invalid_field", f"props.{key}: expected a non-negative number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_VALUE:
+        raise Refused("invalid_field", f"props.{key}: expected a number from 0 to {MAX_VALUE:g}")
     return float(v)
 
 
@@ -222,11 +224,19 @@ class Parser:
 
     def _identify(self, props: dict[str, Any]) -> None:
         tz = props.get("timezone")
-        if tz is not None:
-            try:
-                ZoneInfo(tz)
-            except (ZoneInfoNotFoundError, ValueError, TypeError):
-                raise Refused("invalid_field", f"props.timezone: unknown time zone {str(tz)[:40]!r}") from None
+        if tz is not None and not (type(tz) is str and _is_zone(tz)):
+            raise Refused("invalid_field", f"props.timezone: unknown time zone {str(tz)[:40]!r}")
+
+
+@lru_cache(maxsize=4096)
+def _is_zone(name: str) -> bool:
+    """Whether ``name`` is an IANA time zone; cached, as ``ZoneInfo`` keeps only a few zones and reads the
+    zone file again for the others."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 _NORMALISERS: dict[str, Callable[[Parser, dict[str, Any]], None]] = {

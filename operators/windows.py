@@ -1,4 +1,4 @@
-"""Sliding event-time windows kept as sparse buckets with running totals.
+"""Sliding event-time windows kept as sparse buckets with running totals, every slot packed in one integer.
 
 A window of width ``W`` is kept as sums per bucket of width ``B`` (``W/B``
 buckets, 120 by default). "As of time t" the window holds the buckets
@@ -6,25 +6,55 @@ buckets, 120 by default). "As of time t" the window holds the buckets
 to ``B`` older may be too. That is the whole error: at most one bucket at the
 old edge, a relative error in time of ``B/W`` (1/120 = 0.83 %).
 
-One window serves every feature of the same width: a bucket holds a small
-vector, one slot per feature (views, carts, revenue …), and the window keeps
-the running total of each slot, so reading a feature is O(1). Buckets that
-fall out of the window are subtracted when the window is read past them.
-Buckets are a dict of the non-empty ones only: a shopper with three events in
-a month costs three entries, not 120.
+One window serves every feature of the same width (views, carts, revenue …):
+each feature is a *slot*, a 64-bit field of one Python integer, so a bucket
+is a single ``int`` and adding an event to all the slots it feeds is a single
+integer addition of a precomputed *delta* (:func:`delta`). The window keeps
+the running total the same way, so reading a feature is a shift and a mask.
+Fields are read with a bias of 2**63, so a slot may hold any integer of
+magnitude below 2**63 (refunds can make a sum negative) and additions never
+carry from one slot into the next. Buckets are a dict of the non-empty ones
+only: a shopper with three events in a month costs three entries, not 120.
 
->>> w = SlotWindow(window_ms=3_600_000, bucket_ms=30_000, slots=2)
->>> w.add(1_000, 0, 1); w.add(700_000, 0, 1); w.add(3_700_000, 0, 1); w.add(3_700_000, 1, 95)
->>> w.totals(3_700_000)  # the first event fell out of the hour
+>>> w = PackedWindow(window_ms=3_600_000, bucket_ms=30_000)
+>>> w.add(1_000, delta({0: 1})); w.add(700_000, delta({0: 1})); w.add(3_700_000, delta({0: 1, 1: 95}))
+>>> unpack(w.total(3_700_000), 2)  # the first event fell out of the hour
 [2, 95]
+>>> w.add(3_700_000, delta({1: -100})); unpack(w.total(3_700_000), 2)
+[2, -5]
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+SLOT_BITS = 64
+SLOT_MASK = (1 << SLOT_BITS) - 1
+SLOT_HALF = 1 << (SLOT_BITS - 1)
+_NO_BUCKET = 1 << 62
+"""``lo`` of an empty window: above any bucket index."""
 
 
-class SlotWindow:
+def delta(amounts: dict[int, int]) -> int:
+    """The packed integer adding ``amount`` to each ``slot`` of ``amounts``."""
+    return sum(amount << (SLOT_BITS * slot) for slot, amount in amounts.items())
+
+
+def bias(slots: int) -> int:
+    """What :func:`slot` needs added to a packed total of ``slots`` slots before it is read."""
+    return sum(SLOT_HALF << (SLOT_BITS * i) for i in range(slots))
+
+
+def slot(biased: int, i: int) -> int:
+    """Slot ``i`` of a packed total that had :func:`bias` added."""
+    return ((biased >> (SLOT_BITS * i)) & SLOT_MASK) - SLOT_HALF
+
+
+def unpack(packed: int, slots: int) -> list[int]:
+    """Every slot of a packed total (for tests and inspection; hot paths read single slots)."""
+    biased = packed + bias(slots)
+    return [slot(biased, i) for i in range(slots)]
+
+
+class PackedWindow:
     """Integer sums of several slots over one sliding event-time window, exact to one bucket at the old edge.
 
     Integers keep sums exact whatever the order of adds and expiries (callers scale
@@ -33,48 +63,36 @@ class SlotWindow:
 
     __slots__ = ("bucket_ms", "n", "buckets", "tot", "lo")
 
-    def __init__(self, window_ms: int, bucket_ms: int, slots: int):
+    def __init__(self, window_ms: int, bucket_ms: int):
         self.bucket_ms = bucket_ms
         self.n = max(1, window_ms // bucket_ms)
-        self.buckets: dict[int, list[int]] = {}
-        self.tot: list[int] = [0] * slots
-        #: the oldest bucket held (a lower bound); -1 when empty
-        self.lo = -1
+        self.buckets: dict[int, int] = {}
+        #: the packed total of every bucket held
+        self.tot = 0
+        #: the oldest bucket held (a lower bound); ``_NO_BUCKET`` when empty
+        self.lo = _NO_BUCKET
 
-    def add(self, ts: int, slot: int, amount: int) -> None:
-        """Add ``amount`` to ``slot`` at event time ``ts`` (any order)."""
-        self.add_many(ts, ((slot, amount),))
-
-    def add_many(self, ts: int, adds: Iterable[tuple[int, int]]) -> None:
-        """Add several ``(slot, amount)`` at event time ``ts``: one bucket lookup for all."""
+    def add(self, ts: int, packed: int) -> None:
+        """Add a packed delta at event time ``ts`` (any order)."""
         b = ts // self.bucket_ms
-        vec = self.buckets.get(b)
-        if vec is None:
-            vec = self.buckets[b] = [0] * len(self.tot)
-            if self.lo < 0 or b < self.lo:
-                self.lo = b
-        tot = self.tot
-        for slot, amount in adds:
-            vec[slot] += amount
-            tot[slot] += amount
+        buckets = self.buckets
+        buckets[b] = buckets.get(b, 0) + packed
+        self.tot += packed
+        if b < self.lo:
+            self.lo = b
 
-    def totals(self, at_ts: int) -> list[int]:
-        """Every slot's sum as of event time ``at_ts`` (no event after ``at_ts`` may have been added)."""
+    def total(self, at_ts: int) -> int:
+        """The packed sums as of event time ``at_ts`` (no event after ``at_ts`` may have been added)."""
         oldest = at_ts // self.bucket_ms - self.n + 1
-        if 0 <= self.lo < oldest:
-            self._expire(oldest)
+        if self.lo < oldest:
+            buckets = self.buckets
+            for b in [b for b in buckets if b < oldest]:
+                self.tot -= buckets.pop(b)
+            self.lo = min(buckets) if buckets else _NO_BUCKET
         return self.tot
 
-    def _expire(self, oldest: int) -> None:
-        tot = self.tot
-        buckets = self.buckets
-        for b in [b for b in buckets if b < oldest]:
-            for i, v in enumerate(buckets.pop(b)):
-                tot[i] -= v
-        self.lo = min(buckets) if buckets else -1
-
-    def __getstate__(self) -> tuple[int, int, dict[int, list[int]], list[int], int]:
+    def __getstate__(self) -> tuple[int, int, dict[int, int], int, int]:
         return (self.bucket_ms, self.n, self.buckets, self.tot, self.lo)
 
-    def __setstate__(self, s: tuple[int, int, dict[int, list[int]], list[int], int]) -> None:
+    def __setstate__(self, s: tuple[int, int, dict[int, int], int, int]) -> None:
         self.bucket_ms, self.n, self.buckets, self.tot, self.lo = s

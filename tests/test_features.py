@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from nudgeflow.configload import load_features
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
-from operators.features import EVICT_EVERY, Enriched, FeatureEngine, FeaturePlan, shard_of, window_label
-from operators.windows import SlotWindow
+from operators.features import EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeaturePlan, shard_of, window_label
+from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 LATENESS = 5 * MIN
@@ -44,21 +44,27 @@ def bucketed(events: list[Event], at: int, window: int, pred, value) -> float:
     return sum(value(e) for e in events if pred(e) and at // b - 120 < e.ts // b <= at // b)
 
 
+BOUND = int(MAX_VALUE * SCALE)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 4 * HOUR), max_size=60), st.integers(0, 5 * HOUR))
-def test_slot_window_is_exact_to_one_bucket(ts_list: list[int], at: int) -> None:
-    """Evaluated, as the engine does, at the newest event time seen (nothing later is in it)."""
-    ts_list = [ts for ts in ts_list if ts <= at]
-    w = SlotWindow(HOUR, 30_000, 2)
-    for ts in ts_list:
-        w.add(ts, 0, 1)
-        w.add(ts, 1, 5)
-    count, five = w.totals(at)
-    assert count == sum(1 for ts in ts_list if at // 30_000 - 120 < ts // 30_000 <= at // 30_000)
-    assert five == count * 5
+@given(st.lists(st.tuples(st.integers(0, 4 * HOUR), st.integers(-BOUND, BOUND)), max_size=60), st.integers(0, 5 * HOUR))
+def test_packed_window_is_exact_to_one_bucket_and_slots_never_carry(adds: list[tuple[int, int]], at: int) -> None:
+    """Evaluated, as the engine does, at the newest event time seen (nothing later is in it).
+
+    Slot 1 takes signed values as large as sums allow; slots 0 and 2 count: a carry or borrow
+    between slots would show in all three.
+    """
+    adds = [(ts, v) for ts, v in adds if ts <= at]
+    w = PackedWindow(HOUR, 30_000)
+    for ts, v in adds:
+        w.add(ts, delta({0: 1, 1: v, 2: 1}))
+    count, total, again = unpack(w.total(at), 3)
+    kept = [(ts, v) for ts, v in adds if at // 30_000 - 120 < ts // 30_000 <= at // 30_000]
+    assert (count, total, again) == (len(kept), sum(v for _, v in kept), len(kept))
     # the stated error bound: between the exact window and the window one bucket longer
-    exact = sum(1 for ts in ts_list if at - HOUR < ts <= at)
-    wider = sum(1 for ts in ts_list if at - HOUR - 30_000 < ts <= at)
+    exact = sum(1 for ts, _ in adds if at - HOUR < ts <= at)
+    wider = sum(1 for ts, _ in adds if at - HOUR - 30_000 < ts <= at)
     assert exact <= count <= wider
 
 

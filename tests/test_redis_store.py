@@ -16,12 +16,12 @@ def test_write_coalesce_and_read_back(redis_url: str, key_prefix: str, layout: s
     features = RedisFeatureSink(cfg, redis_url).build("s", 0, 1)
     scores = RedisFeatureSink(cfg, redis_url, fields=True).build("s", 0, 1)
     features.write_batch([
-        ("0", UserFeatures("u1", 10, {"views_1h": 1, "top_categories": ["a"]})),
-        ("0", UserFeatures("u1", 30, {"views_1h": 3, "top_categories": ["b", "a"]})),  # the newest wins
-        ("0", UserFeatures("u1", 20, {"views_1h": 2, "top_categories": ["a"]})),
-        ("1", UserFeatures("u2", 15, {"views_1h": 7, "top_categories": []})),
+        UserFeatures("u1", 10, {"views_1h": 1, "top_categories": ["a"]}),
+        UserFeatures("u1", 30, {"views_1h": 3, "top_categories": ["b", "a"]}),  # the newest wins
+        UserFeatures("u1", 20, {"views_1h": 2, "top_categories": ["a"]}),
+        UserFeatures("u2", 15, {"views_1h": 7, "top_categories": []}),
     ])
-    scores.write_batch([("0", UserFeatures("u1", 30, {"score_buy": 0.25}))])
+    scores.write_batch([UserFeatures("u1", 30, {"score_buy": 0.25})])
     reader = FeatureReader(redis_url, key_prefix)
     u1 = reader.get("u1")
     assert u1["_ts"] == "30" and u1["_v"] == "1" and u1["score_buy"] == "0.25"
