@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench tools schema clean
+.PHONY: install demo test bench bench-models tools schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install tools
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+## model quality on the simulator (progressive AUC, log loss, ECE vs a heuristic): 1M events in-process
+bench-models: install
+	$(BIN)/python -m benchmarks.models
 
 ## JSON Schemas of the config files, for editors
 schema: install

@@ -182,7 +182,7 @@ def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: se
     recover = s.recovery is not None
 
     def logic(resume: bytes | None) -> FeatureLogic:
-        logics.append(FeatureLogic(engine, resume, recover))
+        logics.append(FeatureLogic(engine, resume, recover, s.features.publish_interval))
         return logics[-1]
 
     feats = op.stateful_batch("features", keyed, logic)

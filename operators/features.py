@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
@@ -414,14 +416,14 @@ class ShardState:
         self.accepted = 0
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts)
+        # ``changed``: users not yet published; after a restart they are published from the restored state
+        return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts, self.changed)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.users, ids, window_ms, self.max_ts = state
+        self.users, ids, window_ms, self.max_ts, self.changed = state
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
         self.since_evict = 0
-        self.changed = set()
         self.accepted = 0
 
 
@@ -585,7 +587,7 @@ class FeatureEngine:
             del top[self.aff_top:]
         u.top = [t for t in top if t in aff]
 
-    def flush(self, st: ShardState) -> list[UserFeatures]:
+    def flush(self, st: ShardState) -> list[FeatureOut]:
         """Every feature of each user changed since the last flush (one per user)."""
         out = []
         for uid in st.changed:
@@ -640,22 +642,44 @@ def _refuse(ev: Event, reason: str, detail: str) -> DeadLetter:
     return DeadLetter(reason, detail, ev.raw, ev.position, ev.ingest_ms)
 
 
-class FeatureLogic(StatefulBatchLogic[Event, "Enriched | DeadLetter | UserFeatures", bytes]):
-    """Bytewax adapter: one shard's state; emits enriched events, refusals, then each changed user once.
+FeatureOut = Enriched | DeadLetter | UserFeatures
+
+
+class FeatureLogic(StatefulBatchLogic[Event, FeatureOut, bytes]):
+    """Bytewax adapter: one shard's state; emits enriched events and refusals as they come, and each
+    changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet).
 
     ``recover``: whether recovery is on. Bytewax 0.21 asks every stateful step for a snapshot at the end
     of each epoch whether or not anything stores it; without recovery we skip pickling the shard.
     """
 
-    def __init__(self, engine: FeatureEngine, resume: bytes | None, recover: bool = True):
+    def __init__(self, engine: FeatureEngine, resume: bytes | None, recover: bool = True, publish_s: float = 0.0):
         self.engine = engine
         self.state = pickle.loads(resume) if resume is not None else engine.new_state()
         self.recover = recover
+        self.publish_s = publish_s
+        self.next_publish = time.monotonic() + publish_s
 
-    def on_batch(self, values: list[Event]) -> tuple[list[Enriched | DeadLetter | UserFeatures], bool]:
-        out: list[Enriched | DeadLetter | UserFeatures] = self.engine.apply_batch(self.state, values)
-        out.extend(self.engine.flush(self.state))
+    def on_batch(self, values: list[Event]) -> tuple[list[FeatureOut], bool]:
+        out: list[FeatureOut] = self.engine.apply_batch(self.state, values)
+        if time.monotonic() >= self.next_publish:
+            out.extend(self._publish())
         return out, StatefulBatchLogic.RETAIN
+
+    def _publish(self) -> list[FeatureOut]:
+        self.next_publish = time.monotonic() + self.publish_s
+        return self.engine.flush(self.state)
+
+    def on_notify(self) -> tuple[list[FeatureOut], bool]:
+        return self._publish(), StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[FeatureOut], bool]:
+        return self._publish(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if not self.state.changed:
+            return None
+        return datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.next_publish - time.monotonic()))
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.recover else b""

@@ -442,21 +442,28 @@ class Learner:
         self.updates_since = 0
         self.published_wall = 0
 
-    def learn(self, r: Resolved) -> tuple[list[MetricRow], PredictionRow]:
-        out: list[MetricRow] = []
-        start = r.ts - r.ts % self.window_ms
-        if self.window_start is None:
-            self.window_start = start
-        elif start > self.window_start:
-            out.extend(self.close_window())
-            self.window_start = start
-        p = proba(self.model, r.x)  # scored before it is learned
-        self.window_metrics.update(r.label, p)
-        self.total.update(r.label, p)
-        self.model.learn_one(r.x, r.label)
-        self.examples += 1
-        self.updates_since += 1
-        return out, PredictionRow(r, p)
+    def learn(self, batch: list[Resolved]) -> tuple[list[MetricRow], list[PredictionRow]]:
+        """Score every example of the batch, then learn each once (progressive validation).
+
+        Examples resolved together are near copies (an order resolves all of its shopper's pending
+        examples at once): scoring one just after learning its twin would flatter the metrics, so
+        none is scored by a model that has learned anything of its batch.
+        """
+        scores = [proba(self.model, r.x) for r in batch]
+        rows: list[MetricRow] = []
+        for r, p in zip(batch, scores):
+            start = r.ts - r.ts % self.window_ms
+            if self.window_start is None:
+                self.window_start = start
+            elif start > self.window_start:
+                rows.extend(self.close_window())
+                self.window_start = start
+            self.window_metrics.update(r.label, p)
+            self.total.update(r.label, p)
+            self.model.learn_one(r.x, r.label)
+        self.examples += len(batch)
+        self.updates_since += len(batch)
+        return rows, [PredictionRow(r, p) for r, p in zip(batch, scores)]
 
     def close_window(self) -> list[MetricRow]:
         """Rows for the window so far and the cumulative figures; starts a new window."""
@@ -544,11 +551,8 @@ class LearnerLogic(StatefulBatchLogic[Resolved, LearnerOut, bytes]):
 
     def on_batch(self, values: list[Resolved]) -> tuple[list[LearnerOut], bool]:
         learner = self._learner(values[0].model)
-        out: list[LearnerOut] = []
-        for r in values:
-            rows, pred = learner.learn(r)
-            out.extend(rows)
-            out.append(pred)
+        rows, preds = learner.learn(values)
+        out: list[LearnerOut] = [*rows, *preds]
         snap = learner.maybe_publish(self.now_ms())
         if snap is not None:
             out.append(snap)

@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
 from bytewax.testing import run_main
 
 from connectors import files
 from connectors.csvlog import CsvMapper, CsvMapping, CsvSource, CsvSourceConfig
+from connectors.redis_store import FeatureReader
 from flows.features import build as build_features
 from nudgeflow.configload import deployment, load_csv_mapping, load_deployment
 from nudgeflow.events import DeadLetter, Event
@@ -257,13 +257,13 @@ def test_the_feature_flow_replays_a_taobao_log_into_redis(tmp_path: Path, redis_
     finally:
         rt.close()
 
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    u = r.hgetall(f"{key_prefix}:u:101")
+    users = FeatureReader(redis_url, key_prefix).get_many(["101", "102"])
+    u = users["101"]
     counts = (u["views_1h"], u["favourites_7d"], u["carts_1h"], u["orders_24h"], u["events_1h"])
-    assert counts == ("4", "1", "1", "1", "7")
-    assert (u["items_viewed_1h"], u["categories_viewed_1h"]) == ("3", "2")
-    assert u["_ts"] == str((T0 + 360) * 1000) and u["first_seen_ts"] == str(T0 * 1000)
-    assert r.hget(f"{key_prefix}:u:102", "views_1h") == "1"
+    assert counts == (4, 1, 1, 1, 7)
+    assert (u["items_viewed_1h"], u["categories_viewed_1h"]) == (3, 2)
+    assert u["_ts"] == str((T0 + 360) * 1000) and u["first_seen_ts"] == T0 * 1000
+    assert users["102"]["views_1h"] == 1
 
     dlq = [orjson.loads(x) for x in (tmp_path / "out" / "dlq.jsonl").read_bytes().splitlines()]
     assert sorted((d["reason"], d["position"], d["raw"]) for d in dlq) == [

@@ -10,6 +10,8 @@ from pathlib import Path
 import orjson
 import redis
 
+from connectors.redis_store import FeatureReader
+
 CONFIG = """
 name: nudgeflow_e2e
 source:
@@ -55,8 +57,8 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     keys = list(r.scan_iter(match=f"{key_prefix}:u:*", count=1000))
     assert 250 <= len(keys) <= 300
-    sample = r.hgetall(keys[0])
-    assert int(sample["events_1h"]) >= 1 and sample["_v"] == "1" and int(sample["_ts"]) > 0
+    sample = FeatureReader(redis_url, key_prefix).get(keys[0].split(":u:", 1)[1])
+    assert sample["events_1h"] >= 1 and sample["_v"] == "1" and int(sample["_ts"]) > 0
     assert "funnel browse → cart → order by platform" in proc.stdout
     rows = dict(re.findall(r"│ (\w+)\s+│\s+(\d+) │", proc.stdout.split("rows in ClickHouse")[1]))
     assert int(rows["events"]) == accepted and int(rows["dlq"]) == dead and int(rows["actions"]) == fired

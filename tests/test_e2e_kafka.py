@@ -11,6 +11,7 @@ import redis
 from bytewax.testing import run_main
 
 from connectors.clickhouse import connect
+from connectors.redis_store import FeatureReader
 from connectors.tansu import TansuBroker, create_topics, produce, read_topic
 from flows.common import clickhouse_dsn
 from flows.main import build
@@ -103,10 +104,11 @@ def test_kafka_to_redis_actions_dlq_and_clickhouse(settings: Settings, kafka: Ta
 
     # Redis: one hash per user with the window count, the valid-at time and a TTL
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    u1 = r.hgetall(f"{key_prefix}:u:u1")
-    assert u1["events_1h"] == "4"  # the duplicate of a2 is not counted
-    assert u1["_ts"] == str(t0 + 45 * MIN) and u1["first_seen_ts"] == str(t0)
-    assert r.hget(f"{key_prefix}:u:u2", "events_1h") == "3"
+    users = FeatureReader(redis_url, key_prefix).get_many(["u1", "u2"])
+    u1 = users["u1"]
+    assert u1["events_1h"] == 4  # the duplicate of a2 is not counted
+    assert u1["_ts"] == str(t0 + 45 * MIN) and u1["first_seen_ts"] == t0
+    assert users["u2"]["events_1h"] == 3
     assert 0 < r.ttl(f"{key_prefix}:u:u1") <= 86400
     assert not r.exists(f"{key_prefix}:u:u9")
 

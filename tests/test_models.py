@@ -98,7 +98,7 @@ def test_learner_learns_each_example_once_scores_before_learning_and_publishes()
     for i in range(9):
         x = {"views_1h": float(rnd.randint(0, 10))}
         r = Resolved("buy", "u", f"e{i}", i * MIN, i * MIN + 1, x, 0.5, 0, x["views_1h"] > 5)
-        _, pred = learner.learn(r)
+        _, [pred] = learner.learn([r])
         assert 0.0 <= pred.learner_score <= 1.0
         snap = learner.maybe_publish(now=0)
         if snap:
@@ -117,9 +117,24 @@ def test_progressive_validation_uses_the_model_before_the_update() -> None:
         x = {"views_1h": float(i % 7)}
         r = Resolved("buy", "u", f"e{i}", i, i, x, 0.5, 0, i % 7 > 3)
         expected = shadow.predict_proba_one(x).get(True, 0.0)
-        _, pred = learner.learn(r)
+        _, [pred] = learner.learn([r])
         assert pred.learner_score == pytest.approx(expected)
         shadow.learn_one(x, r.label)
+
+
+def test_examples_resolved_together_are_all_scored_before_any_is_learned() -> None:
+    """A burst (one order resolving a shopper's pending examples) must not score its twins after learning them."""
+    d = CFG.models[0]
+    learner, shadow = Learner(d, CFG), build_model(d)
+    for i in range(30):  # some history, so the model is not at its starting point
+        x = {"views_1h": float(i % 7)}
+        learner.learn([Resolved("buy", "u", f"h{i}", i, i, x, 0.5, 0, i % 7 > 3)])
+        shadow.learn_one(x, i % 7 > 3)
+    burst = [Resolved("buy", "v", f"b{i}", 100, 100, {"views_1h": 6.0}, 0.5, 0, True) for i in range(5)]
+    expected = shadow.predict_proba_one({"views_1h": 6.0}).get(True, 0.0)
+    _, preds = learner.learn(burst)
+    assert [p.learner_score for p in preds] == pytest.approx([expected] * 5)
+    assert learner.examples == 35
 
 
 def test_snapshot_from_another_river_is_refused() -> None:
@@ -140,7 +155,7 @@ def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(redis_url: str
     for version in (1, 2):
         learner = Learner(d, CFG)
         for i in range(50):
-            learner.learn(Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i % 10)}, 0.5, 0, (i % 10 > 4) == (version == 1)))
+            learner.learn([Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i % 10)}, 0.5, 0, (i % 10 > 4) == (version == 1))])
         learner.version = version - 1
         store.publish(learner.maybe_publish(now=0, force=True))
         clock[0] += 1000  # within the 2 s refresh bound: still the old model
@@ -165,7 +180,7 @@ def test_learner_logic_warm_starts_from_the_published_snapshot() -> None:
     d = CFG.models[0]
     trained = Learner(d, CFG)
     for i in range(10):
-        trained.learn(Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i)}, 0.5, 0, i > 5))
+        trained.learn([Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i)}, 0.5, 0, i > 5)])
     trained.version = 6
     snap = trained.maybe_publish(now=0, force=True)
     logic = LearnerLogic(CFG, None, warm=lambda name: snap)

@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from connectors.kafka import user_keyed
+from connectors.redis_store import FeatureReader
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 
@@ -49,12 +51,10 @@ def nudgeflow(*args: str, tail: bool, wait: bool = True) -> subprocess.Popen[str
     return proc
 
 
-def features(r: redis.Redis, prefix: str) -> dict[str, dict[str, str]]:
-    keys = sorted(r.scan_iter(match=f"{prefix}:u:*", count=1000))
-    pipe = r.pipeline(transaction=False)
-    for k in keys:
-        pipe.hgetall(k)
-    return {k.split(":u:", 1)[1]: h for k, h in zip(keys, pipe.execute())}
+def features(r: redis.Redis, prefix: str) -> dict[str, dict[str, Any]]:
+    users = sorted(k.split(":u:", 1)[1] for k in r.scan_iter(match=f"{prefix}:u:*", count=1000))
+    url = "redis://{host}:{port}/{db}".format(**r.connection_pool.connection_kwargs)
+    return FeatureReader(url, prefix).get_many(users)
 
 
 def total_events(r: redis.Redis, prefix: str) -> int:

@@ -1,0 +1,409 @@
+"""Model quality on the simulator: ``python -m benchmarks.models`` (``make bench-models``).
+
+Issue 4 asks whether the online models learn the simulator's hidden purchase
+model (which depends on observable behaviour) well enough to act on. This
+replays simulated events through the *real* operators in one process, in the
+order the main flow applies them (``flows/main.py``, ``model_steps``)::
+
+    simulator -> Parser -> FeatureEngine (state per shard) -> Scorer
+              -> LabelEngine (state per shard, event-time watermark) -> Learner
+
+No Kafka, Redis or ClickHouse: this measures model quality, not throughput.
+The replay stands in for a live stream, so event time is the clock the
+Scorer's refresh, the learners' publishing and the label watermark read.
+
+Per model it reports, for a 100k-event stream and the full one (1M by default),
+the learners' cumulative progressive-validation metrics (each example scored
+before it is learned), the same for the score actually served at decision time
+(the newest published snapshot, or the prior), and for a recency/frequency
+points heuristic on exactly the same resolved examples. The run goes to
+``RESULTS.md`` and ``models.jsonl``; the last line is ``BENCH_MODELS k=v ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.run import REPO, environment, simulator_config
+from connectors.simulator import iter_records
+from nudgeflow.configload import Deployment, load_deployment
+from nudgeflow.events import Event
+from nudgeflow.settings import ModelDef
+from operators.features import Enriched, FeatureEngine, ShardState, shard_of
+from operators.models import LabelEngine, LabelState, Learner, Metrics, Resolved, Scorer, Snapshot
+from operators.parse import Parser
+
+HERE = Path(__file__).resolve().parent
+CONFIG = REPO / "config" / "local.yaml"
+DEFAULT_EVENTS = 1_000_000
+DEFAULT_USERS = 50_000
+CHECKPOINT = 100_000
+#: records per replayed batch (a Bytewax source batch is 500 to 1000)
+BATCH = 1000
+#: the issue's targets for the main head
+TARGET_AUC, TARGET_ECE = 0.80, 0.05
+MAIN_MODEL = "purchase_propensity"
+#: the figures reported per model, stream and scorer
+FIGURES = ("examples", "positives", "auc", "logloss", "brier", "ece")
+
+#: (feature, thresholds, higher is likelier): one point per threshold the value reaches (or, when
+#: lower is likelier, stays at or under). A classic hand-made recency/frequency score, never fitted.
+Points = list[tuple[str, tuple[float, ...], bool]]
+PURCHASE_POINTS: Points = [
+    ("carts_24h", (1, 2, 3, 5), True),
+    ("views_1h", (1, 3, 6, 10), True),
+    ("orders_30d", (1, 2, 3, 4), True),
+    ("since_last_event_s", (60, 600, 3600, 86400), False),
+]
+CHURN_POINTS: Points = [
+    ("since_last_event_s", (3600, 86400, 3 * 86400, 7 * 86400), True),
+    ("events_7d", (1, 3, 10, 30), False),
+]
+
+
+class Heuristic:
+    """A points score calibrated online by the running positive rate of each score (a Beta prior
+    of ``strength`` examples at the model's prior), so its log loss and ECE mean something; like the
+    learner, it predicts an example before learning its label."""
+
+    def __init__(self, points: Points, prior: float, strength: float = 20.0):
+        self.points = points
+        self.prior = prior
+        self.strength = strength
+        top = sum(len(t) for _, t, _ in points)
+        self.n = [0] * (top + 1)
+        self.pos = [0] * (top + 1)
+
+    def score(self, x: dict[str, float]) -> int:
+        s = 0
+        for name, thresholds, up in self.points:
+            v = x[name]
+            s += bisect.bisect_right(thresholds, v) if up else len(thresholds) - bisect.bisect_left(thresholds, v)
+        return s
+
+    def predict(self, x: dict[str, float]) -> float:
+        s = self.score(x)
+        return (self.pos[s] + self.prior * self.strength) / (self.n[s] + self.strength)
+
+    def learn(self, x: dict[str, float], y: bool) -> None:
+        s = self.score(x)
+        self.n[s] += 1
+        self.pos[s] += int(y)
+
+
+def heuristic_for(d: ModelDef) -> Heuristic:
+    """The churn points for an ``absent`` label, else the purchase points; their features must be model inputs."""
+    points = CHURN_POINTS if d.label.outcome == "absent" else PURCHASE_POINTS
+    missing = [n for n, _, _ in points if n not in d.features]
+    if missing:
+        raise ValueError(f"model {d.name!r}: the heuristic baseline reads {missing}, which are not among its features")
+    return Heuristic(points, d.prior)
+
+
+def figures(m: Metrics) -> dict[str, Any]:
+    row = m.row()
+    return {k: row[k] for k in FIGURES}
+
+
+@dataclass
+class Scores:
+    """Progressive metrics of one model's three scorers on the same resolved examples."""
+
+    learner: Learner
+    heuristic: Heuristic
+    #: the score served when the example was sampled (published snapshot, or the prior)
+    served: Metrics
+    baseline: Metrics
+
+
+class Replay:
+    """The model steps of the main flow, in-process: one call per source batch, like Bytewax's."""
+
+    def __init__(self, dep: Deployment):
+        s, mf = dep.settings, dep.models
+        self.parser = Parser(s.events)
+        needed = set().union(*(m.features for m in mf.models))
+        self.features = FeatureEngine(dep.features, s.features, s.events, needed=needed)
+        self.shards = s.shards
+        self.feature_states: dict[str, ShardState] = {}
+        self.labels = LabelEngine(mf, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
+        self.label_states: dict[str, LabelState] = {}
+        self.models = {
+            d.name: Scores(Learner(d, mf), heuristic_for(d), Metrics(mf.calibration_bins), Metrics(mf.calibration_bins))
+            for d in mf.models
+        }
+        self.published: dict[str, Snapshot] = {}
+        self.clock = 0  # newest event time: the wall clock of a live stream
+        self.scorer = Scorer(mf, self.fetch, now_ms=lambda: self.clock)
+        self.read = 0
+        self.refused = 0
+
+    def fetch(self, name: str, have: int) -> Snapshot | None:
+        """What the model store would answer: the newest published snapshot, if newer than ``have``."""
+        snap = self.published.get(name)
+        return snap if snap is not None and snap.version > have else None
+
+    def feed(self, batch: list[tuple[str, bytes]]) -> None:
+        """Parse, enrich, score, label and learn one source batch."""
+        self.read += len(batch)
+        enriched: list[tuple[str, Enriched]] = []
+        touched: set[str] = set()
+        for ev in self.parser.parse_batch(batch):
+            if type(ev) is not Event:
+                self.refused += 1
+                continue
+            key = shard_of(ev.user_id, self.shards)
+            st = self.feature_states.get(key)
+            if st is None:
+                st = self.feature_states[key] = self.features.new_state()
+            out = self.features.apply(st, ev)
+            if type(out) is not Enriched:
+                self.refused += 1
+                continue
+            touched.add(key)
+            enriched.append((key, out))
+            if ev.ts > self.clock:
+                self.clock = ev.ts
+        for key in touched:  # what FeatureLogic does per batch (the Redis side): keeps the state as in the flow
+            self.features.flush(self.feature_states[key])
+        self.scorer.score_batch(enriched)
+        resolved: list[Resolved] = []
+        for key, en in enriched:
+            st = self.label_states.get(key)
+            if st is None:
+                st = self.label_states[key] = self.labels.new_state()
+            resolved.extend(self.labels.on_event(st, en, self.clock))
+        for st in self.label_states.values():  # LabelLogic's batch end and its once-a-second wake-up
+            if st.heap:
+                resolved.extend(self.labels.advance(st, self.labels.watermark(st, self.clock)))
+        self.learn(resolved)
+
+    def finish(self) -> None:
+        """End of input: resolve every example whose deadline the newest event time passed."""
+        resolved: list[Resolved] = []
+        for st in self.label_states.values():
+            resolved.extend(self.labels.advance(st, self.clock))
+        self.learn(resolved)
+
+    def learn(self, resolved: list[Resolved]) -> None:
+        for name, m in self.models.items():  # as LearnerLogic: one batch per model's learner
+            m.learner.learn([r for r in resolved if r.model == name])
+        for r in resolved:
+            m = self.models[r.model]
+            m.served.update(r.label, r.score)
+            m.baseline.update(r.label, m.heuristic.predict(r.x))
+            m.heuristic.learn(r.x, r.label)
+        for name, m in self.models.items():
+            snap = m.learner.maybe_publish(self.clock)
+            if snap is not None:
+                self.published[name] = snap
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Cumulative figures so far per model: learner, served score and heuristic."""
+        return {
+            name: {
+                **figures(m.learner.total),
+                "calibration": m.learner.total.cal.bins(),
+                "served": figures(m.served),
+                "heuristic": figures(m.baseline),
+            }
+            for name, m in self.models.items()
+        }
+
+
+def label(n: int) -> str:
+    """A stream length's short name.
+
+    >>> label(100_000), label(1_000_000), label(30_000), label(1234)
+    ('100k', '1m', '30k', '1234')
+    """
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}m"
+    if n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+def sizes(events: int, users: int) -> list[tuple[int, int]]:
+    """(events, users) of each stream to replay: ``CHECKPOINT`` events first when the run is longer.
+
+    Separate streams, not a cut of the long one: the simulator spreads any number of events over
+    the same days, so the first 100k of 1M cover about 13 h of event time, before a single
+    24-hour label could resolve negative. The short stream keeps the events per user.
+
+    >>> sizes(1_000_000, 50_000), sizes(30_000, 3_000)
+    ([(100000, 5000), (1000000, 50000)], [(30000, 3000)])
+    """
+    short = [(CHECKPOINT, max(1, users * CHECKPOINT // events))] if events > CHECKPOINT else []
+    return short + [(events, users)]
+
+
+def batches(events: int, users: int, seed: int) -> Iterator[list[tuple[str, bytes]]]:
+    """(position, record) batches of one simulator partition (so the stream is in event-time order)."""
+    batch: list[tuple[str, bytes]] = []
+    for i, rec in enumerate(iter_records(simulator_config(users, events, seed))):
+        batch.append((f"sim:0:{i}", rec))
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run(dep: Deployment, events: int, users: int, seed: int) -> dict[str, Any]:
+    """Replay ``events`` simulated records through a deployment's operators; every model's figures at the end."""
+    replay = Replay(dep)
+    t0 = time.perf_counter()
+    for batch in batches(events, users, seed):
+        replay.feed(batch)
+    replay.finish()
+    return {
+        "events": replay.read, "users": users, "refused": replay.refused, "wall_s": round(time.perf_counter() - t0, 2),
+        "models": replay.results(),
+    }  # fmt: skip
+
+
+# -- reporting
+
+COLUMNS = ["events", "users", "model", "examples", "positives", "AUC", "log loss", "ECE", "served AUC", "heur. AUC",
+           "heur. log loss", "heur. ECE"]  # fmt: skip
+
+
+def rows(res: dict[str, Any]) -> list[list[str]]:
+    """One row of figures per (stream, model)."""
+    out = []
+    for r in res["runs"].values():
+        for name, f in r["models"].items():
+            h, sv = f["heuristic"], f["served"]
+            out.append([
+                f"{r['events']:,}", f"{r['users']:,}", name, f"{f['examples']:,}", f"{f['positives']:,}",
+                f"{f['auc']:.4f}", f"{f['logloss']:.4f}", f"{f['ece']:.4f}", f"{sv['auc']:.4f}", f"{h['auc']:.4f}",
+                f"{h['logloss']:.4f}", f"{h['ece']:.4f}",
+            ])  # fmt: skip
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    body = [COLUMNS, *rows(res)]
+    widths = [max(len(r[i]) for r in body) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in body]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def bench_line(res: dict[str, Any]) -> str:
+    """``BENCH_MODELS`` with every model's AUC, log loss and ECE and its heuristic's AUC per stream length;
+    ``heuristic_auc_<n>`` and ``ece_<n>`` without a model name are the main model's."""
+    parts = []
+    for at, r in res["runs"].items():
+        for name, f in r["models"].items():
+            parts += [f"{name}_auc_{at}={f['auc']:.4f}", f"{name}_logloss_{at}={f['logloss']:.4f}",
+                      f"{name}_ece_{at}={f['ece']:.4f}", f"{name}_heuristic_auc_{at}={f['heuristic']['auc']:.4f}"]
+        main = r["models"].get(MAIN_MODEL)
+        if main:
+            parts += [f"heuristic_auc_{at}={main['heuristic']['auc']:.4f}", f"ece_{at}={main['ece']:.4f}"]
+    return "BENCH_MODELS " + " ".join(parts)
+
+
+def verdict(res: dict[str, Any]) -> str:
+    """Whether the main model meets the issue's targets on the longest stream."""
+    at, r = list(res["runs"].items())[-1]
+    f = r["models"].get(MAIN_MODEL)
+    if f is None:
+        return f"no model {MAIN_MODEL!r}"
+    ok = f["auc"] >= TARGET_AUC and f["auc"] > f["heuristic"]["auc"] and f["ece"] <= TARGET_ECE
+    return (f"{MAIN_MODEL} at {at}: AUC {f['auc']:.4f} (target >= {TARGET_AUC}, heuristic {f['heuristic']['auc']:.4f}), "
+            f"ECE {f['ece']:.4f} (target <= {TARGET_ECE}): {'met' if ok else 'NOT met'}")
+
+
+HEADING = "## Model quality (benchmarks/models.py)"
+SECTION = f"""
+{HEADING}
+
+Rows of `python -m benchmarks.models` (`make bench-models`): the real operators replayed in-process
+over simulated events (one partition, 0.1 % bad records) with `config/local.yaml` (its
+`models.yaml` and `features.yaml`); one row per stream and model. Each run replays 100k events
+(users in proportion) and the full stream (default 1M events, 50,000 users); every example whose
+deadline passed by the last event is resolved. Every run is also one object in `models.jsonl`
+(with Brier scores and reliability bins). Figures are cumulative progressive validation: **AUC**,
+**log loss**, **ECE** of the learner (each example scored before it is learned); **served AUC** of
+the score used at decision time (the newest published snapshot, or the prior); **heur.** a
+recency/frequency points score (purchase: `carts_24h`, `views_1h`, `orders_30d`,
+`since_last_event_s`; churn: `since_last_event_s`, `events_7d`) calibrated online by the positive
+rate per score, on exactly the same examples. **wall s** the whole run. Targets (issue 4):
+`purchase_propensity` AUC >= 0.80 and above the heuristic, ECE <= 0.05.
+"""
+RUN_COLUMNS = ["utc", "rev", "cpu", "nproc", "seed", "wall s"]
+
+
+def _md(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+
+
+def record(res: dict[str, Any], out_dir: Path) -> None:
+    """Append the run's rows at the end of RESULTS.md (the section once; the table header again when
+    another table was appended after ours) and the run to models.jsonl."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "RESULTS.md"
+    text = md.read_text() if md.exists() else ""
+    cols = RUN_COLUMNS + COLUMNS
+    header = _md(cols)
+    add = ""
+    if HEADING not in text:
+        add += ("" if text.endswith("\n") or not text else "\n") + SECTION
+    last_header = next((ln for ln in reversed((text + add).splitlines()) if ln.startswith("| utc |")), None)
+    if last_header != header:
+        add += ("" if (text + add).endswith("\n\n") else "\n") + header + "\n" + _md(["---"] * len(cols)) + "\n"
+    env = res["env"]
+    wall = sum(r["wall_s"] for r in res["runs"].values())
+    run_cells = [env["utc"], f"`{env['rev']}`", env["cpu"], str(env["nproc"]), str(res["seed"]), f"{wall:.1f}"]
+    add += "".join(_md(run_cells + r) + "\n" for r in rows(res))
+    with md.open("a") as f:
+        f.write(add)
+    with (out_dir / "models.jsonl").open("a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=DEFAULT_EVENTS, help=f"records to replay (default {DEFAULT_EVENTS:,})")
+    p.add_argument("--users", type=int, default=DEFAULT_USERS, help=f"simulated shoppers (default {DEFAULT_USERS:,})")
+    p.add_argument("--seed", type=int, default=42, help="simulator seed (default 42)")
+    p.add_argument("--config", type=Path, default=CONFIG, help="deployment config (default config/local.yaml)")
+    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md / models.jsonl")
+    p.add_argument("--out-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    env = environment()
+    print(f"nudgeflow model bench: {a.events:,} events, {a.users:,} users, seed {a.seed}; "
+          f"rev {env['rev']}, {env['cpu']} x{env['nproc']}, load {env['load1']}", flush=True)
+    dep = load_deployment(a.config)
+    runs: dict[str, dict[str, Any]] = {}
+    for events, users in sizes(a.events, a.users):
+        runs[label(events)] = r = run(dep, events, users, a.seed)
+        print(f"  {events:>10,} events, {users:,} users: {r['wall_s']:.1f}s", flush=True)
+    res = {"env": env, "seed": a.seed, "config": os.path.relpath(a.config.resolve(), REPO), "runs": runs}
+    print()
+    print(table(res))
+    print(verdict(res))
+    if not a.no_record:
+        record(res, a.out_dir)
+        print(f"recorded in {a.out_dir / 'RESULTS.md'} and {a.out_dir / 'models.jsonl'}")
+    print(bench_line(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
