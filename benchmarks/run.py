@@ -37,14 +37,18 @@ BAD_RATE = 0.001
 STAGE_TIMEOUT_S = 600.0
 
 #: (numerator, denominator) stages whose events/s ratio is reported; skipped when a stage did not run
-RATIOS: list[tuple[str, str]] = [("features", "raw"), ("skeleton", "raw"), ("skeleton", "bare"), ("bare", "raw")]
+RATIOS: list[tuple[str, str]] = [
+    ("parse", "raw"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
+]
 #: the fields of the last line, ``BENCH k=v ...``: (name, stage, figure) or (name, (num, den), None) for a ratio
 BENCH_FIELDS: list[tuple[str, Any, str | None]] = [
-    ("skeleton_eps", "skeleton", "eps"),
+    ("full_eps", "full", "eps"),
+    ("features_eps", "features", "eps"),
     ("bare_eps", "bare", "eps"),
     ("raw_eps", "raw", "eps"),
-    ("skeleton_vs_raw", ("skeleton", "raw"), None),
-    ("skeleton_vs_bare", ("skeleton", "bare"), None),
+    ("features_vs_raw", ("features", "raw"), None),
+    ("full_vs_raw", ("full", "raw"), None),
+    ("full_vs_bare", ("full", "bare"), None),
 ]
 
 
@@ -191,7 +195,7 @@ def run_stage(name: str, broker: TansuBroker, topic: str, events: int, redis_url
 
 
 def ratios(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """events/s of one stage over another's (skeleton_vs_raw = 0.25: the full flow runs at a quarter of the ceiling)."""
+    """events/s of one stage over another's (full_vs_raw = 0.25: the full flow runs at a quarter of the ceiling)."""
     return {
         f"{a}_vs_{b}": stages[a]["eps"] / stages[b]["eps"] for a, b in RATIOS if a in stages and b in stages
     }
@@ -200,11 +204,11 @@ def ratios(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
 def checks(stages: dict[str, dict[str, Any]]) -> list[str]:
     """Cross-checks of a stage's outputs that do not invalidate its timing."""
     out = []
-    sk = stages.get("skeleton")
+    sk = stages.get("full")
     if sk:
         for what in ("actions", "dlq"):
             if sk.get(f"kafka_{what}") != sk.get(f"ch_{what}"):
-                out.append(f"skeleton: {what} in Kafka {sk.get(f'kafka_{what}')} != in ClickHouse {sk.get(f'ch_{what}')}")
+                out.append(f"full: {what} in Kafka {sk.get(f'kafka_{what}')} != in ClickHouse {sk.get(f'ch_{what}')}")
     return out
 
 
@@ -227,10 +231,10 @@ def table(run: dict[str, Any]) -> str:
                 f"{name}: first record {r['first_record_s']:.2f}s after flow start (source start-up), "
                 f"last at {r['last_record_s']:.2f}s, end {r['wall_s']:.2f}s"
             )
-    sk = run["stages"].get("skeleton")
+    sk = run["stages"].get("full")
     if sk:
         rows.append(
-            f"skeleton: flow {sk['flow_s']:.2f}s + close {sk['close_s']:.2f}s; ClickHouse rows events={sk.get('ch_events')} "
+            f"full: flow {sk['flow_s']:.2f}s + close {sk['close_s']:.2f}s; ClickHouse rows events={sk.get('ch_events')} "
             f"dlq={sk.get('ch_dlq')} actions={sk.get('ch_actions')}; Kafka actions={sk.get('kafka_actions')} "
             f"dlq={sk.get('kafka_dlq')}; Redis users={sk.get('redis_users')}"
         )
@@ -260,11 +264,11 @@ Columns: **utc** when the run started; **rev** `git rev-parse --short HEAD` (`+d
 changes); **machine** `platform.processor()/machine`; **cpu** model from `/proc/cpuinfo`; **nproc**
 cores; **py** Python version; **load1** 1-minute load average at the start (this machine is shared:
 a high load means noisy figures); **events** records on the topic (users, Kafka partitions).
-Then per stage (`raw`, `bare`, `skeleton`, …): **ev/s** records read per second of wall time from
-flow start to end (for `skeleton` including the final ClickHouse flush); **µs/ev** CPU time of the
+Then per stage (`raw`, `bare`, `features`, `full`): **ev/s** records read per second of wall time from
+flow start to end (for `full` including the final ClickHouse flush); **µs/ev** CPU time of the
 stage's process (all threads) per record; **wall s**; **RSS MB** peak resident memory of the stage's
 process. **produce ev/s** how fast the harness filled the topic. Ratios are of events/s:
-**skeleton/raw** = 0.25 means the full flow runs at a quarter of the raw Kafka+orjson ceiling.
+**full/raw** = 0.25 means the full flow runs at a quarter of the raw Kafka+orjson ceiling.
 
 Only compare rows from the same machine, event count and users.
 """

@@ -41,6 +41,7 @@ from nudgeflow.settings import KafkaConfig
 REPO = Path(__file__).resolve().parent.parent
 TRIGGERS = REPO / "config" / "triggers.yaml"
 FEATURES = REPO / "config" / "features.yaml"
+MODELS = REPO / "config" / "models.yaml"
 
 
 @dataclass
@@ -154,6 +155,29 @@ def build_raw(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
+def build_parse(ctx: StageContext) -> Built:
+    """KafkaSource → the real parse step of every flow (``operators.parse.Parser``: validated, normalised
+    events and dead letters) → a sink that counts: what the features and full stages build on."""
+    from nudgeflow.settings import EventsConfig
+    from operators.parse import Parser
+
+    read = _Count()
+    sink = CountingSink()
+    parser = Parser(EventsConfig())
+
+    def parse(batch: list[Any]) -> list[Any]:
+        if batch:
+            read.last = time.perf_counter()
+            if not read.n:
+                read.first = read.last
+        read.n += len(batch)
+        return parser.parse_batch(kafka.raw_records(batch))
+
+    flow = Dataflow("bench_parse")
+    op.output("count", op.flat_map_batch("parse", op.input("kafka_in", flow, kafka.source(ctx.kafka_config())), parse), sink)
+    return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
+
+
 def _marks(read: _Count) -> dict[str, float]:
     """When the first and the last records arrived (perf_counter; the stage runner makes them relative)."""
     return {"first_record_at": read.first, "last_record_at": read.last}
@@ -182,7 +206,7 @@ def build_bare(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
-def _deployment(ctx: StageContext, name: str) -> Any:
+def _deployment(ctx: StageContext, name: str, models: bool = False) -> Any:
     """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
     output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir."""
     from connectors.tansu import create_topics
@@ -200,6 +224,7 @@ def _deployment(ctx: StageContext, name: str) -> Any:
         "actions": {"kind": "kafka"},
         "dlq": {"kind": "kafka"},
         "triggers": str(TRIGGERS),
+        "models": str(MODELS) if models else None,
     })
     return deployment(settings, ctx.workdir)
 
@@ -294,15 +319,16 @@ def build_features(ctx: StageContext) -> Built:
     )
 
 
-def build_skeleton(ctx: StageContext) -> Built:
-    """The full main flow of ``flows/main.py`` in Kafka mode, ``rt.close()`` (final ClickHouse flush) timed."""
+def build_full(ctx: StageContext) -> Built:
+    """The main job of ``flows/main.py`` as shipped (features, the models of ``config/models.yaml``, the
+    triggers of ``config/triggers.yaml``, guards) in Kafka mode; ``rt.close()`` (final ClickHouse flush) timed."""
     import redis
 
     from connectors.clickhouse import connect
     from flows.common import clickhouse_dsn
     from flows.main import build
 
-    dep = _deployment(ctx, "bench_skeleton")
+    dep = _deployment(ctx, "bench_full", models=True)
     s, database = dep.settings, dep.settings.clickhouse.database
     flow, rt = build(dep)
     counts: dict[str, int] = {}
@@ -337,9 +363,10 @@ def build_skeleton(ctx: StageContext) -> Built:
 #: name → builder, in the order ``benchmarks.run`` runs them. Adding a stage is one function here.
 STAGES: dict[str, Callable[[StageContext], Built]] = {
     "raw": build_raw,
+    "parse": build_parse,
     "bare": build_bare,
     "features": build_features,
-    "skeleton": build_skeleton,
+    "full": build_full,
 }
 
 

@@ -40,7 +40,7 @@ from bytewax.operators import StatefulBatchLogic
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.dedup import Deduper
-from operators.windows import SLOT_BITS, SLOT_HALF, SLOT_MASK, PackedWindow, bias, slot
+from operators.windows import SLOT_BITS, PackedWindow, bias, slot, unpacker
 
 EVICT_EVERY = 4096
 """Events between scans for idle users (a scan is O(users in the shard))."""
@@ -236,8 +236,8 @@ class FeaturePlan:
 
         n = defs.buckets_per_window
         self.window_shapes = [(w, max(1, w // n)) for w in self._widths]
-        #: per window, what a packed total needs added before a slot is read
-        self.biases = [bias(len(sl)) for sl in self._slots]
+        #: per window, the reader of every slot of a packed total
+        self.unpackers = [unpacker(len(sl)) for sl in self._slots]
         distinct_ms = [int(w * 1000) for d in self.distinct for w in d.windows]
         gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
         self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
@@ -280,7 +280,7 @@ class FeaturePlan:
         if unknown:
             raise ValueError(f"unknown features: {sorted(unknown)}")
         by_window = [
-            (wi, self.biases[wi], [(name, si * SLOT_BITS, scaled) for name, si, scaled in entries if name in wanted])
+            (wi, self.unpackers[wi], [(name, si, scaled) for name, si, scaled in entries if name in wanted])
             for wi, entries in self._by_window
         ]
         by_window = [w for w in by_window if w[2]]
@@ -288,11 +288,10 @@ class FeaturePlan:
 
         def read(u: UserState, at: int) -> dict[str, Any]:
             out: dict[str, Any] = {}
-            for wi, b, entries in by_window:
-                biased = u.wins[wi].total(at) + b
-                for name, shift, scaled in entries:
-                    v = ((biased >> shift) & SLOT_MASK) - SLOT_HALF  # windows.slot, inlined: this runs per event
-                    out[name] = round(v / SCALE, 2) if scaled else v
+            for wi, unpack, entries in by_window:
+                vals = unpack(u.wins[wi].total(at))
+                for name, si, scaled in entries:
+                    out[name] = round(vals[si] / SCALE, 2) if scaled else vals[si]
             for name, get in other:
                 out[name] = get(u, at)
             return out
