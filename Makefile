@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-models tools schema clean
+.PHONY: install demo test bench bench-latency bench-models tools schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install tools
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+## event->action latency p50/p99 at half the measured maximum rate, trigger cost per event with 0/10/50 triggers (~2 min)
+bench-latency: install
+	$(BIN)/python -m benchmarks.latency
 
 ## model quality on the simulator (progressive AUC, log loss, ECE vs a heuristic): 1M events in-process
 bench-models: install

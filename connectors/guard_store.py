@@ -26,7 +26,7 @@ import time
 import redis
 
 from nudgeflow.events import Action, Decision
-from nudgeflow.settings import TriggersFile
+from nudgeflow.settings import Reloadable, TriggersFile
 from operators.guards import effective
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,22 @@ return 'fired'
 class RedisGuards:
     """Decides candidate actions against the shared guards of a trigger file."""
 
-    def __init__(self, tf: TriggersFile, url: str, prefix: str):
+    def __init__(self, triggers: TriggersFile | Reloadable, url: str, prefix: str):
         self.client = redis.Redis.from_url(url)
         self.script = self.client.register_script(GUARD_SCRIPT)
         self.prefix = prefix
+        #: a reloadable trigger file is followed: its new versions bring new guards
+        self.source = None if isinstance(triggers, TriggersFile) else triggers
+        self.version = 0
+        self._use(triggers if isinstance(triggers, TriggersFile) else triggers.current)
+
+    def _use(self, tf: TriggersFile) -> None:
         self.tf = tf
         self.guards = {t.id: effective(t, tf.defaults) for t in tf.triggers}
 
     def _call(self, pipe: redis.client.Pipeline, a: Action, now: int) -> None:
-        g, p, cap = self.guards[a.trigger_id], self.prefix, self.tf.frequency_cap
+        # a trigger removed by a reload while its action was held gets the file's defaults
+        g, p, cap = self.guards.get(a.trigger_id, self.tf.defaults), self.prefix, self.tf.frequency_cap
         day = a.event_ts // DAY_MS
         limit = self.tf.channels.get(a.channel)
         keys = [
@@ -101,6 +108,9 @@ class RedisGuards:
 
     def decide_batch(self, items: list[Action | Decision]) -> list[Decision]:
         """Every candidate becomes a decision; decisions taken upstream pass through (Bytewax ``flat_map_batch``)."""
+        if self.source is not None and self.source.version != self.version:
+            self.version = self.source.version
+            self._use(self.source.current)
         out = [x for x in items if type(x) is Decision]
         candidates = sorted((x for x in items if type(x) is Action), key=lambda a: (a.user_id, -a.priority, a.event_ts))
         if not candidates:

@@ -24,9 +24,10 @@ from connectors.csvlog import CsvMapper, CsvSource
 from connectors.embedded import EmbeddedRedis, ensure_redis
 from connectors.files import JsonlSource, jsonl_sink
 from connectors.simulator import SimulatorSource
+from connectors.webhook import WebhookSender
 from nudgeflow.configload import Deployment, load_deployment
 from nudgeflow.events import DeadLetter, Event
-from nudgeflow.settings import Settings, SinkConfig
+from nudgeflow.settings import Reloadable, Settings, SinkConfig, TriggersFile
 from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
 from operators.parse import Parser
 
@@ -78,8 +79,12 @@ def clickhouse_dsn(s: Settings, base: Path) -> str:
 def output(
     step: str, s: Settings, sink_cfg: SinkConfig, suffix: str, base: Path, stream: Stream[Any],
     as_line: Callable[[Any], str], as_message: Callable[[Any], Any],
-) -> None:
-    """Send a stream to a sink of the config: Kafka topic ``<prefix>.<suffix>``, stdout or a JSONL file."""
+) -> Stream[DeadLetter] | None:
+    """Send a stream to a sink of the config: Kafka topic ``<prefix>.<suffix>``, stdout, a JSONL file or
+    a webhook; a webhook returns what it could not deliver, as dead letters for the flow's DLQ."""
+    if sink_cfg.kind == "webhook":
+        assert sink_cfg.webhook is not None  # SinkConfig ensures it
+        return op.flat_map_batch(step, stream, WebhookSender(sink_cfg.webhook).deliver_batch)
     if sink_cfg.kind == "kafka":
         op.output(step, op.map(f"{step}_msg", stream, as_message), kafka.sink(s.kafka, s.topic(sink_cfg, suffix)))
     elif sink_cfg.kind == "stdout":
@@ -87,6 +92,7 @@ def output(
     else:
         # Bytewax's FileSink is one partition: every line is routed to it by a constant key
         op.output(step, op.map(f"{step}_line", stream, lambda x: ("", as_line(x))), jsonl_sink(_resolve(base, sink_cfg.path or "")))
+    return None
 
 
 def redis_url(s: Settings) -> tuple[str, EmbeddedRedis | None]:
@@ -164,16 +170,22 @@ feature step), growing with the state. The state holds no reference cycles, so c
 loses nothing; with these thresholds collection costs 0.2 µs per event (``benchmarks/RESULTS.md``)."""
 
 
-def feature_step(parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str] | None) -> FeatureStreams:
+def feature_step(
+    parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str] | None,
+    follow: tuple[Reloadable, Callable[[TriggersFile], set[str]]] | None = None,
+) -> FeatureStreams:
     """Key events by shard and run the feature engine over them.
 
     ``needed``: the features each enriched event carries; ``None``: no enriched events at all (the
     feature store alone), which spares every event a trip through the dataflow it would not use.
+    ``follow``: a reloadable trigger file and what its versions need carried (hot reload).
     Every flow keeps its feature state in this process, so this is where collection is tuned.
     """
     gc.set_threshold(*GC_THRESHOLDS)
     s = dep.settings
-    engine = FeatureEngine(dep.features, s.features, s.events, needed=needed or (), enrich=needed is not None)
+    engine = FeatureEngine(
+        dep.features, s.features, s.events, needed=needed or (), enrich=needed is not None, follow=follow
+    )
     shards = s.shards
     keyed = op.flat_map_batch(
         "shard", parsed, lambda b: [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]

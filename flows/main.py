@@ -23,17 +23,16 @@ from connectors.guard_store import RedisGuards
 from connectors.model_store import RedisModelSink, RedisModelStore
 from connectors.redis_store import RedisFeatureSink
 from flows.common import Runtime, clickhouse_dsn, feature_step, flow_attribute, output, parsed_input, redis_url
-from nudgeflow.configload import Deployment
-from nudgeflow.settings import EventTrigger
+from nudgeflow.configload import Deployment, TriggerSource, trigger_features
+from nudgeflow.settings import TriggersFile
 from operators.features import Enriched, UserFeatures
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
 from operators.guards import StateGuards
-from operators.triggers import TriggerEngine, TriggerLogic, feature_refs
+from operators.triggers import TriggerEngine, TriggerLogic
 
-def needed_features(dep: Deployment) -> set[str]:
-    """What enriched events must carry: the features trigger conditions and models read."""
-    wanted = {f for t in dep.triggers.triggers if isinstance(t, EventTrigger) for f in feature_refs(t.condition)}
-    return wanted.union(*(m.features for m in dep.models.models))
+def needed_features(dep: Deployment, triggers: TriggersFile | None = None) -> set[str]:
+    """What enriched events must carry: the features triggers (conditions, crossings, payloads) and models read."""
+    return trigger_features(triggers or dep.triggers).union(*(m.features for m in dep.models.models))
 
 
 def score_fields(kv: tuple[str, Enriched]) -> UserFeatures | None:
@@ -77,17 +76,18 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
         client.close()
     writer = ClickHouseWriter(s.clickhouse.model_copy(update={"dsn": dsn}))
     rt = Runtime(s, base, url, writer, embedded)
+    source = TriggerSource(dep.resolve(s.triggers), dep.triggers, dep.check_triggers)
     trigger_engine = TriggerEngine(
-        dep.triggers.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000),
-        guards=StateGuards(dep.triggers, s.events.default_timezone),
+        dep.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000),
+        guards=StateGuards(dep.triggers, s.events.default_timezone), source=source,
     )
-    redis_guards = RedisGuards(dep.triggers, url, s.redis.key_prefix)
+    redis_guards = RedisGuards(source, url, s.redis.key_prefix)
 
     flow = Dataflow(s.name)
-    fs = feature_step(parsed_input(flow, dep), dep, needed_features(dep))
+    fs = feature_step(
+        parsed_input(flow, dep), dep, needed_features(dep), follow=(source, lambda tf: needed_features(dep, tf))
+    )
     rt.feature_logics = fs.logics
-    output("dlq_out", s, s.dlq, "dlq", base, fs.dead, dlq_line, kafka.dlq_message)
-    op.output("dlq_ch", fs.dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, dlq_row))
     op.output("features_redis", fs.published, RedisFeatureSink(s.redis, url))
     op.output("events_ch", fs.enriched, ClickHouseSink(writer, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event)))
 
@@ -96,8 +96,11 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
     op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, decision_row))
     actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)
-    output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
+    undelivered = output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
     op.output("actions_ch", actions, ClickHouseSink(writer, "actions", ACTION_COLUMNS, action_row))
+    dead = fs.dead if undelivered is None else op.merge("dead_all", fs.dead, undelivered)
+    output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message)
+    op.output("dlq_ch", dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, dlq_row))
     return flow, rt
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -42,6 +43,7 @@ def run(
     from flows.common import from_file
     from nudgeflow.summary import print_summary
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if flow_name not in ("main", "features"):
         _fail(ValueError(f"unknown flow {flow_name!r}: main or features"))
     try:
@@ -148,6 +150,46 @@ def validate(config: ConfigOpt = Path("config/local.yaml")) -> None:
     if s.models:
         console.print(f"{dep.resolve(s.models)}: ok, {len(dep.models.models)} models")
     console.print(f"{dep.resolve(s.triggers)}: ok, {len(dep.triggers.triggers)} triggers")
+
+
+@app.command()
+def backtest(
+    triggers: Annotated[Path, typer.Option("--triggers", "-t", help="the trigger file to try (checked like validate)")],
+    events: Annotated[str, typer.Option("--events", "-e", help="a JSONL file of events, or 'clickhouse': the "
+                                        "deployment's events table")],
+    config: ConfigOpt = Path("config/local.yaml"),
+    since: Annotated[Optional[str], typer.Option(help="ClickHouse events from: 2026-11-01, an ISO time or 7d ago")] = None,
+    until: Annotated[Optional[str], typer.Option(help="ClickHouse events before: a date, ISO time or duration ago")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="keep the run's actions, dead letters and chDB here (new or "
+                                                "empty folder); default: a temporary folder, removed")] = None,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="worker threads in this process")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print the figures as one JSON object")] = False,
+) -> None:
+    """Replay history through the real flow with other triggers, sending nothing; print what they would have done.
+
+    Per trigger: fires, holdouts (would have fired), suppressions by guard and users reached. Features,
+    models and guards are the deployment's own: the models start cold and learn on the history as they
+    would live. Guards count in a fresh embedded Redis, results go to a throwaway chDB, actions and dead
+    letters to files: production Redis, ClickHouse, Kafka and webhooks are never written.
+    """
+    import time
+
+    from nudgeflow.backtest import CLICKHOUSE, backtest as run_backtest, parse_time, print_results
+
+    dep = _deployment(config)
+    now = int(time.time() * 1000)
+    try:
+        figures = run_backtest(
+            dep, triggers, events if events == CLICKHOUSE else Path(events),
+            since=parse_time(since, now) if since else None, until=parse_time(until, now) if until else None,
+            out=out, workers=workers,
+        )
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        print_results(figures, console)
 
 
 @app.command()

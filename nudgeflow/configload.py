@@ -8,6 +8,8 @@ unknown event types and unknown feature names are named.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +17,19 @@ from pathlib import Path
 from connectors.csvlog import CsvMapping
 from nudgeflow.events import BUILTIN_TYPES
 from nudgeflow.settings import (
-    EventsConfig, EventTrigger, FeatureDefs, ModelsFile, Settings, TriggersFile, load_settings,
+    AbsenceTrigger, CrossingTrigger, EventsConfig, EventTrigger, FeatureDefs, ModelsFile, Settings, TriggersFile, load_settings,
 )
 from nudgeflow.yamlconf import ConfigError, line_of, load_yaml, validate
 from operators.features import FeaturePlan, window_label
+from operators.payload import PayloadTemplate
 from operators.triggers import compile_condition, feature_refs, score_refs
+
+log = logging.getLogger(__name__)
 
 #: the names a condition may read
 CONDITION_VARIABLES = frozenset({"event", "features", "user", "score"})
+#: the plain names a payload template may use (besides features.*, score.* and user.*)
+TEMPLATE_NAMES = frozenset({"user_id", "trigger", "variant", "channel", "action_id", "event_ts", "decided_ms"})
 
 
 @dataclass
@@ -42,6 +49,12 @@ class Deployment:
         p = Path(path)
         return p if p.is_absolute() else self.base / p
 
+    def check_triggers(self, path: str | Path) -> TriggersFile:
+        """Load a trigger file, checked against this deployment's event types, features and models."""
+        return load_triggers(
+            path, self.settings.events, FeaturePlan(self.features).names, [m.name for m in self.models.models]
+        )
+
 
 def load_deployment(path: str | Path) -> Deployment:
     """Load a deployment config with its feature and trigger files; raises ConfigError."""
@@ -52,12 +65,9 @@ def deployment(settings: Settings, base: Path) -> Deployment:
     """Complete loaded settings with the feature and trigger files they name (relative to ``base``)."""
     dep = Deployment(settings, base, FeatureDefs(), TriggersFile(), ModelsFile())
     dep.features = load_features(dep.resolve(settings.features.definitions), settings.events)
-    names = FeaturePlan(dep.features).names
     if settings.models:
-        dep.models = load_models(dep.resolve(settings.models), settings.events, names)
-    dep.triggers = load_triggers(
-        dep.resolve(settings.triggers), settings.events, names, [m.name for m in dep.models.models]
-    )
+        dep.models = load_models(dep.resolve(settings.models), settings.events, FeaturePlan(dep.features).names)
+    dep.triggers = dep.check_triggers(dep.resolve(settings.triggers))
     if settings.source.kind == "csv" and settings.source.csv is not None:
         dep.csv_mapping = load_csv_mapping(settings.source.csv.mapping, dep.resolve, settings.events)
     return dep
@@ -147,40 +157,112 @@ def load_triggers(
     known = BUILTIN_TYPES | set(events.custom_types)
     features = set(feature_names) if feature_names is not None else None
     problems: list[tuple[int | None, str, str]] = []
+    models = set(model_names or ())
+
+    def problem(loc: tuple[str | int, ...], message: str) -> None:
+        problems.append((line_of(lines, loc), ".".join(map(str, loc)), message))
+
+    def check_ref(loc: tuple[str | int, ...], kind: str, name: str) -> None:
+        """``features.<name>`` or ``score.<model>`` must exist."""
+        if kind == "features" and features is not None and name not in features:
+            problem(loc, f"unknown feature {name!r}; see the feature definitions (nudgeflow features)")
+        elif kind == "score" and name not in models:
+            problem(loc, f"unknown score {name!r}; scores come from the models in models.yaml")
+
     for i, t in enumerate(tf.triggers):
-        for fld in ("on", "after", "unless"):
-            for j, et in enumerate(getattr(t, fld, ()) or ()):
+        for fld in ("on", "after", "unless", "first", "then"):
+            types = getattr(t, fld, ())
+            for j, et in enumerate(types if isinstance(types, list) else ()):
                 if et not in known:
-                    loc = ("triggers", i, fld, j)
-                    problems.append((line_of(lines, loc), ".".join(map(str, loc)), f"unknown event type {et!r}"))
-        if isinstance(t, EventTrigger):
+                    problem(("triggers", i, fld, j), f"unknown event type {et!r}")
+        if isinstance(t, CrossingTrigger):
+            check_ref(("triggers", i, "value"), *t.source)
+        for where, payload in [(("triggers", i, "payload"), t.payload)] + [
+            (("triggers", i, "variants", j, "payload"), v.payload) for j, v in enumerate(t.variants)
+        ]:
+            for ref in sorted(PayloadTemplate(payload).refs):
+                kind, _, name = ref.partition(".")
+                if kind in ("features", "score") and name:
+                    check_ref(where, kind, name)
+                elif ref not in TEMPLATE_NAMES and kind != "user":
+                    problem(where, f"unknown placeholder ${{{ref}}}; a payload may use {sorted(TEMPLATE_NAMES)}, "
+                                   "features.<name>, score.<model> and user.<attribute>")
+        if isinstance(t, (EventTrigger, AbsenceTrigger)):
             loc = ("triggers", i, "condition")
             try:
                 prog = compile_condition(t.condition)
             except ValueError as e:
-                problems.append((line_of(lines, loc), ".".join(map(str, loc)), _cel_message(str(e))))
+                problem(loc, _cel_message(str(e)))
                 continue
             unknown = set(prog.variables()) - CONDITION_VARIABLES
             if unknown:
-                problems.append(
-                    (line_of(lines, loc), ".".join(map(str, loc)),
-                     f"unknown name(s) {sorted(unknown)}; a condition reads {sorted(CONDITION_VARIABLES)}")
-                )
-            unknown_scores = score_refs(t.condition) - set(model_names or ())
+                problem(loc, f"unknown name(s) {sorted(unknown)}; a condition reads {sorted(CONDITION_VARIABLES)}")
+            unknown_scores = score_refs(t.condition) - models
             if unknown_scores:
-                problems.append(
-                    (line_of(lines, loc), ".".join(map(str, loc)),
-                     f"unknown score(s) {sorted(unknown_scores)}; scores come from the models in models.yaml")
-                )
+                problem(loc, f"unknown score(s) {sorted(unknown_scores)}; scores come from the models in models.yaml")
             missing = feature_refs(t.condition) - features if features is not None else set()
             if missing:
-                problems.append(
-                    (line_of(lines, loc), ".".join(map(str, loc)),
-                     f"unknown feature(s) {sorted(missing)}; see the feature definitions (nudgeflow features)")
-                )
+                problem(loc, f"unknown feature(s) {sorted(missing)}; see the feature definitions (nudgeflow features)")
     if problems:
         raise ConfigError(path, problems)
     return tf
+
+
+def trigger_features(tf: TriggersFile) -> set[str]:
+    """The features a trigger file reads: conditions, crossing values and payload templates."""
+    out: set[str] = set()
+    for t in tf.triggers:
+        if isinstance(t, (EventTrigger, AbsenceTrigger)):
+            out |= feature_refs(t.condition)
+        if isinstance(t, CrossingTrigger) and t.source[0] == "features":
+            out.add(t.source[1])
+        for payload in [t.payload, *(v.payload for v in t.variants)]:
+            out |= {r.partition(".")[2] for r in PayloadTemplate(payload).refs if r.startswith("features.")}
+    return out
+
+
+class TriggerSource:
+    """A running flow's trigger file, read again when it changes (hot reload).
+
+    :meth:`poll` looks at the file at most every ``every`` seconds (it is cheap to call per batch).
+    A changed file is checked exactly as at start; a valid one becomes :attr:`current` under a new
+    :attr:`version`, which the trigger engine and the guards pick up. An invalid one is logged with
+    its errors (file, line, field) and the triggers that were running keep running. The feature step
+    follows the same source, so a new trigger may read features no trigger read before.
+    """
+
+    def __init__(self, path: str | Path, current: TriggersFile, check: Callable[[Path], TriggersFile], every: float = 2.0):
+        self.path = Path(path)
+        self.current = current
+        self.version = 1
+        self.check = check
+        self.every = every
+        self._stamp = self._stat()
+        self._next = time.monotonic() + every
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every
+        stamp = self._stat()
+        if stamp is None or stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            tf = self.check(self.path)
+        except ConfigError as e:
+            log.error("trigger file rejected, the previous triggers keep running: %s", e)
+            return
+        self.current, self.version = tf, self.version + 1
+        log.info("trigger file %s reloaded: version %d, %d triggers", self.path, self.version, len(tf.triggers))
 
 
 def _cel_message(msg: str) -> str:

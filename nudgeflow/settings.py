@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator,
+)
 
 from connectors.csvlog import CsvSourceConfig
 from connectors.simulator import SimulatorConfig
@@ -42,6 +45,23 @@ def parse_duration(value: Any) -> float:
 
 #: Seconds, written in YAML as ``30m``, ``1h`` or a number of seconds.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def parse_signed_duration(value: Any) -> float:
+    """Like :func:`parse_duration`, with an optional minus: ``-3d`` is three days before.
+
+    >>> parse_signed_duration("-3d"), parse_signed_duration("2h")
+    (-259200.0, 7200.0)
+    """
+    if isinstance(value, str) and value.strip().startswith("-"):
+        return -parse_duration(value.strip()[1:])
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return float(value)
+    return parse_duration(value)
+
+
+#: Seconds that may be negative (``-3d``): an offset before a date.
+SignedDuration = Annotated[float, BeforeValidator(parse_signed_duration)]
 
 
 class Strict(BaseModel):
@@ -261,17 +281,76 @@ class ClickHouseConfig(Strict):
     max_buffer_rows: int = Field(100_000, ge=1)
 
 
+def _hidden(value: Any) -> SecretStr:
+    """Wrap a secret before it is checked, so no error message can echo it."""
+    return value if isinstance(value, SecretStr) else SecretStr(value if isinstance(value, str) else "")
+
+
+def _long_secret(value: SecretStr) -> SecretStr:
+    """A short key can be guessed, and then anyone can sign actions."""
+    if len(value.get_secret_value()) < 16:
+        raise ValueError("expected a string of at least 16 characters, from the environment (${VAR})")
+    return value
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class WebhookConfig(Strict):
+    """An endpoint actions are POSTed to, signed with ``secret`` (``connectors/webhook.py``).
+
+    The secret must come from the environment (``secret: ${NUDGEFLOW_WEBHOOK_SECRET}``), never be
+    written in a committed file.
+    """
+
+    #: the hosts ``url`` may name (exact, case-insensitive): any other target is refused at load
+    allowlist: list[str] = Field(min_length=1)
+    #: ``https://``; plain ``http://`` only to a loopback host
+    url: str
+    #: checked after it is wrapped, so an error shows ``SecretStr('**********')``
+    secret: Annotated[SecretStr, AfterValidator(_long_secret), BeforeValidator(_hidden)]
+    connect_timeout: Duration = 2.0
+    #: the wait for a response (read timeout)
+    timeout: Duration = 5.0
+    #: attempts after the first, on connection errors, timeouts, 429 and 5xx
+    retries: int = Field(3, ge=0, le=10)
+    #: the first retry's delay, doubled on each further one, with jitter
+    backoff: Duration = 0.5
+    #: the longest wait between attempts, a Retry-After included
+    max_backoff: Duration = 10.0
+    #: requests in flight at once, per process
+    concurrency: int = Field(8, ge=1, le=64)
+
+    @field_validator("url")
+    @classmethod
+    def _allowed(cls, v: str, info: ValidationInfo) -> str:
+        """Shoppers' features leave the engine only to a reviewed host, encrypted unless it is this machine."""
+        parts = urlsplit(v)
+        host = (parts.hostname or "").rstrip(".")
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError("expected an http(s) URL")
+        if parts.scheme == "http" and host not in _LOOPBACK:
+            raise ValueError("plain http is for a loopback host only: use https")
+        if host not in {h.lower().rstrip(".") for h in info.data.get("allowlist", ())}:
+            raise ValueError(f"host {host!r} is not in the allowlist")
+        return v
+
+
 class SinkConfig(Strict):
     """Where actions or dead letters go."""
 
-    kind: Literal["file", "kafka", "stdout"] = "file"
+    kind: Literal["file", "kafka", "stdout", "webhook"] = "file"
     path: str | None = None
     topic: str | None = None
+    #: ``kind: webhook`` (actions only)
+    webhook: WebhookConfig | None = None
 
     @model_validator(mode="after")
-    def _needs_path(self) -> SinkConfig:
+    def _needs_target(self) -> SinkConfig:
         if self.kind == "file" and not self.path:
             raise ValueError("a file sink needs a path")
+        if self.kind == "webhook" and self.webhook is None:
+            raise ValueError("a webhook sink needs a webhook section (url, secret, allowlist)")
         return self
 
 
@@ -305,6 +384,13 @@ class Settings(Strict):
     #: state keys per step (users are hashed onto them); fixed for the life of a recovery store
     shards: int = Field(64, ge=1, le=4096)
     recovery: RecoverySettings | None = None
+
+    @field_validator("dlq")
+    @classmethod
+    def _dlq_not_webhook(cls, v: SinkConfig) -> SinkConfig:
+        if v.kind == "webhook":
+            raise ValueError("dead letters go to a file, Kafka or stdout, not a webhook")
+        return v
 
     def topic(self, sink: SinkConfig, suffix: str) -> str:
         """The Kafka topic of a sink: its own, else ``<prefix>.<suffix>``."""
@@ -387,9 +473,76 @@ class AbsenceTrigger(TriggerBase):
     after: list[str] = Field(min_length=1)
     unless: list[str] = Field(min_length=1)
     within: Duration
+    #: CEL over the ``after`` event (as for ``event`` triggers): only those it holds for open an episode
+    condition: str = "true"
 
 
-TriggerDef = Annotated[EventTrigger | AbsenceTrigger, Field(discriminator="kind")]
+class SequenceTrigger(TriggerBase):
+    """Fire on a ``then`` event that follows a ``first`` event within ``within`` (search, then a click).
+
+    Event time decides, whatever the arrival order: a ``then`` event fires once, as soon as a ``first``
+    event in the ``within`` before it is known (a late ``first`` still counts within the lateness).
+    """
+
+    kind: Literal["sequence"]
+    first: list[str] = Field(min_length=1)
+    then: list[str] = Field(min_length=1)
+    within: Duration
+
+
+_VALUE_REF = re.compile(r"^(features|score)\.([A-Za-z_]\w*)$")
+
+
+class CrossingTrigger(TriggerBase):
+    """Fire once when a score or feature rises to ``above``; fire again only after it has fallen below
+    ``reset_below`` (hysteresis, so noise around the threshold does not fire twice)."""
+
+    kind: Literal["crossing"]
+    #: ``score.<model>`` or ``features.<name>``
+    value: str = Field(pattern=_VALUE_REF.pattern)
+    above: float
+    #: re-arms below this (default: ``above``, no hysteresis)
+    reset_below: float | None = None
+    #: event types on which the value is looked at; ``any`` for all
+    on: AnyTypes = "any"
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> CrossingTrigger:
+        if self.reset_below is not None and self.reset_below > self.above:
+            raise ValueError("reset_below must not be above `above`")
+        return self
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """(``features`` or ``score``, name)."""
+        m = _VALUE_REF.match(self.value)
+        assert m is not None  # the pattern checked it
+        return m.group(1), m.group(2)
+
+
+class DateTrigger(TriggerBase):
+    """Fire on a date from the user's attributes (``identify``: birthday, member_since, coupon_expiry …),
+    at ``at`` o'clock in the user's time zone, ``offset`` before (negative) or after it; ``annual`` for
+    birthdays and anniversaries (every year), else once."""
+
+    kind: Literal["date"]
+    #: a user attribute holding an ISO date (``YYYY-MM-DD``)
+    attribute: str = Field(pattern=r"^[A-Za-z_]\w*$")
+    annual: bool = False
+    offset: SignedDuration = 0.0
+    at: str = "10:00"
+
+    @field_validator("at")
+    @classmethod
+    def _clock(cls, v: str) -> str:
+        if not _CLOCK.match(v):
+            raise ValueError("expected a time of day like 10:00")
+        return v
+
+
+TriggerDef = Annotated[
+    EventTrigger | AbsenceTrigger | SequenceTrigger | CrossingTrigger | DateTrigger, Field(discriminator="kind")
+]
 
 
 class FrequencyCap(Strict):
@@ -427,6 +580,16 @@ class TriggersFile(Strict):
                 raise ValueError(f"trigger id {t.id!r} is used twice")
             seen.add(t.id)
         return self
+
+
+class Reloadable(Protocol):
+    """A trigger file that may change while a flow runs (:class:`nudgeflow.configload.TriggerSource`):
+    steps that depend on it call :meth:`poll` and rebuild when :attr:`version` moves."""
+
+    version: int
+    current: TriggersFile
+
+    def poll(self) -> None: ...
 
 
 class LabelDef(Strict):

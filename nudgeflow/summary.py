@@ -59,6 +59,8 @@ def collect(rt: Runtime) -> dict[str, Any]:
         sample_user = q("SELECT user_id FROM {db}.events FINAL GROUP BY user_id ORDER BY count() DESC LIMIT 1")
         models = q(MODELS_SQL)
         tables = q(TABLES_SQL)
+        decisions = q("SELECT outcome, reason, count() FROM {db}.decisions FINAL GROUP BY outcome, reason "
+                      "ORDER BY outcome, count() DESC")
     finally:
         ch.close()
     sample = {}
@@ -73,6 +75,7 @@ def collect(rt: Runtime) -> dict[str, Any]:
         "funnel": funnel,
         "models": models,
         "tables": tables,
+        "decisions": decisions,
         "sample_features": sample,
     }
 
@@ -83,18 +86,20 @@ def print_summary(rt: Runtime, console: Console) -> None:
         f"\n[bold]events in[/bold] {f['events_in']}  [bold]accepted[/bold] {f['events_accepted']}  "
         f"[bold]dead letters[/bold] {sum(f['dlq'].values())}  [bold]actions fired[/bold] {sum(f['actions'].values())}"
     )
-    console.print(_table("dead letters by reason", ["reason", "count"], f["dlq"].items()))
-    console.print(_table("actions by trigger", ["trigger", "count"], f["actions"].items()))
-    console.print(_table("rows in ClickHouse (before merges collapse replays)", ["table", "rows"], f["tables"]))
-    console.print(_table("analyst query: funnel browse → cart → order by platform (ClickHouse)",
+    console.print(table("dead letters by reason", ["reason", "count"], f["dlq"].items()))
+    console.print(table("actions by trigger", ["trigger", "count"], f["actions"].items()))
+    console.print(table("decisions: every matched trigger, fired or not, and why (ClickHouse decisions)",
+                        ["outcome", "reason", "count"], f["decisions"]))
+    console.print(table("rows in ClickHouse (before merges collapse replays)", ["table", "rows"], f["tables"]))
+    console.print(table("analyst query: funnel browse → cart → order by platform (ClickHouse)",
                          ["platform", "browsers", "carters", "buyers", "revenue"], f["funnel"]))
     if f["models"]:
-        console.print(_table("online models: progressive validation so far (ClickHouse model_metrics)",
+        console.print(table("online models: progressive validation so far (ClickHouse model_metrics)",
                              ["model", "examples", "AUC", "log loss", "ECE", "version"], f["models"]))
     console.print(f"features in Redis for the busiest user: {f['sample_features']}")
 
 
-def _table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Table:
+def table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Table:
     """A table whose first column is a name and the others numbers."""
     t = Table(title=title)
     for i, c in enumerate(columns):

@@ -138,7 +138,8 @@ def _message(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return "unknown field (check the spelling)"
-    if "input" in err and err["type"] not in ("missing",):
+    # a whole section is never echoed: it is noise, and may hold a secret
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
         got = repr(err["input"])
         return f"{msg} (got {got[:60]})"
     return msg

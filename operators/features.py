@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from bytewax.operators import StatefulBatchLogic
 
 from nudgeflow.events import DeadLetter, Event
-from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
+from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Reloadable, TriggersFile
 from operators.dedup import Deduper
 from operators.windows import SLOT_BITS, PackedWindow, bias, slot, unpacker
 
@@ -447,11 +447,14 @@ class FeatureEngine:
 
     def __init__(
         self, defs: FeatureDefs, cfg: FeaturesConfig, events: EventsConfig, needed: Iterable[str] | None = None,
-        enrich: bool = True,
+        enrich: bool = True, follow: tuple[Reloadable, Callable[[TriggersFile], set[str]]] | None = None,
     ):
         self.plan = plan = FeaturePlan(defs)
         #: False: accepted events produce no Enriched (nothing downstream reads them)
         self.enrich = enrich
+        #: a trigger file that may change, and the features a version of it needs enriched events to carry
+        self.follow = follow
+        self.version = follow[0].version if follow else 0
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
         self.idle_ms = plan.retention_ms + self.lateness_ms
@@ -469,6 +472,16 @@ class FeatureEngine:
     @property
     def names(self) -> list[str]:
         return self.plan.names
+
+    def refresh(self) -> None:
+        """Carry the features a reloaded trigger file reads, before the trigger step sees its events."""
+        if self.follow is None:
+            return
+        source, needed_of = self.follow
+        source.poll()
+        if source.version != self.version:
+            self.version = source.version
+            self.read_needed = self.plan.reader(needed_of(source.current))
 
     def new_state(self) -> ShardState:
         return ShardState(self.dedup_ms)
@@ -660,6 +673,7 @@ class FeatureLogic(StatefulBatchLogic[Event, FeatureOut, bytes]):
         self.next_publish = time.monotonic() + publish_s
 
     def on_batch(self, values: list[Event]) -> tuple[list[FeatureOut], bool]:
+        self.engine.refresh()
         out: list[FeatureOut] = self.engine.apply_batch(self.state, values)
         if time.monotonic() >= self.next_publish:
             out.extend(self._publish())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, time, timedelta, timezone
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from nudgeflow.events import Action, Decision
@@ -52,13 +53,13 @@ def variant_of(user_id: str, trigger: TriggerDef) -> Variant | None:
 
 
 @lru_cache(maxsize=512)
-def _zone(name: str) -> ZoneInfo:
+def zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
 def quiet_until(ts_ms: int, tz: str, qh: QuietHours) -> int | None:
     """If ``ts_ms`` falls in the quiet window in zone ``tz``, the UTC ms it ends; else None."""
-    local = datetime.fromtimestamp(ts_ms / 1000, tz=_zone(tz))
+    local = datetime.fromtimestamp(ts_ms / 1000, tz=zone(tz))
     start = time.fromisoformat(qh.start)
     end = time.fromisoformat(qh.end)
     now = local.time()
@@ -72,24 +73,31 @@ def quiet_until(ts_ms: int, tz: str, qh: QuietHours) -> int | None:
 
 def effective(trigger: TriggerDef, defaults: Guards) -> Guards:
     """A trigger's guards with the file's defaults filled in."""
-    own = trigger.guards.model_dump(exclude_unset=True, exclude_none=True)
+    g = trigger.guards
+    own = {k: getattr(g, k) for k in g.model_fields_set if getattr(g, k) is not None}  # models stay models
     return defaults.model_copy(update=own)
 
 
 class Profile:
-    """What the guards know of a user: consent per channel and time zone."""
+    """What a user told us about themselves: consent per channel (``consent`` events) and attributes
+    (``identify``: time zone, locale, birthday, tier …), which conditions read as ``user``."""
 
-    __slots__ = ("consent", "tz")
+    __slots__ = ("consent", "attrs")
 
     def __init__(self) -> None:
         self.consent: dict[str, bool] = {}
-        self.tz: str | None = None
+        self.attrs: dict[str, Any] = {}
 
-    def __getstate__(self) -> tuple[dict[str, bool], str | None]:
-        return (self.consent, self.tz)
+    @property
+    def tz(self) -> str | None:
+        tz = self.attrs.get("timezone")
+        return tz if isinstance(tz, str) else None
 
-    def __setstate__(self, s: tuple[dict[str, bool], str | None]) -> None:
-        self.consent, self.tz = s
+    def __getstate__(self) -> tuple[dict[str, bool], dict[str, Any]]:
+        return (self.consent, self.attrs)
+
+    def __setstate__(self, s: tuple[dict[str, bool], dict[str, Any]]) -> None:
+        self.consent, self.attrs = s
 
 
 class StateGuards:
@@ -97,6 +105,7 @@ class StateGuards:
 
     def __init__(self, tf: TriggersFile, default_tz: str = "UTC"):
         self.control = tf.control_group
+        self.defaults = tf.defaults
         self.guards = {t.id: effective(t, tf.defaults) for t in tf.triggers}
         self.default_tz = default_tz
 
@@ -105,7 +114,7 @@ class StateGuards:
 
         ``at`` is the event time of the check: the firing, or the end of a hold.
         """
-        g = self.guards[a.trigger_id]
+        g = self.guards.get(a.trigger_id, self.defaults)  # a trigger a reload removed: the file's defaults
         if self.control and bucket(a.user_id, "control") < self.control:
             return Decision(a, "holdout", "control_group"), None
         if g.holdout and bucket(a.user_id, a.trigger_id) < g.holdout:

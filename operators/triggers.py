@@ -1,19 +1,28 @@
 """Marketer-defined triggers evaluated on enriched events, with event-time timers.
 
-Two kinds so far:
+Five kinds:
 
 - ``event``: an event of a listed type arrives and a CEL condition over
-  ``event``, ``features`` and ``user`` holds. Conditions are compiled once at
-  load; triggers are indexed by event type, so an event only evaluates the
-  triggers that can fire on it.
+  ``event``, ``features``, ``score`` and ``user`` holds. Conditions are
+  compiled once at load; triggers are indexed by event type, so an event only
+  evaluates the triggers that can fire on it.
 - ``absence``: an ``after`` event with no ``unless`` event within ``within``
   ("add_to_cart, no order within 30 min"). See :func:`resolve_absence` for the
   exact rule; it depends only on the *set* of events, never on their arrival
   order, which is what makes it safe under out-of-order input and replays.
+- ``sequence``: a ``then`` event with a ``first`` event in the ``within``
+  before it, in event time (a late ``first`` still completes it).
+- ``crossing``: a score or feature rising to a threshold fires once, and
+  re-arms only below ``reset_below`` (hysteresis).
+- ``date``: a date among the user's attributes (birthday, expiry …), at a time
+  of day in the user's zone, yearly or once.
 
 Timers fire when the shard's watermark (:mod:`operators.clock`) passes their
 deadline, at the end of each batch, after every event of the batch has had
-its chance to cancel them.
+its chance to cancel them. Every firing becomes a candidate action with a
+deterministic ``action_id`` (trigger, user, occurrence), a payload from the
+trigger's template (:mod:`operators.payload`), and goes through the guards
+decided in this keyed state (:mod:`operators.guards`).
 
 >>> from nudgeflow.settings import TriggersFile
 >>> from operators.features import Enriched
@@ -33,23 +42,26 @@ its chance to cancel them.
 from __future__ import annotations
 
 import bisect
-import re
 import hashlib
 import heapq
 import pickle
+import re
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, NamedTuple
 
 import cel
 from bytewax.operators import StatefulBatchLogic
 
 from nudgeflow.events import Action, Decision, Event
-from nudgeflow.settings import AbsenceTrigger, EventTrigger, TriggerDef
+from nudgeflow.settings import (
+    AbsenceTrigger, CrossingTrigger, DateTrigger, EventTrigger, Reloadable, SequenceTrigger, TriggerDef, TriggersFile,
+)
 from operators.clock import PartitionClock
 from operators.features import Enriched
-from operators.guards import Profile, StateGuards, variant_of
+from operators.guards import Profile, StateGuards, variant_of, zone
 from operators.parse import wall_ms
+from operators.payload import PayloadTemplate
 
 IDLE_TICK_S = 1.0
 """How often a shard with open timers wakes to advance its watermark by the wall clock."""
@@ -115,7 +127,9 @@ class Condition:
         self.wants_score = "score" in names
         self.feature_names = tuple(sorted(feature_refs(source)))
 
-    def holds(self, ev: Event, feats: dict[str, Any], scores: dict[str, float] | None = None) -> bool:
+    def holds(
+        self, ev: Event, feats: dict[str, Any], scores: dict[str, float] | None = None, user: dict[str, Any] | None = None
+    ) -> bool:
         ctx: dict[str, Any] = {}
         if self.wants_event:
             ctx["event"] = {"type": ev.type, "user_id": ev.user_id, "platform": ev.platform or "", "ts": ev.ts,
@@ -123,7 +137,7 @@ class Condition:
         if self.wants_features:
             ctx["features"] = {n: feats[n] for n in self.feature_names if n in feats}
         if self.wants_user:
-            ctx["user"] = {}
+            ctx["user"] = user or {}
         if self.wants_score:
             ctx["score"] = scores or {}
         try:
@@ -198,8 +212,61 @@ class Timers:
         self.afters, self.unless = s
 
 
+class Sequence:
+    """The recent ``first`` times and the ``then`` events still waiting for a late ``first``, of one (trigger, user)."""
+
+    __slots__ = ("firsts", "waiting")
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []
+        self.waiting: list[After] = []
+
+    def __getstate__(self) -> tuple[list[int], list[After]]:
+        return (self.firsts, self.waiting)
+
+    def __setstate__(self, s: tuple[list[int], list[After]]) -> None:
+        self.firsts, self.waiting = s
+
+
+def next_date(value: Any, t: DateTrigger, tz: str, after_ms: int) -> tuple[int, str] | None:
+    """(UTC ms, the date it is for) of the first firing of a date trigger later than ``after_ms``; None if none.
+
+    The date is local to the user: ``t.at`` o'clock in zone ``tz``, moved by ``t.offset``. A yearly
+    date on 29 February falls on the 28th in other years.
+
+    >>> from nudgeflow.settings import DateTrigger
+    >>> bday = DateTrigger(id="b", kind="date", attribute="birthday", annual=True, offset="-1d", at="09:00")
+    >>> ms, day = next_date("1990-03-10", bday, "Europe/Berlin", after_ms=1_773_000_000_000)  # 2026-03-08
+    >>> day, datetime.fromtimestamp(ms / 1000, zone("Europe/Berlin")).isoformat()
+    ('2026-03-10', '2026-03-09T09:00:00+01:00')
+    >>> next_date("1990-03-10", bday, "Europe/Berlin", after_ms=ms)[1]  # once fired, next year's
+    '2027-03-10'
+    """
+    try:
+        d = date.fromisoformat(str(value)[:10])
+    except ValueError:
+        return None
+    tzinfo = zone(tz)
+    at = time.fromisoformat(t.at)
+    offset = timedelta(seconds=t.offset)
+    if not t.annual:
+        years = [d.year]
+    else:
+        year = datetime.fromtimestamp(after_ms / 1000, tzinfo).year
+        years = [year - 1, year, year + 1, year + 2]
+    for y in years:
+        try:
+            day = d.replace(year=y)
+        except ValueError:  # 29 February in a year without one
+            day = date(y, 2, 28)
+        ms = int((datetime.combine(day, at, tzinfo) + offset).timestamp() * 1000)
+        if ms > after_ms:
+            return ms, day.isoformat()
+    return None
+
+
 class TriggerState:
-    """Timers of one shard, its users' guard profiles, held actions and its event-time clock."""
+    """Timers of one shard, its users' profiles, held actions and its event-time clock."""
 
     def __init__(self) -> None:
         self.timers: dict[tuple[str, str], Timers] = {}
@@ -209,83 +276,211 @@ class TriggerState:
         self.profiles: dict[str, Profile] = {}
         #: (release event time, action id, action): candidates held by quiet hours
         self.held: list[tuple[int, str, Action]] = []
+        self.sequences: dict[tuple[str, str], Sequence] = {}
+        #: (when the entry may be pruned, trigger, user)
+        self.sequence_heap: list[tuple[int, str, str]] = []
+        #: (trigger, user) whose crossing value is above its threshold (fired, not yet re-armed)
+        self.above: set[tuple[str, str]] = set()
+        #: (trigger, user) -> (UTC ms, date) of the next date firing; the heap holds (ms, trigger, user)
+        self.dates: dict[tuple[str, str], tuple[int, str]] = {}
+        self.date_heap: list[tuple[int, str, str]] = []
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]  # a snapshot from before a kind existed lacks its fields
+        self.__dict__.update(state)
 
 
 class TriggerEngine:
-    """Pure trigger logic over one shard's :class:`TriggerState`."""
+    """Pure trigger logic over one shard's :class:`TriggerState`.
+
+    ``source``: a trigger file that may change while the flow runs (hot reload). The engine rebuilds
+    its indexes when the source has a new valid version; timers of triggers that are gone are dropped
+    when they come due, those of triggers that stay keep running.
+    """
 
     def __init__(
-        self, triggers: Iterable[TriggerDef], lateness_ms: int, idle_ms: int, now_ms: Callable[[], int] = wall_ms,
-        guards: StateGuards | None = None,
+        self, triggers: TriggersFile | Iterable[TriggerDef], lateness_ms: int, idle_ms: int,
+        now_ms: Callable[[], int] = wall_ms, guards: StateGuards | None = None, source: Reloadable | None = None,
     ):
         self.guards = guards
         self.lateness_ms = lateness_ms
         self.idle_ms = idle_ms
         self.now_ms = now_ms
+        self.source = source
+        self.version = source.version if source is not None else 0
+        self._build(triggers.triggers if isinstance(triggers, TriggersFile) else triggers)
+
+    def _build(self, triggers: Iterable[TriggerDef]) -> None:
+        self.triggers: dict[str, TriggerDef] = {}
         self.by_type: dict[str, list[tuple[EventTrigger, Condition]]] = {}
-        self.after: dict[str, list[AbsenceTrigger]] = {}
+        #: (trigger, its condition on the after event; None when it always holds)
+        self.after: dict[str, list[tuple[AbsenceTrigger, Condition | None]]] = {}
         self.unless: dict[str, list[AbsenceTrigger]] = {}
-        self.absence: dict[str, AbsenceTrigger] = {}
+        self.first: dict[str, list[SequenceTrigger]] = {}
+        self.then: dict[str, list[SequenceTrigger]] = {}
+        self.crossing: dict[str, list[CrossingTrigger]] = {}
+        self.crossing_any: list[CrossingTrigger] = []
+        self.dated: dict[str, list[DateTrigger]] = {}
         self.within_ms: dict[str, int] = {}
+        self.templates: dict[tuple[str, str], PayloadTemplate] = {}
         for t in triggers:
             if not t.enabled:
                 continue
+            self.triggers[t.id] = t
+            self.templates[(t.id, "")] = PayloadTemplate(dict(t.payload))
+            for v in t.variants:
+                self.templates[(t.id, v.name)] = PayloadTemplate({**t.payload, **v.payload})
             if isinstance(t, EventTrigger):
                 cond = Condition(t.condition)
                 for et in t.on:
                     self.by_type.setdefault(et, []).append((t, cond))
-            else:
-                self.absence[t.id] = t
+            elif isinstance(t, AbsenceTrigger):
                 self.within_ms[t.id] = int(t.within * 1000)
+                opens = None if t.condition.strip() == "true" else Condition(t.condition)
                 for et in t.after:
-                    self.after.setdefault(et, []).append(t)
+                    self.after.setdefault(et, []).append((t, opens))
                 for et in t.unless:
                     self.unless.setdefault(et, []).append(t)
+            elif isinstance(t, SequenceTrigger):
+                self.within_ms[t.id] = int(t.within * 1000)
+                for et in t.first:
+                    self.first.setdefault(et, []).append(t)
+                for et in t.then:
+                    self.then.setdefault(et, []).append(t)
+            elif isinstance(t, CrossingTrigger):
+                if t.on == "any":
+                    self.crossing_any.append(t)
+                else:
+                    for et in t.on:
+                        self.crossing.setdefault(et, []).append(t)
+            else:
+                self.dated.setdefault(t.attribute, []).append(t)
+
+    def refresh(self) -> None:
+        """Pick up a new version of the trigger file, if the source has one (hot reload)."""
+        src = self.source
+        if src is None:
+            return
+        src.poll()
+        if src.version != self.version:
+            self.version = src.version
+            self._build(src.current.triggers)
+            if self.guards is not None:
+                self.guards = StateGuards(src.current, self.guards.default_tz)
 
     def new_state(self) -> TriggerState:
         return TriggerState()
 
     def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action | Decision]:
-        """Evaluate one enriched event: condition triggers fire now, absence timers are fed.
+        """Evaluate one enriched event: condition, crossing and sequence triggers fire now, timers are fed.
 
         ``now`` is the batch's wall-clock reading. Timers fire in :meth:`advance`.
         Out come candidate actions, and decisions the in-state guards took.
         """
         ev = en.event
         ts = ev.ts
+        uid = ev.user_id
         st.clock.see(ev.position, ts, now)
-        if ev.type in _PROFILE_TYPES and self.guards is not None:
-            _profile(st, ev)
+        if ev.type in _PROFILE_TYPES:
+            self._profile(st, ev)
         out: list[Action | Decision] = []
         for t, cond in self.by_type.get(ev.type, ()):
-            if cond.holds(ev, en.features, en.scores):
-                self._fire(st, out, t, ev.user_id, ev.event_id, ts, ev.ingest_ms, en.features, en.scores)
+            if self._holds(st, cond, en):
+                self._fire(st, out, t, uid, ev.event_id, ts, ev.ingest_ms, en.features, en.scores)
+        crossing = self.crossing.get(ev.type)
+        if crossing or self.crossing_any:
+            for t in (crossing or []) + self.crossing_any:
+                self._cross(st, out, t, en)
+        for t in self.then.get(ev.type, ()):
+            self._then(st, out, t, en)
+        for t in self.first.get(ev.type, ()):
+            self._first(st, out, t, en)
         for t in self.unless.get(ev.type, ()):
-            key = (t.id, ev.user_id)
+            key = (t.id, uid)
             tm = st.timers.get(key)
             if tm is None:
                 # kept for an after-event that happened earlier but arrives later (within the lateness)
                 tm = st.timers[key] = Timers()
-                heapq.heappush(st.heap, (ts + self.lateness_ms + 1, t.id, ev.user_id))
+                heapq.heappush(st.heap, (ts + self.lateness_ms + 1, t.id, uid))
             bisect.insort(tm.unless, ts)
-        for t in self.after.get(ev.type, ()):
-            key = (t.id, ev.user_id)
+        for t, opens in self.after.get(ev.type, ()):
+            if opens is not None and not self._holds(st, opens, en):
+                continue
+            key = (t.id, uid)
             tm = st.timers.get(key)
             if tm is None:
                 tm = st.timers[key] = Timers()
             a = After(ts, ev.event_id, ev.ingest_ms, en.features)
             bisect.insort(tm.afters, a)
             if tm.afters[0] is a:
-                heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, ev.user_id))
+                heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, uid))
         return out
 
+    @staticmethod
+    def _holds(st: TriggerState, cond: Condition, en: Enriched) -> bool:
+        profile = st.profiles.get(en.event.user_id) if cond.wants_user else None
+        return cond.holds(en.event, en.features, en.scores, profile.attrs if profile else None)
+
+    def _cross(self, st: TriggerState, out: list[Action | Decision], t: CrossingTrigger, en: Enriched) -> None:
+        kind, name = t.source
+        v = (en.features if kind == "features" else en.scores).get(name)
+        if type(v) is not int and type(v) is not float:
+            return
+        key = (t.id, en.event.user_id)
+        if key in st.above:
+            if v < (t.reset_below if t.reset_below is not None else t.above):
+                st.above.discard(key)
+        elif v >= t.above:
+            st.above.add(key)
+            ev = en.event
+            self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores)
+
+    def _then(self, st: TriggerState, out: list[Action | Decision], t: SequenceTrigger, en: Enriched) -> None:
+        """A ``then`` event: fires if a ``first`` is known in the window before it, else waits for a late one."""
+        ev = en.event
+        key = (t.id, ev.user_id)
+        seq = st.sequences.get(key)
+        if seq is None:
+            seq = st.sequences[key] = Sequence()
+        i = bisect.bisect_left(seq.firsts, ev.ts - self.within_ms[t.id])
+        if i < len(seq.firsts) and seq.firsts[i] < ev.ts:
+            self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores)
+        else:
+            bisect.insort(seq.waiting, After(ev.ts, ev.event_id, ev.ingest_ms, en.features))
+            heapq.heappush(st.sequence_heap, (ev.ts, t.id, ev.user_id))
+
+    def _first(self, st: TriggerState, out: list[Action | Decision], t: SequenceTrigger, en: Enriched) -> None:
+        """A ``first`` event: remembered for later ``then`` events, and completes any that were waiting for it."""
+        ev = en.event
+        within = self.within_ms[t.id]
+        key = (t.id, ev.user_id)
+        seq = st.sequences.get(key)
+        if seq is None:
+            seq = st.sequences[key] = Sequence()
+        bisect.insort(seq.firsts, ev.ts)
+        heapq.heappush(st.sequence_heap, (ev.ts + within, t.id, ev.user_id))
+        done = [b for b in seq.waiting if ev.ts < b.ts <= ev.ts + within]
+        for b in done:
+            self._fire(st, out, t, ev.user_id, b.event_id, b.ts, b.ingest_ms, b.features, {})
+        if done:
+            seq.waiting = [b for b in seq.waiting if not ev.ts < b.ts <= ev.ts + within]
+
     def advance(self, st: TriggerState, watermark: int) -> list[Action | Decision]:
-        """Fire every episode whose deadline the watermark has reached, release held actions whose quiet
-        hours are over; forget what can no longer matter."""
+        """Fire what the watermark has made due (absence deadlines, dates, quiet hours that ended), and
+        forget what can no longer matter."""
         out: list[Action | Decision] = []
         while st.held and st.held[0][0] <= watermark:
             release, _, a = heapq.heappop(st.held)
             self._guard(st, out, a, release)
+        if st.heap:
+            self._advance_absence(st, out, watermark)
+        if st.sequence_heap:
+            self._advance_sequences(st, watermark)
+        if st.date_heap:
+            self._advance_dates(st, out, watermark)
+        return out
+
+    def _advance_absence(self, st: TriggerState, out: list[Action | Decision], watermark: int) -> None:
         heap = st.heap
         lateness = self.lateness_ms
         while heap and heap[0][0] <= watermark:
@@ -294,10 +489,13 @@ class TriggerEngine:
             tm = st.timers.get(key)
             if tm is None:
                 continue
+            t = self.triggers.get(tid)
+            if not isinstance(t, AbsenceTrigger):  # removed by a reload
+                del st.timers[key]
+                continue
             within = self.within_ms[tid]
             if tm.afters and tm.afters[0].ts + within == due:
                 fired, tm.afters = resolve_absence(tm.afters, tm.unless, within, watermark)
-                t = self.absence[tid]
                 for a in fired:
                     self._fire(st, out, t, uid, a.event_id, a.ts + within, a.ingest_ms, a.features, {})
                 if tm.afters:
@@ -312,7 +510,63 @@ class TriggerEngine:
                     heapq.heappush(heap, (tm.unless[0] + lateness + 1, tid, uid))
                 else:
                     del st.timers[key]
-        return out
+
+    def _advance_sequences(self, st: TriggerState, watermark: int) -> None:
+        """Forget ``first`` times no later ``then`` can match and ``then`` events no late ``first`` can reach."""
+        heap = st.sequence_heap
+        while heap and heap[0][0] <= watermark:
+            _, tid, uid = heapq.heappop(heap)
+            key = (tid, uid)
+            seq = st.sequences.get(key)
+            if seq is None:
+                continue
+            within = self.within_ms.get(tid)
+            if within is None:  # removed by a reload
+                del st.sequences[key]
+                continue
+            seq.firsts = seq.firsts[bisect.bisect_left(seq.firsts, watermark - within):]
+            seq.waiting = [b for b in seq.waiting if b.ts > watermark]
+            if not seq.firsts and not seq.waiting:
+                del st.sequences[key]
+
+    def _advance_dates(self, st: TriggerState, out: list[Action | Decision], watermark: int) -> None:
+        heap = st.date_heap
+        while heap and heap[0][0] <= watermark:
+            due, tid, uid = heapq.heappop(heap)
+            key = (tid, uid)
+            t = self.triggers.get(tid)
+            scheduled = st.dates.get(key)
+            if scheduled is None or scheduled[0] != due:
+                continue  # stale: the attribute changed since
+            del st.dates[key]
+            if not isinstance(t, DateTrigger):
+                continue
+            self._fire(st, out, t, uid, f"{t.attribute}:{scheduled[1]}", due, due, {}, {})
+            if t.annual:
+                self._schedule(st, t, uid, due)
+
+    def _profile(self, st: TriggerState, ev: Event) -> None:
+        """Consent and attributes from the user's own events, in the order the user sent them."""
+        p = st.profiles.get(ev.user_id)
+        if p is None:
+            p = st.profiles[ev.user_id] = Profile()
+        if ev.type == "consent":
+            p.consent[ev.props["channel"]] = ev.props["granted"]
+        elif ev.type == "identify":
+            p.attrs.update(ev.props)
+            for attr in ev.props.keys() & self.dated.keys():
+                for t in self.dated[attr]:
+                    self._schedule(st, t, ev.user_id, ev.ts)
+
+    def _schedule(self, st: TriggerState, t: DateTrigger, uid: str, after_ms: int) -> None:
+        p = st.profiles.get(uid)
+        nxt = next_date(p.attrs.get(t.attribute), t, (p.tz if p else None) or "UTC", after_ms) if p else None
+        key = (t.id, uid)
+        if nxt is None:
+            st.dates.pop(key, None)
+            return
+        st.dates[key] = nxt
+        heapq.heappush(st.date_heap, (nxt[0], t.id, uid))
 
     def watermark(self, st: TriggerState, now: int) -> int:
         return st.clock.watermark(self.lateness_ms, self.idle_ms, now)
@@ -322,13 +576,24 @@ class TriggerEngine:
         event_ts: int, ingest_ms: int, feats: dict[str, Any], scores: dict[str, float],
     ) -> None:
         """A trigger fired: make its candidate action and put it through the in-state guards."""
-        payload = dict(t.payload)
         variant = variant_of(user_id, t)
-        if variant is not None:
-            payload.update(variant.payload)
+        vname = variant.name if variant else ""
+        template = self.templates[(t.id, vname)]
+        aid = action_id(t.id, user_id, occurrence)
+        decided = self.now_ms()
+        payload = template.payload
+        if template.refs:
+            p = st.profiles.get(user_id)
+            payload = template.render({
+                "user_id": user_id, "trigger": t.id, "variant": vname, "channel": t.channel, "action_id": aid,
+                "event_ts": event_ts, "decided_ms": decided,
+                **{f"features.{k}": v for k, v in feats.items()},
+                **{f"score.{k}": v for k, v in scores.items()},
+                **({f"user.{k}": v for k, v in p.attrs.items()} if p else {}),
+            })
         a = Action(
-            action_id(t.id, user_id, occurrence), t.id, user_id, t.channel, occurrence, event_ts, ingest_ms,
-            self.now_ms(), feats, payload, variant.name if variant else "", dict(scores), t.priority,
+            aid, t.id, user_id, t.channel, occurrence, event_ts, ingest_ms, decided, feats, payload, vname,
+            dict(scores), t.priority,
         )
         self._guard(st, out, a, event_ts)
 
@@ -345,18 +610,12 @@ class TriggerEngine:
 _PROFILE_TYPES = frozenset({"consent", "identify"})
 
 
-def _profile(st: TriggerState, ev: Event) -> None:
-    """Consent and time zone, from the user's own events, in the order the user sent them."""
-    p = st.profiles.get(ev.user_id)
-    if p is None:
-        p = st.profiles[ev.user_id] = Profile()
-    if ev.type == "consent":
-        p.consent[ev.props["channel"]] = ev.props["granted"]
-    elif ev.props.get("timezone"):
-        p.tz = ev.props["timezone"]
-
-
 TriggerOut = Action | Decision
+
+
+def _open(st: TriggerState) -> bool:
+    """Whether anything may still fire without a new event (timers, holds, dates, waiting sequences)."""
+    return bool(st.heap or st.held or st.sequence_heap or st.date_heap)
 
 
 class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
@@ -368,6 +627,7 @@ class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
 
     def on_batch(self, values: list[Enriched]) -> tuple[list[TriggerOut], bool]:
         eng, st = self.engine, self.state
+        eng.refresh()
         now = eng.now_ms()
         on_event = eng.on_event
         out: list[TriggerOut] = []
@@ -375,12 +635,13 @@ class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
             fired = on_event(st, en, now)
             if fired:
                 out.extend(fired)
-        if st.heap or st.held:
+        if _open(st):
             out.extend(eng.advance(st, eng.watermark(st, now)))
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[TriggerOut], bool]:
         eng = self.engine
+        eng.refresh()
         return eng.advance(self.state, eng.watermark(self.state, eng.now_ms())), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[TriggerOut], bool]:
@@ -388,7 +649,7 @@ class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
         return self.engine.advance(self.state, self.state.clock.max_ts), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not self.state.heap and not self.state.held:
+        if not _open(self.state):
             return None
         return datetime.now(timezone.utc) + timedelta(seconds=IDLE_TICK_S)
 

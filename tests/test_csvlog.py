@@ -213,6 +213,7 @@ def test_mapping_errors_name_the_file_line_and_field(tmp_path: Path) -> None:
     (tmp_path / "deploy.yaml").write_text(
         f"source: {{kind: csv, csv: {{paths: x.csv, mapping: taobao.yaml}}}}\n"
         f"features: {{definitions: {CONFIG / 'features.yaml'}}}\ntriggers: {CONFIG / 'triggers.yaml'}\n"
+        f"models: {CONFIG / 'models.yaml'}\n"
     )
     line = {k: i + 1 for i, l in enumerate(bad.splitlines()) for k in ("type:", "ts_format:") if l.startswith(k)}
     with pytest.raises(ConfigError) as e:
@@ -250,6 +251,7 @@ def test_the_feature_flow_replays_a_taobao_log_into_redis(tmp_path: Path, redis_
         "dlq": {"kind": "file", "path": "out/dlq.jsonl"},
         "features": {"definitions": str(CONFIG / "features.yaml"), "allowed_lateness": "5m"},
         "triggers": str(CONFIG / "triggers.yaml"),
+        "models": str(CONFIG / "models.yaml"),
     })
     flow, rt = build_features(deployment(settings, tmp_path))
     try:

@@ -17,34 +17,17 @@ from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
+from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev
 
-MIN = 60_000
 CONFIG_DIR = Path(__file__).parents[1] / "config"
-TRIGGERS = """
-triggers:
-  - id: cart_abandonment
-    kind: absence
-    after: [add_to_cart]
-    unless: [order]
-    within: 30m
-    channel: email
-    payload: {template: cart_reminder}
-  - id: big_spender
-    kind: event
-    on: [order]
-    condition: "event.props.amount >= 100.0"
-    channel: push
-"""
 
 
-def ev(eid: str, user: str, etype: str, ts: int, **props: object) -> bytes:
-    return orjson.dumps({"event_id": eid, "user_id": user, "type": etype, "ts": ts, "platform": "web", "props": props})
 
 
 @pytest.fixture
 def settings(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
              ch_database: str, tmp_path: Path) -> Settings:
-    (tmp_path / "triggers.yaml").write_text(TRIGGERS)
+    (tmp_path / "triggers.yaml").write_text(CART_AND_BIG_SPENDER)
     prefix = topic_prefix + "shop"
     create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=3)
     create_topics(kafka.bootstrap, [f"{prefix}.actions", f"{prefix}.dlq"], partitions=1)

@@ -28,6 +28,7 @@ clickhouse: {{chdb_path: ch}}
 actions: {{kind: file, path: out/actions.jsonl}}
 dlq: {{kind: file, path: out/dlq.jsonl}}
 triggers: {config_dir}/triggers.yaml
+models: {config_dir}/models.yaml
 shards: 16
 {recovery}
 """
@@ -54,11 +55,27 @@ def nudgeflow(*args: str, tail: bool, wait: bool = True) -> subprocess.Popen[str
 def features(r: redis.Redis, prefix: str) -> dict[str, dict[str, Any]]:
     users = sorted(k.split(":u:", 1)[1] for k in r.scan_iter(match=f"{prefix}:u:*", count=1000))
     url = "redis://{host}:{port}/{db}".format(**r.connection_pool.connection_kwargs)
-    return FeatureReader(url, prefix).get_many(users)
+    # scores are left out: models publish snapshots on a wall-clock cadence, so scores depend on timing
+    return {u: {k: v for k, v in h.items() if not k.startswith("score_")}
+            for u, h in FeatureReader(url, prefix).get_many(users).items()}
 
 
 def total_events(r: redis.Redis, prefix: str) -> int:
     return sum(int(h.get("events_30d", 0)) for h in features(r, prefix).values())
+
+
+def drain(config: Path, r: redis.Redis, prefix: str, events: int) -> None:
+    """Run a bounded replay (``tail: false``) until every event is in.
+
+    A bounded run stops at the partition ends the broker reports, and tansu's in-memory engine
+    sometimes reports a high watermark behind what it holds, ending a replay early. Running again
+    is what an operator would do: without recovery it replays from the beginning (Redis writes are
+    idempotent), with recovery it resumes. The exact totals are asserted afterwards all the same.
+    """
+    for _ in range(3):
+        nudgeflow("run", "--config", str(config), "--no-summary", tail=False)
+        if total_events(r, prefix) == events:
+            return
 
 
 def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_features(
@@ -89,11 +106,11 @@ def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_features(
     mid = total_events(r, key_prefix + "r")
     assert half <= mid < len(records), "the kill should land mid-stream"
 
-    nudgeflow("run", "--config", str(rec), "--no-summary", tail=False)  # resumes from the last snapshot
+    drain(rec, r, key_prefix + "r", len(records))  # resumes from the last snapshot
 
     # the reference: the same events, one uninterrupted run, no recovery
-    ref = write_config(tmp_path / "ref", kafka, prefix, redis_url, key_prefix + "u", "")
-    nudgeflow("run", "--config", str(ref), "--no-summary", tail=False)
+    drain(write_config(tmp_path / "ref", kafka, prefix, redis_url, key_prefix + "u", ""), r, key_prefix + "u",
+          len(records))
 
     got, want = features(r, key_prefix + "r"), features(r, key_prefix + "u")
     assert len(want) > 390 and total_events(r, key_prefix + "u") == len(records)

@@ -157,3 +157,118 @@ def test_state_is_bounded_after_resolution() -> None:
         engine.advance(s, engine.watermark(s, 0))
     engine.advance(s, s.clock.max_ts + LATENESS + W + 1)
     assert s.timers == {} and len(s.heap) <= 50
+
+
+SEQ = TriggersFile.model_validate({"triggers": [
+    {"id": "seq", "kind": "sequence", "first": ["search"], "then": ["click"], "within": "10m"},
+]}).triggers
+SEQ_W = 10 * 60_000
+
+
+def seq_brute_force(events: list[Event]) -> list[str]:
+    """A ``then`` event fires when some ``first`` event lies in the ``within`` strictly before it."""
+    firsts = [e.ts for e in events if e.type == "search"]
+    return sorted(e.event_id for e in events if e.type == "click" and any(e.ts - SEQ_W <= a < e.ts for a in firsts))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 120), st.sampled_from(["search", "click", "browse"])), max_size=15),
+             min_size=1, max_size=4),
+    st.integers(0, 2**32), st.integers(1, 7), st.booleans(),
+)
+def test_sequence_fires_as_the_model_says_whatever_the_arrival_order(
+    per_user: list[list[tuple[int, str]]], seed: int, batch: int, restart: bool
+) -> None:
+    rnd = random.Random(seed)
+    stream = [
+        Event(f"u{u}-{i}", f"u{u}", etype, minute * 60_000 + u, position=f"t:{u % 2}:{i}")
+        for u, evs in enumerate(per_user) for i, (minute, etype) in enumerate(evs)
+    ]
+    engine = TriggerEngine(SEQ, lateness_ms=LATENESS, idle_ms=10**12, now_ms=lambda: 0)
+    got = run(engine, shuffle_within(stream, LATENESS, rnd), batch, restart_at=len(stream) // 2 if restart else None)
+    for u in range(len(per_user)):
+        mine = [e for e in stream if e.user_id == f"u{u}"]
+        assert sorted(occ for _, user, occ in got if user == f"u{u}") == seq_brute_force(mine)
+    assert len(got) == len(set(got))  # each then-event at most once
+
+
+def test_sequence_state_is_forgotten_once_nothing_can_match() -> None:
+    engine = TriggerEngine(SEQ, lateness_ms=0, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    for i, etype in enumerate(["search", "click", "click", "search"]):
+        engine.on_event(s, Enriched(Event(f"e{i}", "u1", etype, i * 60_000, position="t:0:0"), {}), 0)
+    engine.advance(s, 60 * 60_000)
+    assert s.sequences == {} and s.sequence_heap == []
+
+
+CROSS = TriggersFile.model_validate({"triggers": [
+    {"id": "risk", "kind": "crossing", "value": "score.churn", "above": 0.8, "reset_below": 0.6},
+]}).triggers
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 1), max_size=40))
+def test_crossing_fires_once_per_rise_with_hysteresis(values: list[float]) -> None:
+    engine = TriggerEngine(CROSS, lateness_ms=0, idle_ms=1, now_ms=lambda: 0)
+    s = engine.new_state()
+    fired = []
+    for i, v in enumerate(values):
+        en = Enriched(Event(f"e{i}", "u1", "browse", i, position="t:0:0"), {}, scores={"churn": v})
+        fired += [a.occurrence for a in engine.on_event(s, en, 0)]
+    expected, armed = [], True
+    for i, v in enumerate(values):
+        if armed and v >= 0.8:
+            expected.append(f"e{i}")
+            armed = False
+        elif not armed and v < 0.6:
+            armed = True
+    assert fired == expected
+
+
+def test_date_trigger_fires_in_the_users_zone_yearly_and_follows_a_changed_attribute() -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    tf = TriggersFile.model_validate({"triggers": [
+        {"id": "bday", "kind": "date", "attribute": "birthday", "annual": True, "offset": "-3d", "at": "10:00",
+         "payload": {"coupon": "BDAY", "tier": "${user.tier}"}},
+    ]})
+    engine = TriggerEngine(tf, lateness_ms=0, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    tokyo = ZoneInfo("Asia/Tokyo")
+    ms = lambda *a: int(datetime(*a, tzinfo=tokyo).timestamp() * 1000)  # noqa: E731
+    props = {"birthday": "1990-06-15", "timezone": "Asia/Tokyo", "tier": "gold"}
+    engine.on_event(s, Enriched(Event("i1", "u1", "identify", ms(2026, 1, 5), props=props, position="t:0:0"), {}), 0)
+    assert engine.advance(s, ms(2026, 6, 12, 9, 59)) == []
+    [a] = engine.advance(s, ms(2026, 6, 12, 10, 0))
+    assert (a.occurrence, a.event_ts, a.payload) == ("birthday:2026-06-15", ms(2026, 6, 12, 10), {"coupon": "BDAY", "tier": "gold"})
+    # the next one is a year later; a new birthday replaces it
+    engine.on_event(s, Enriched(Event("i2", "u1", "identify", ms(2026, 7, 1), props={"birthday": "1990-09-01"},
+                                      position="t:0:1"), {}), 0)
+    fired = engine.advance(s, ms(2027, 12, 31))
+    assert [f.occurrence for f in fired] == ["birthday:2026-09-01", "birthday:2027-09-01"]
+
+
+def test_absence_condition_chooses_which_events_open_an_episode() -> None:
+    tf = TriggersFile.model_validate({"triggers": [
+        {"id": "browse", "kind": "absence", "after": ["browse"], "unless": ["add_to_cart"], "within": "1h",
+         "condition": "score.buy > 0.6"},
+    ]})
+    engine = TriggerEngine(tf, lateness_ms=0, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    for i, (uid, p) in enumerate([("u1", 0.9), ("u2", 0.3)]):
+        engine.on_event(s, Enriched(Event(f"b{i}", uid, "browse", 0, position="t:0:0"), {}, scores={"buy": p}), 0)
+    assert [(a.user_id, a.occurrence) for a in engine.advance(s, 2 * 3_600_000)] == [("u1", "b0")]
+
+
+def test_condition_reads_user_attributes_from_identify() -> None:
+    tf = TriggersFile.model_validate({"triggers": [
+        {"id": "gold", "kind": "event", "on": ["browse"], "condition": 'user.tier == "gold"'},
+    ]})
+    engine = TriggerEngine(tf, lateness_ms=0, idle_ms=1, now_ms=lambda: 0)
+    s = engine.new_state()
+    browse = lambda i: Enriched(Event(f"b{i}", "u1", "browse", i, position="t:0:0"), {})  # noqa: E731
+    assert engine.on_event(s, browse(0), 0) == []  # nothing known yet: the condition is false
+    engine.on_event(s, Enriched(Event("i", "u1", "identify", 1, props={"tier": "gold"}, position="t:0:0"), {}), 0)
+    assert [a.trigger_id for a in engine.on_event(s, browse(2), 0)] == ["gold"]
