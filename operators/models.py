@@ -248,6 +248,8 @@ class LabelEngine:
         self.label_types = {m.name: (None if m.label.events == "any" else frozenset(m.label.events)) for m in cfg.models}
         self.lateness_ms = lateness_ms
         self.idle_ms = idle_ms
+        #: the newest event time any shard of this process has seen (see ``TriggerEngine.max_ts``)
+        self.max_ts = 0
 
     def new_state(self) -> LabelState:
         return LabelState()
@@ -256,6 +258,8 @@ class LabelEngine:
         ev = en.event
         ts, uid = ev.ts, ev.user_id
         st.clock.see(ev.position, ts, now)
+        if ts > self.max_ts:
+            self.max_ts = ts
         out: list[Resolved] = []
         for name, types in self.label_types.items():
             if types is not None and ev.type not in types:
@@ -510,7 +514,7 @@ class LabelLogic(StatefulBatchLogic[Enriched, Resolved, bytes]):
         return self.engine.advance(self.state, self.engine.watermark(self.state, self.now_ms())), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Resolved], bool]:
-        return self.engine.advance(self.state, self.state.clock.max_ts), StatefulBatchLogic.RETAIN
+        return self.engine.advance(self.state, max(self.state.clock.max_ts, self.engine.max_ts)), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         return datetime.now(timezone.utc) + timedelta(seconds=1) if self.state.heap else None

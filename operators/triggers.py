@@ -308,6 +308,9 @@ class TriggerEngine:
         self.now_ms = now_ms
         self.source = source
         self.version = source.version if source is not None else 0
+        #: the newest event time any shard of this process has seen: at the end of a bounded input a
+        #: shard whose own shoppers went quiet early still fires what the input as a whole has passed
+        self.max_ts = 0
         self._build(triggers.triggers if isinstance(triggers, TriggersFile) else triggers)
 
     def _build(self, triggers: Iterable[TriggerDef]) -> None:
@@ -381,6 +384,8 @@ class TriggerEngine:
         ts = ev.ts
         uid = ev.user_id
         st.clock.see(ev.position, ts, now)
+        if ts > self.max_ts:
+            self.max_ts = ts
         if ev.type in _PROFILE_TYPES:
             self._profile(st, ev)
         out: list[Action | Decision] = []
@@ -645,8 +650,8 @@ class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
         return eng.advance(self.state, eng.watermark(self.state, eng.now_ms())), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[TriggerOut], bool]:
-        # the input is finished: nothing can still cancel a timer due by the newest event time
-        return self.engine.advance(self.state, self.state.clock.max_ts), StatefulBatchLogic.RETAIN
+        # the input is finished: nothing can still cancel a timer due by the newest event time it holds
+        return self.engine.advance(self.state, max(self.state.clock.max_ts, self.engine.max_ts)), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
         if not _open(self.state):
