@@ -47,6 +47,7 @@ BENCH_FIELDS: list[tuple[str, Any, str | None]] = [
     ("bare_eps", "bare", "eps"),
     ("raw_eps", "raw", "eps"),
     ("features_vs_raw", ("features", "raw"), None),
+    ("features_vs_parse", ("features", "parse"), None),
     ("full_vs_raw", ("full", "raw"), None),
     ("full_vs_bare", ("full", "bare"), None),
 ]
