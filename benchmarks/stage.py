@@ -206,7 +206,7 @@ def build_bare(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
-def _deployment(ctx: StageContext, name: str, models: bool = False) -> Any:
+def _deployment(ctx: StageContext, name: str) -> Any:
     """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
     output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir."""
     from connectors.tansu import create_topics
@@ -224,7 +224,7 @@ def _deployment(ctx: StageContext, name: str, models: bool = False) -> Any:
         "actions": {"kind": "kafka"},
         "dlq": {"kind": "kafka"},
         "triggers": str(TRIGGERS),
-        "models": str(MODELS) if models else None,
+        "models": str(MODELS),  # the shipped triggers read scores; the feature flow does not run models
     })
     return deployment(settings, ctx.workdir)
 
@@ -328,7 +328,7 @@ def build_full(ctx: StageContext) -> Built:
     from flows.common import clickhouse_dsn
     from flows.main import build
 
-    dep = _deployment(ctx, "bench_full", models=True)
+    dep = _deployment(ctx, "bench_full")
     s, database = dep.settings, dep.settings.clickhouse.database
     flow, rt = build(dep)
     counts: dict[str, int] = {}
