@@ -1,7 +1,9 @@
 """The event model every step after parsing sees: one shape, already normalised.
 
-Events travel as slotted objects rather than dicts or pydantic models because
-they are built once per input record on the hot path; validation lives in
+Events travel as ``msgspec.Struct`` objects rather than dicts, dataclasses or
+pydantic models because they are built once per input record on the hot path:
+a Struct is built in C (about four times faster than a dataclass) and, holding no
+cycles, is left out of the garbage collector's scans. Validation lives in
 :mod:`operators.parse`, which is the only place that constructs them from the
 wire.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 #: Shopper behaviour the engine understands natively.
 BEHAVIOUR_TYPES = frozenset(
@@ -35,8 +39,7 @@ PLATFORM_ALIASES = {
 }
 
 
-@dataclass(slots=True)
-class Event:
+class Event(msgspec.Struct, gc=False):
     """One normalised shopper event.
 
     ``ts`` is event time and ``ingest_ms`` arrival time, both epoch
@@ -55,7 +58,7 @@ class Event:
     ts: int
     session_id: str | None = None
     platform: str | None = None
-    props: dict[str, Any] = field(default_factory=dict)
+    props: dict[str, Any] = {}  # msgspec gives every event its own empty dict
     ingest_ms: int = 0
     position: str = ""
     #: the record as received (a reference, not a copy): later refusals keep the original bytes

@@ -585,19 +585,25 @@ class FeatureEngine:
         """
         if category is None:
             return
-        c = str(category)
+        c = category if type(category) is str else str(category)
         aff = u.aff
         aff[c] = aff.get(c, 0.0) + weight * 2.0 ** ((ts - u.ref_ts) / self.aff_half)
-        if len(aff) > self.aff_max:
-            del aff[min(aff, key=aff.__getitem__)]
         top = u.top
-        if c in top:
-            top.sort(key=aff.__getitem__, reverse=True)
+        if len(aff) > self.aff_max:  # forget the weakest category (it may be this one)
+            gone = min(aff, key=aff.__getitem__)
+            del aff[gone]
+            if gone in top:
+                top.remove(gone)
+            if gone == c:
+                return
+        if c in top:  # its score only grew: re-rank only if it passed the one before it
+            i = top.index(c)
+            if i and aff[c] > aff[top[i - 1]]:
+                top.sort(key=aff.__getitem__, reverse=True)
         elif len(top) < self.aff_top or aff[c] > aff[top[-1]]:
             top.append(c)
             top.sort(key=aff.__getitem__, reverse=True)
             del top[self.aff_top:]
-        u.top = [t for t in top if t in aff]
 
     def flush(self, st: ShardState) -> list[FeatureOut]:
         """Every feature of each user changed since the last flush (one per user)."""

@@ -138,7 +138,7 @@ class Parser:
             raise Refused("invalid_field", "user_id: expected a non-empty string")
         if etype not in self.types:
             raise Refused("unknown_type", f"type {str(etype)[:40]!r} is neither built in nor in events.custom_types")
-        ts = _ts_ms(ts_raw)
+        ts = ts_raw if type(ts_raw) is int else _ts_ms(ts_raw)  # epoch ms, the common case, needs no call
         now = self.now_ms() if ingest_ms == 0 else ingest_ms
         if ts > now + self.max_future_ms:
             raise Refused("future_ts", f"ts is {(ts - now) / 1000:.0f}s ahead of the clock")
@@ -151,7 +151,8 @@ class Parser:
         if platform is not None:
             if type(platform) is not str:
                 raise Refused("invalid_field", "platform: expected a string")
-            platform = PLATFORM_ALIASES.get(platform.lower(), platform.lower())
+            alias = PLATFORM_ALIASES.get(platform)  # already canonical, the common case
+            platform = alias if alias is not None else PLATFORM_ALIASES.get(platform.lower(), platform.lower())
         props = d.get("props")
         if props is None:
             props = {}

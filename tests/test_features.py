@@ -225,3 +225,20 @@ def test_shards_are_stable_and_spread() -> None:
     # crc32, not Python's salted hash: the same in every process and after every restart
     assert (shard_of("u1", 16), shard_of("user-42", 64)) == ("6", "51")
     assert min(counts) > 800 and max(counts) < 1200
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30 * DAY), st.sampled_from("abcdefgh"),
+                          st.sampled_from(["browse", "favourite", "add_to_cart"])), max_size=60))
+def test_affinity_keeps_the_best_categories_ranked_whatever_the_order(adds: list[tuple[int, str, str]]) -> None:
+    """Late events and more categories than are kept: never a crash, and the top list is ranked by score."""
+    defs = FeatureDefs.model_validate({"affinity": {
+        "half_life": "7d", "weights": {"browse": 1.0, "favourite": 2.0, "add_to_cart": 3.0}, "top": 3, "max_categories": 4,
+    }})
+    eng = FeatureEngine(defs, FeaturesConfig(allowed_lateness="40d"), EventsConfig(), needed=None)
+    st_ = eng.new_state()
+    for i, (ts, cat, etype) in enumerate(adds):
+        eng.apply(st_, Event(f"e{i}", "u1", etype, ts, props={"category": cat}))
+    for u in st_.users.values():
+        assert len(u.aff) <= 4 and len(u.top) <= 3 and set(u.top) <= set(u.aff)
+        assert u.top == sorted(u.top, key=u.aff.__getitem__, reverse=True)
