@@ -146,6 +146,8 @@ class Replay:
         self.scorer = Scorer(mf, self.fetch, now_ms=lambda: self.clock)
         self.read = 0
         self.refused = 0
+        #: CPU seconds in the Scorer: the per-event scoring cost of the hot path
+        self.score_cpu_s = 0.0
 
     def fetch(self, name: str, have: int) -> Snapshot | None:
         """What the model store would answer: the newest published snapshot, if newer than ``have``."""
@@ -175,7 +177,9 @@ class Replay:
                 self.clock = ev.ts
         for key in touched:  # what FeatureLogic does per batch (the Redis side): keeps the state as in the flow
             self.features.flush(self.feature_states[key])
+        c0 = time.process_time()
         self.scorer.score_batch(enriched)
+        self.score_cpu_s += time.process_time() - c0
         resolved: list[Resolved] = []
         for key, en in enriched:
             st = self.label_states.get(key)
@@ -268,6 +272,7 @@ def run(dep: Deployment, events: int, users: int, seed: int) -> dict[str, Any]:
     replay.finish()
     return {
         "events": replay.read, "users": users, "refused": replay.refused, "wall_s": round(time.perf_counter() - t0, 2),
+        "score_us_per_event": round(replay.score_cpu_s / max(1, replay.read) * 1e6, 2),
         "models": replay.results(),
     }  # fmt: skip
 
@@ -311,6 +316,7 @@ def bench_line(res: dict[str, Any]) -> str:
         main = r["models"].get(MAIN_MODEL)
         if main:
             parts += [f"heuristic_auc_{at}={main['heuristic']['auc']:.4f}", f"ece_{at}={main['ece']:.4f}"]
+        parts.append(f"score_us_{at}={r['score_us_per_event']:.2f}")
     return "BENCH_MODELS " + " ".join(parts)
 
 
@@ -393,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     for events, users in sizes(a.events, a.users):
         runs[label(events)] = r = run(dep, events, users, a.seed)
-        print(f"  {events:>10,} events, {users:,} users: {r['wall_s']:.1f}s", flush=True)
+        print(f"  {events:>10,} events, {users:,} users: {r['wall_s']:.1f}s; scoring {r['score_us_per_event']:.1f} µs "
+              f"CPU per event ({len(dep.models.models)} models)", flush=True)
     res = {"env": env, "seed": a.seed, "config": os.path.relpath(a.config.resolve(), REPO), "runs": runs}
     print()
     print(table(res))

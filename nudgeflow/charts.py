@@ -15,7 +15,8 @@ from datetime import date, datetime, timezone
 from html import escape
 
 WIDTH, HEIGHT = 720, 320
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 30, 84
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_BOTTOM = 64, 16, 84
+LEGEND_ROW = 16
 #: longer category names are cut (whole in the hover title) so slanted labels stay inside the picture
 LABEL_CHARS = 20
 #: colour-blind-safe (Okabe-Ito), in the order series get them
@@ -63,10 +64,12 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 def fmt(v: float) -> str:
     """A short label for a number: 1.2k, 3.5M, 0.25, 12.
 
-    >>> [fmt(x) for x in (0, 12, 0.25, 1500, 2_500_000)]
-    ['0', '12', '0.25', '1.5k', '2.5M']
+    >>> [fmt(x) for x in (0, 12, 0.25, 1500, 2_500_000, 1e9)]
+    ['0', '12', '0.25', '1.5k', '2.5M', '1G']
     """
     a = abs(v)
+    if a >= 1e9:
+        return f"{v / 1e9:.3g}G"
     if a >= 1e6:
         return f"{v / 1e6:.3g}M"
     if a >= 1e3:
@@ -75,20 +78,25 @@ def fmt(v: float) -> str:
 
 
 class _Frame:
-    """The plot area and a y scale (linear, or log for values spanning decades); writes the axes, grid and
-    legend (the title is the accessible name)."""
+    """The plot area under the legend and a y scale (linear, or log for values spanning decades); writes the
+    axes, grid and legend (the title is the accessible name: the page's heading names the chart)."""
 
-    def __init__(self, title: str, y_label: str, lo: float, hi: float, log: bool = False):
+    def __init__(self, title: str, y_label: str, lo: float, hi: float, names: Sequence[str], log: bool = False):
         self.log = log
         self.ticks = log_ticks(lo, hi) if log else nice_ticks(lo, hi)
         self.lo, self.hi = self.ticks[0], self.ticks[-1]
-        self.left, self.top = MARGIN_LEFT, MARGIN_TOP
+        self.left = MARGIN_LEFT
         self.width = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
-        self.height = HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
+        legend = self._legend(names)
+        self.top = 14 + LEGEND_ROW * (1 + max((row for row, _, _ in legend), default=0))
+        self.height = HEIGHT - self.top - MARGIN_BOTTOM
         self.bottom = self.top + self.height
         self.parts = [
             f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" '
             f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}">',
+            *(f'<rect class="legend" x="{x:.0f}" y="{8 + row * LEGEND_ROW}" width="10" height="10" '
+              f'fill="{PALETTE[i % len(PALETTE)]}"/><text x="{x + 14:.0f}" y="{17 + row * LEGEND_ROW}" '
+              f'font-size="11">{escape(names[i])}</text>' for i, (row, x, _) in enumerate(legend)),
             f'<text class="axis-label" transform="translate(14,{self.top + self.height / 2}) rotate(-90)" '
             f'text-anchor="middle" font-size="11">{escape(y_label)}</text>',
         ]
@@ -115,15 +123,18 @@ class _Frame:
         self.parts.append(f'<text x="{x:.1f}" y="{y}" text-anchor="{anchor}" font-size="11"{turn}>{escape(short)}'
                           f'<title>{escape(text)}</title></text>')
 
-    def legend(self, names: Sequence[str]) -> None:
-        """One row above the plot, left to right (the page's heading names the chart)."""
+    def _legend(self, names: Sequence[str]) -> list[tuple[int, float, str]]:
+        """(row, x, name) of each legend entry above the plot, wrapping at the right edge; none for one series."""
         if len(names) < 2:
-            return
-        x = self.left
-        for i, name in enumerate(names):
-            self.parts.append(f'<rect class="legend" x="{x}" y="8" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
-                              f'<text x="{x + 14}" y="17" font-size="11">{escape(name)}</text>')
-            x += 14 + 6.5 * len(name) + 14
+            return []
+        out, row, x = [], 0, float(self.left)
+        for name in names:
+            w = 14 + 6.5 * len(name) + 14
+            if x + w > self.left + self.width and x > self.left:
+                row, x = row + 1, float(self.left)
+            out.append((row, x, name))
+            x += w
+        return out
 
     def svg(self) -> str:
         return "\n".join([*self.parts, "</svg>"])
@@ -146,8 +157,9 @@ def bars(title: str, categories: Sequence[str], series: Sequence[Series], y_labe
     bottoms = [0.0] if stacked else [min(s.errors[i][0] if s.errors else 0.0, s.values[i])
                                      for s in series for i in range(len(categories))]
     positive = [v for s in series for v in s.values if v > 0]
-    f = (_Frame(title, y_label, min(positive), max(positive), log=True) if log and positive
-         else _Frame(title, y_label, min(0.0, *bottoms), max(tops)))
+    names = [s.name for s in series]
+    f = (_Frame(title, y_label, min(positive), max(positive), names, log=True) if log and positive
+         else _Frame(title, y_label, min(0.0, *bottoms), max(tops), names))
     slot = f.width / len(categories)
     per = 1 if stacked else len(series)
     bar_w = slot * 0.8 / per
@@ -171,7 +183,6 @@ def bars(title: str, categories: Sequence[str], series: Sequence[Series], y_labe
             if stacked:
                 base += max(v, 0)
         f.x_label(f.left + (i + 0.5) * slot, cat, rotate)
-    f.legend([s.name for s in series])
     return f.svg()
 
 
@@ -197,7 +208,7 @@ def lines(title: str, xs: Sequence[X], series: Sequence[Series], y_label: str = 
     if not xs or not points:
         return _empty(title)
     lo, hi = y_range or (min(0.0, *points), max(points))
-    f = _Frame(title, y_label, lo, hi)
+    f = _Frame(title, y_label, lo, hi, [s.name for s in series])
     nx = [_as_number(x) for x in xs]
     x_lo, x_hi = min(nx), max(nx)
     x_span = (x_hi - x_lo) or 1.0
@@ -215,5 +226,4 @@ def lines(title: str, xs: Sequence[X], series: Sequence[Series], y_label: str = 
             f.parts.extend(f'<circle class="point" cx="{x:.1f}" cy="{f.y(v):.1f}" r="2.5" fill="{colour}">'
                            f'<title>{escape(s.name)}: {v:.4g}</title></circle>'
                            for x, v in zip(px, s.values) if not math.isnan(v))
-    f.legend([s.name for s in series])
     return f.svg()

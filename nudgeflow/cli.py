@@ -193,6 +193,79 @@ def backtest(
 
 
 @app.command()
+def query(
+    name: Annotated[Optional[str], typer.Argument(help="a saved query (nudgeflow query --list)")] = None,
+    config: ConfigOpt = Path("config/local.yaml"),
+    since: Annotated[Optional[str], typer.Option(help="from: 2026-11-01, an ISO time or 7d ago; default all")] = None,
+    until: Annotated[Optional[str], typer.Option(help="before: a date, ISO time or duration ago; default now")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="a query parameter, e.g. window=3d")] = None,
+    list_queries: Annotated[bool, typer.Option("--list", help="list the saved queries and their parameters")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON objects")] = False,
+) -> None:
+    """Run a saved analyst query (nudgeflow/queries/<name>.sql) on the deployment's ClickHouse and print a table."""
+    import time
+
+    from connectors.clickhouse import connect
+    from flows.common import clickhouse_dsn
+    from nudgeflow.backtest import parse_time
+    from nudgeflow.queries import QUERIES, as_records, cell, run_query
+    from nudgeflow.settings import load_settings
+    from nudgeflow.summary import table
+
+    if list_queries or name is None:
+        console.print(table("saved queries (nudgeflow query <name>)", ["name", "answers", "parameters"],
+                            [(q.name, q.title, " ".join(f"{p.name}={p.default}" for p in q.params))
+                             for q in QUERIES.values()]))
+        return
+    now = int(time.time() * 1000)
+    try:
+        params = dict(p.split("=", 1) for p in param or [])
+        s, base = load_settings(config)
+        client = connect(clickhouse_dsn(s, base))
+        try:
+            columns, rows = run_query(client, s.clickhouse.database, name, parse_time(since, now) if since else None,
+                                      parse_time(until, now) if until else None, **params)
+        finally:
+            client.close()
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps({"query": name, "columns": columns, "rows": as_records(columns, rows)}))
+    else:
+        console.print(table(f"{name}: {QUERIES[name].title}", columns, ([cell(v) for v in r] for r in rows)))
+
+
+@app.command()
+def report(
+    config: ConfigOpt = Path("config/local.yaml"),
+    since: Annotated[Optional[str], typer.Option(help="from: 2026-11-01, an ISO time or 7d ago; default all")] = None,
+    until: Annotated[Optional[str], typer.Option(help="before: a date, ISO time or duration ago; default now")] = None,
+    out: Annotated[Path, typer.Option(help="the HTML file to write")] = Path("report.html"),
+) -> None:
+    """Write a self-contained HTML report (SVG charts, no scripts) from the saved queries on the deployment's ClickHouse."""
+    import time
+
+    from connectors.clickhouse import connect
+    from flows.common import clickhouse_dsn
+    from nudgeflow.backtest import parse_time
+    from nudgeflow.report import write_report
+    from nudgeflow.settings import load_settings
+
+    now = int(time.time() * 1000)
+    try:
+        s, base = load_settings(config)
+        client = connect(clickhouse_dsn(s, base))
+        try:
+            write_report(client, s.clickhouse.database, s.name, out, parse_time(since, now) if since else None,
+                         parse_time(until, now) if until else None)
+        finally:
+            client.close()
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(f"wrote {out}")
+
+
+@app.command()
 def features(config: ConfigOpt = Path("config/local.yaml")) -> None:
     """List every feature the definitions produce (the names triggers and Redis use)."""
     from operators.features import FeaturePlan

@@ -111,7 +111,10 @@ def run_query(client: Client, db: str, name: str, since: int | None = None, unti
     """Run saved query ``name`` over ``[since, until)`` (epoch ms); returns its column names and rows."""
     sql, values = bind(name, db, since, until, **params)
     result = client.query(sql, parameters=values)
-    return list(result.column_names), [tuple(r) for r in result.result_rows]
+    columns = list(result.column_names)
+    if not columns:  # chDB answers an empty result without a header: ask for the columns, tables keep them
+        columns = [r[0] for r in client.query(f"DESCRIBE TABLE ({sql})", parameters=values).result_rows]
+    return columns, [tuple(r) for r in result.result_rows]
 
 
 def cell(value: Any) -> str:

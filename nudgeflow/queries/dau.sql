@@ -1,4 +1,4 @@
--- Daily active shoppers: per UTC day, active users, first-time users, buyers, events and revenue.
+-- Daily active shoppers, first-time users, buyers and revenue per UTC day.
 -- Activity is any shopper event (action feedback — delivered, opened, clicked, unsubscribed — is not);
 -- new_users saw their first ever event that day.
 SELECT toDate(e.ts)                                     AS day,

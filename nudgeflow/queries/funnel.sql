@@ -1,4 +1,4 @@
--- Funnel browse → cart → order by platform: shoppers reaching each step in order, step conversion, revenue.
+-- Funnel browse → cart → order by platform: shoppers per step, step conversion, revenue.
 -- A shopper reaches step k when, on that platform, a browse is followed by an add_to_cart and then an
 -- order, each within {window} of the browse (ClickHouse windowFunnel), among events in [since, until).
 -- cart_rate = carters / browsers, order_rate = buyers / carters; revenue sums every order in the period.

@@ -1,5 +1,5 @@
--- Event → action latency per trigger: percentiles (ms) of the time from the triggering event (its event
--- time) and from its ingest to the decision, over actions fired for events in [since, until).
+-- Event → action latency percentiles per trigger.
+-- In ms, from the triggering event's event time and from its ingest to the decision, over actions fired for events in [since, until).
 -- On a replay of history the event-time latency is the age of the history; read the ingest one.
 -- Percentiles are exact (quantileExact: the value at rank floor(q * n) of the sorted latencies).
 SELECT trigger_id,

@@ -1,4 +1,4 @@
--- Lifecycle transitions: how many shoppers moved from each stage at `since` to each stage at `until`.
+-- Lifecycle transitions: shoppers by their stage at `since` and at `until`.
 -- A shopper's stage at a time T follows config/features.yaml's shipped lifecycle section, with the gap
 -- measured from the last event before T: new (first seen within 7d of T, no order yet), active (last
 -- event within 14d), at_risk (30d), dormant (90d), churned (longer); unseen before any event.

@@ -1,8 +1,8 @@
--- RFM segment sizes as of `until`, over the shoppers active in [since, until). The rfm_* features live in
--- Redis, not ClickHouse, so this scores the stored orders the way config/features.yaml's shipped rfm
+-- RFM segment sizes as of `until`.
+-- Over the shoppers active in [since, until). The rfm_* features live in Redis, not ClickHouse, so this scores the stored orders the way config/features.yaml's shipped rfm
 -- section does: R from days since the last order (<= 7 → 5 … > 60 → 1; never ordered → 1), F from
 -- orders and M from revenue within {horizon} before `until` (thresholds 1, 2, 4, 8 and 50, 150, 400,
--- 1000 → 1 … 5). Change the thresholds here when that file's change. segment = R F M, like rfm_segment.
+-- 1000 → 1 … 5). Change them here when that file changes. segment = R F M, like rfm_segment.
 -- @param horizon 90d: the period frequency and monetary count over
 SELECT concat(toString(r), toString(f), toString(m)) AS segment,
        r, f, m,
