@@ -6,7 +6,15 @@ fix and a support ticket. PyYAML's composer already tracks node marks: we keep
 them in a side table keyed by the field path while building plain data.
 
 ``${VAR}`` and ``${VAR:-default}`` in scalar strings are replaced from the
-environment, so URLs and secrets never need to be committed.
+environment, ``${file:/run/secrets/name}`` by a file an orchestrator mounts, so
+URLs and secrets never need to be committed, and a secret written in a file is
+refused: a value under a secret-like key (password, secret, token, api_key …)
+must be such a reference, and so must the password of a URL, defaults included.
+
+>>> _plaintext_secret(("redis", "url"), "redis://:hunter2@cache:6379/0")
+'a password in a URL must come from the environment: write it as ${VAR} or ${file:/path}'
+>>> _plaintext_secret(("kafka", "add_config", "sasl.password"), "${KAFKA_PASSWORD}") is None
+True
 """
 
 from __future__ import annotations
@@ -22,7 +30,26 @@ from pydantic import BaseModel, ValidationError
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV = re.compile(r"\$\{(?:file:(?P<file>[^}]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?)\}")
+_REF = re.compile(r"^\$\{(?:file:[^}]+|[A-Za-z_][A-Za-z0-9_]*(?::-)?)\}$")
+_SECRET_KEY = re.compile(r"(?i)(?:^|[._-])(?:password|passwd|secret|token|api[_-]?key|private[_-]?key|credentials?)$")
+_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@:\s]*:([^@/\s]+)@", re.I)
+
+
+def _secret_key(loc: Loc) -> bool:
+    return bool(loc) and bool(_SECRET_KEY.search(str(loc[-1])))
+
+
+def _plaintext_secret(loc: Loc, raw: str) -> str | None:
+    """Why ``raw``, the value written at ``loc``, holds a secret in clear text; None when it does not."""
+    if _secret_key(loc) and raw.strip() and not _REF.match(raw.strip()):
+        return "a secret must not be written in a config file: write ${VAR} (environment) or ${file:/path} (mounted)"
+    texts = [raw, *(m.group("default") for m in _ENV.finditer(raw) if m.group("default"))]
+    for text in texts:
+        for m in _URL_PASSWORD.finditer(text):
+            if not _REF.match(m.group(1)):
+                return "a password in a URL must come from the environment: write it as ${VAR} or ${file:/path}"
+    return None
 
 
 class ConfigError(ValueError):
@@ -40,7 +67,12 @@ class ConfigError(ValueError):
 
 def _expand_env(value: str, path: str | Path, line: int) -> str:
     def repl(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
+        if m.group("file"):
+            try:
+                return Path(m.group("file")).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ConfigError(path, [(line, "", f"secret file {m.group('file')} cannot be read: {e.strerror}")]) from None
+        name, default = m.group("name"), m.group("default")
         if name in os.environ:
             return os.environ[name]
         if default is not None:
@@ -66,10 +98,15 @@ def _build(node: yaml.Node, loc: Loc, lines: dict[Loc, int], path: str | Path) -
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, loc + (i,), lines, path) for i, item in enumerate(node.value)]
     value = _scalar(node)
+    if isinstance(value, str):
+        why = _plaintext_secret(loc, value)
+        if why is not None:
+            raise ConfigError(path, [(line, ".".join(map(str, loc)), why)])
     if isinstance(value, str) and "${" in value:
         value = _expand_env(value, path, line)
-        # a substituted value is typed like YAML would type it (numbers, booleans)
-        value = yaml.safe_load(value) if value and not value.startswith(("{", "[")) else value
+        # a substituted value is typed like YAML would type it (numbers, booleans); a secret stays as it is
+        if value and not value.startswith(("{", "[")) and not _secret_key(loc):
+            value = yaml.safe_load(value)
     return value
 
 

@@ -30,7 +30,8 @@ def error(model: type, path: Path) -> str:
     return str(e.value)
 
 
-def test_the_repo_configs_load() -> None:
+def test_the_repo_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLICKHOUSE_DSN", "http://nudgeflow:from-env@clickhouse:8123")  # as docker-compose.yml sets it
     for name in ("local.yaml", "docker.yaml"):
         dep = load_deployment(ROOT / "config" / name)
         assert dep.triggers.triggers and dep.models.models and dep.features.counts
@@ -60,6 +61,29 @@ def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert (s.redis.url, s.shards) == ("redis://other:6379/1", 16)  # a substituted number is a number
     msg = error(Settings, write(tmp_path, "redis:\n  url: ${NF_T_UNSET_VAR}\n", "d.yaml"))
     assert ":2:" in msg and "NF_T_UNSET_VAR is not set" in msg
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("kafka:\n  add_config:\n    sasl.password: hunter2\n", ":4: kafka.add_config.sasl.password:"),
+    ("redis:\n  url: redis://:hunter2@cache:6379/0\n", ":3: redis.url:"),
+    ("clickhouse:\n  dsn: ${NF_T_DSN:-http://user:hunter2@ch:8123}\n", ":3: clickhouse.dsn:"),
+    ("kafka:\n  add_config:\n    sasl.password: ${NF_T_PW:-hunter2}\n", ":4: kafka.add_config.sasl.password:"),
+])
+def test_plaintext_secrets_are_refused_with_their_line(tmp_path: Path, text: str, where: str) -> None:
+    msg = error(Settings, write(tmp_path, "name: x\n" + text))
+    assert where in msg and "${VAR}" in msg and "hunter2" not in msg, msg
+
+
+def test_secrets_come_from_the_environment_or_a_mounted_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "kafka_password"
+    secret.write_text("s3cr3t: with a colon\n")
+    monkeypatch.setenv("NF_T_REDIS_PW", "0123")
+    s = load_model(Settings, write(tmp_path, (
+        f"kafka:\n  add_config:\n    sasl.password: ${{file:{secret}}}\n"
+        "redis:\n  url: redis://:${NF_T_REDIS_PW}@cache:6379/0\n"
+    )))
+    assert s.kafka.add_config["sasl.password"] == "s3cr3t: with a colon"  # kept as written, not re-read as YAML
+    assert s.redis.url == "redis://:0123@cache:6379/0"
 
 
 TRIGGER = """triggers:
