@@ -123,9 +123,12 @@ Builder = Callable[[Deployment], tuple[Dataflow, Runtime]]
 DEFAULT_CONFIG = "config/local.yaml"
 
 
-def from_file(build: Builder, path: str | os.PathLike[str]) -> tuple[Dataflow, Runtime]:
-    """Build a flow from a deployment config file."""
-    return build(load_deployment(path))
+def from_file(build: Builder, path: str | os.PathLike[str], redis_url: str | None = None) -> tuple[Dataflow, Runtime]:
+    """Build a flow from a deployment config file; ``redis_url`` replaces its Redis (a cluster's shared one)."""
+    dep = load_deployment(path)
+    if redis_url:
+        dep.settings.redis = dep.settings.redis.model_copy(update={"url": redis_url, "embedded": False})
+    return build(dep)
 
 
 def flow_attribute(build: Builder) -> Callable[[str], Any]:

@@ -34,8 +34,15 @@ def run(
     workers: Annotated[int, typer.Option("--workers", "-w", help="worker threads in this process")] = 1,
     summary: Annotated[bool, typer.Option(help="print what happened when a bounded run ends")] = True,
     flow_name: Annotated[str, typer.Option("--flow", help="main (everything) or features (feature store only)")] = "main",
+    processes: Annotated[int, typer.Option("--processes", "-p", min=1,
+                                           help="local processes of Bytewax's cluster runtime (they use the cores)")] = 1,
+    process_id: Annotated[Optional[int], typer.Option("--process-id", "-i",
+                                                      help="this process's index in a cluster (with --addresses)")] = None,
+    addresses: Annotated[Optional[str], typer.Option("--addresses", "-a",
+                                                     help="host:port of every process of the cluster, ';'-separated")] = None,
+    redis_url: Annotated[Optional[str], typer.Option("--redis-url", help="use this Redis instead of the config's")] = None,
 ) -> None:
-    """Run a flow (same as ``python -m bytewax.run flows.<flow>:flow -w N``)."""
+    """Run a flow (same as ``python -m bytewax.run flows.<flow>:flow -w N [-i I -a ADDRESSES]``)."""
     import importlib
 
     from bytewax.run import cli_main
@@ -46,17 +53,43 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if flow_name not in ("main", "features"):
         _fail(ValueError(f"unknown flow {flow_name!r}: main or features"))
+    if processes > 1:
+        raise typer.Exit(_run_cluster(config, processes, workers, flow_name, redis_url))
+    if (process_id is None) != (addresses is None):
+        _fail(ValueError("--process-id and --addresses go together"))
     try:
-        flow, rt = from_file(importlib.import_module(f"flows.{flow_name}").build, config)
+        flow, rt = from_file(importlib.import_module(f"flows.{flow_name}").build, config, redis_url)
         options = rt.bytewax_options()
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
     try:
-        cli_main(flow, workers_per_process=workers, **options)
+        cli_main(flow, workers_per_process=workers, process_id=process_id,
+                 addresses=addresses.split(";") if addresses else None, **options)
     finally:
         rt.close()
-    if summary and rt.writer is not None:
+    if summary and process_id is None and rt.writer is not None:
         print_summary(rt, console)
+
+
+def _run_cluster(config: Path, processes: int, workers: int, flow_name: str, redis_url: str | None) -> int:
+    """Check what the processes must share, start an embedded Redis once if the config wants one, run them."""
+    from connectors.embedded import ensure_redis
+    from nudgeflow.cluster import run_processes
+    from nudgeflow.configload import load_deployment
+
+    try:
+        s = load_deployment(config).settings
+    except ConfigError as e:
+        _fail(e)
+    if flow_name == "main" and not s.clickhouse.dsn:
+        _fail(ValueError("chDB runs inside one process: a cluster of the main flow needs a ClickHouse server "
+                         "(clickhouse.dsn), or run the feature store alone (--flow features)"))
+    embedded = ensure_redis(redis_url or s.redis.url or None) if s.redis.embedded and not redis_url else None
+    try:
+        return run_processes(config, processes, workers, flow_name, redis_url or (embedded.url if embedded else s.redis.url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 recovery_app = typer.Typer(help="Bytewax recovery store.")
@@ -218,6 +251,8 @@ def query(
                              for q in QUERIES.values()]))
         return
     now = int(time.time() * 1000)
+    if any("=" not in p for p in param or []):
+        _fail(ValueError("--param takes name=value, e.g. window=3d"))
     try:
         params = dict(p.split("=", 1) for p in param or [])
         s, base = load_settings(config)

@@ -1,0 +1,41 @@
+"""Scale-out: ``nudgeflow run --processes 2`` (Bytewax's cluster runtime) ends with the same features as one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from connectors.kafka import user_keyed
+from connectors.simulator import SimulatorConfig, iter_records
+from connectors.tansu import TansuBroker, create_topics, produce
+from tests.helpers import drain, features, write_config
+
+
+def test_two_processes_give_the_features_of_one(kafka: TansuBroker, redis_url: str, key_prefix: str,
+                                                topic_prefix: str, tmp_path: Path) -> None:
+    prefix = topic_prefix + "cluster"
+    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=4)  # Kafka partitions: the unit of parallelism
+    records = list(user_keyed(iter_records(SimulatorConfig(users=300, events=12_000, partitions=2, seed=5))))
+    produce(kafka.bootstrap, f"{prefix}.events", records)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    two = write_config(tmp_path / "two", kafka, prefix, redis_url, key_prefix + "2", "")
+    drain(two, r, key_prefix + "2", len(records), "--flow", "features", "--processes", "2")
+    one = write_config(tmp_path / "one", kafka, prefix, redis_url, key_prefix + "1", "")
+    drain(one, r, key_prefix + "1", len(records), "--flow", "features")
+
+    got, want = features(r, key_prefix + "2"), features(r, key_prefix + "1")
+    assert len(want) == len({key for key, _ in records})  # every shopper, and every event counted once
+    assert sum(int(h["events_30d"]) for h in got.values()) == len(records)
+    assert got == want
+
+
+def test_a_cluster_of_the_main_flow_needs_a_clickhouse_server(kafka: TansuBroker, redis_url: str, key_prefix: str,
+                                                              tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, kafka, "nope", redis_url, key_prefix, "")
+    proc = subprocess.run([sys.executable, "-m", "nudgeflow.cli", "run", "--config", str(cfg), "--processes", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a ClickHouse server" in " ".join(proc.stderr.split())
