@@ -21,4 +21,4 @@ RUN pip install --no-deps . \
 USER nudgeflow
 
 ENTRYPOINT ["nudgeflow"]
-CMD ["run", "--config", "config/docker.yaml", "--no-summary"]
+CMD ["run", "--config", "config/docker.yaml", "--no-summary", "--init-recovery"]

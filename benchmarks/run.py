@@ -39,6 +39,7 @@ STAGE_TIMEOUT_S = 600.0
 #: (numerator, denominator) stages whose events/s ratio is reported; skipped when a stage did not run
 RATIOS: list[tuple[str, str]] = [
     ("parse", "raw"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
+    ("features_rec1s", "features"), ("features_rec10s", "features"),
 ]
 #: the fields of the last line, ``BENCH k=v ...``: (name, stage, figure) or (name, (num, den), None) for a ratio
 BENCH_FIELDS: list[tuple[str, Any, str | None]] = [

@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,8 @@ class Built:
     report: Callable[[], dict[str, Any]] = dict
     #: runs last, untimed, even when the run failed
     cleanup: Callable[[], None] = lambda: None
+    #: ``run_main`` options: the recovery store and epoch length when the stage runs with recovery
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 # -- shared pieces
@@ -206,7 +208,7 @@ def build_bare(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
-def _deployment(ctx: StageContext, name: str) -> Any:
+def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None) -> Any:
     """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
     output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir."""
     from connectors.tansu import create_topics
@@ -225,7 +227,13 @@ def _deployment(ctx: StageContext, name: str) -> Any:
         "dlq": {"kind": "kafka"},
         "triggers": str(TRIGGERS),
         "models": str(MODELS),  # the shipped triggers read scores; the feature flow does not run models
+        "recovery": None if recovery_s is None else {"dir": str(ctx.workdir / "recovery"), "snapshot_interval": recovery_s},
     })
+    if recovery_s is not None:
+        from bytewax.recovery import init_db_dir
+
+        (ctx.workdir / "recovery").mkdir(parents=True, exist_ok=True)
+        init_db_dir(ctx.workdir / "recovery", 1)
     return deployment(settings, ctx.workdir)
 
 
@@ -292,13 +300,14 @@ def _deep_size(obj: Any, seen: set[int] | None = None) -> int:
     return size
 
 
-def build_features(ctx: StageContext) -> Built:
-    """The feature store alone (``flows/features.py``) in Kafka mode: parse, features, Redis, dead letters."""
+def build_features(ctx: StageContext, recovery_s: float | None = None) -> Built:
+    """The feature store alone (``flows/features.py``) in Kafka mode: parse, features, Redis, dead letters;
+    with ``recovery_s``, Bytewax recovery snapshots every shard each ``recovery_s`` seconds (SQLite)."""
     import redis
 
     from flows.features import build
 
-    flow, rt = build(_deployment(ctx, "bench_features"))
+    flow, rt = build(_deployment(ctx, "bench_features", recovery_s))
     before = _redis_commands(ctx.redis_url)
     dlq: list[int] = []
 
@@ -316,6 +325,7 @@ def build_features(ctx: StageContext) -> Built:
     return Built(
         flow, lambda: sum(lg.state.accepted for lg in rt.feature_logics) + dead_letters(), close=rt.close,
         report=report, cleanup=lambda: _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*"),
+        options=rt.bytewax_options(),
     )
 
 
@@ -366,6 +376,9 @@ STAGES: dict[str, Callable[[StageContext], Built]] = {
     "parse": build_parse,
     "bare": build_bare,
     "features": build_features,
+    # the cost of Bytewax recovery's snapshots, by epoch length (README: Recovery)
+    "features_rec1s": lambda ctx: build_features(ctx, recovery_s=1.0),
+    "features_rec10s": lambda ctx: build_features(ctx, recovery_s=10.0),
     "full": build_full,
 }
 
@@ -427,7 +440,7 @@ def run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         c0 = time.process_time()  # every thread of this process: Bytewax, librdkafka, chDB, writer
         w0 = time.perf_counter()
-        run_main(built.flow)
+        run_main(built.flow, **built.options)
         w_flow = time.perf_counter()
         built.close()
         w1 = time.perf_counter()

@@ -7,6 +7,7 @@ only put them together so each flow module stays a short list of stages.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,13 +24,17 @@ from connectors.clickhouse import ClickHouseWriter
 from connectors.csvlog import CsvMapper, CsvSource
 from connectors.embedded import EmbeddedRedis, ensure_redis
 from connectors.files import JsonlSource, jsonl_sink
+from connectors.metrics import Failing, FlowMetrics
 from connectors.simulator import SimulatorSource
 from connectors.webhook import WebhookSender
+from nudgeflow import logs
 from nudgeflow.configload import Deployment, load_deployment
-from nudgeflow.events import DeadLetter, Event
+from nudgeflow.events import DeadLetter, Decision, Event
 from nudgeflow.settings import Reloadable, Settings, SinkConfig, TriggersFile
 from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
 from operators.parse import Parser
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,10 +48,14 @@ class Runtime:
     redis: EmbeddedRedis | None = None
     #: this process's feature-step logics (one per shard it runs), for state size and counts
     feature_logics: list[FeatureLogic] = field(default_factory=list)
+    #: what ``/metrics`` serves (None: ``metrics.port`` is 0)
+    metrics: FlowMetrics | None = None
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def bytewax_options(self) -> dict[str, Any]:
         """``cli_main`` keyword arguments for the recovery settings (epoch length, store)."""
@@ -54,12 +63,29 @@ class Runtime:
         if rec is None:
             return {}
         db = _resolve(self.base, rec.dir)
-        if not db.is_dir() or not any(db.glob("part-*.sqlite3")):
+        if not recovery_store_exists(db):
             raise FileNotFoundError(f"recovery store {db} is not initialised: run `nudgeflow recovery init`")
         return {
             "epoch_interval": timedelta(seconds=rec.snapshot_interval),
             "recovery_config": RecoveryConfig(db, backup_interval=timedelta(seconds=rec.backup_interval)),
         }
+
+
+def recovery_store_exists(db: Path) -> bool:
+    return db.is_dir() and any(db.glob("part-*.sqlite3"))
+
+
+def init_recovery_store(s: Settings, base: Path) -> Path | None:
+    """Create the recovery store ``recovery.dir`` names; its folder, or None when it already existed."""
+    from bytewax.recovery import init_db_dir
+
+    assert s.recovery is not None
+    db = _resolve(base, s.recovery.dir)
+    if recovery_store_exists(db):
+        return None
+    db.mkdir(parents=True, exist_ok=True)
+    init_db_dir(db, s.recovery.partitions)
+    return db
 
 
 def _resolve(base: Path, path: str) -> Path:
@@ -101,22 +127,55 @@ def redis_url(s: Settings) -> tuple[str, EmbeddedRedis | None]:
     return (embedded.url if embedded else s.redis.url), embedded
 
 
-def parsed_input(flow: Dataflow, dep: Deployment) -> Stream[Event | DeadLetter]:
-    """The configured source, parsed: events and refusals in one stream."""
+def parsed_input(flow: Dataflow, dep: Deployment, metrics: FlowMetrics | None = None) -> Stream[Event | DeadLetter]:
+    """The configured source, parsed: events and refusals in one stream (counted when ``metrics``)."""
     s = dep.settings
     parser = Parser(s.events)
+    parse: Callable[[list[Any]], list[Event | DeadLetter]]
     if s.source.kind == "kafka":
-        msgs = op.input("kafka_in", flow, kafka.source(s.kafka))
-        return op.flat_map_batch("parse", msgs, lambda b: parser.parse_batch(kafka.raw_records(b)))
-    if s.source.kind == "csv":
+        msgs = op.input("kafka_in", flow, kafka.source(s.kafka, s.metrics.kafka_lag_interval if metrics else 0.0))
+        parse = lambda b: parser.parse_batch(kafka.raw_records(b))
+    elif s.source.kind == "csv":
         assert s.source.csv is not None and dep.csv_mapping is not None  # settings and deployment() ensure both
         mapper = CsvMapper(dep.csv_mapping)
-        lines = op.input("in", flow, CsvSource([dep.resolve(p) for p in s.source.csv.paths], dep.csv_mapping))
-        return op.flat_map_batch("parse", lines, lambda b: mapper.parse_batch(parser, b))
-    src = SimulatorSource(s.source.simulator) if s.source.kind == "simulator" else JsonlSource(
-        [dep.resolve(p) for p in s.source.file.paths]
-    )
-    return op.flat_map_batch("parse", op.input("in", flow, src), parser.parse_batch)
+        msgs = op.input("in", flow, CsvSource([dep.resolve(p) for p in s.source.csv.paths], dep.csv_mapping))
+        parse = lambda b: mapper.parse_batch(parser, b)
+    else:
+        src = SimulatorSource(s.source.simulator) if s.source.kind == "simulator" else JsonlSource(
+            [dep.resolve(p) for p in s.source.file.paths]
+        )
+        msgs, parse = op.input("in", flow, src), parser.parse_batch
+    return op.flat_map_batch("parse", msgs, parse if metrics is None else metrics.counting(parse))
+
+
+def start_metrics(s: Settings, url: str, writer: ClickHouseWriter | None) -> FlowMetrics | None:
+    """The flow's metrics, served on ``metrics.port`` from now on; None when it is 0 (nothing is counted),
+    or when the port is taken (the flow runs unobserved rather than not at all)."""
+    if not s.metrics.port:
+        return None
+    metrics = FlowMetrics(url, writer)
+    if writer is not None:
+        metrics.watch("clickhouse", writer)
+    try:
+        metrics.serve(s.metrics.host, s.metrics.port)
+    except OSError as e:
+        log.error("metrics: cannot listen on %s:%d (%s); this process serves no metrics", s.metrics.host, s.metrics.port, e)
+        return None
+    return metrics
+
+
+def metered(
+    metrics: FlowMetrics | None, dead: Stream[DeadLetter], decisions: Stream[Decision] | None = None, **failing: Failing
+) -> None:
+    """Count dead letters and decisions (sinks on a branch: the flow never waits on them) and report each
+    connector's failed attempts as ``sink_errors_total{sink=<keyword>}``."""
+    if metrics is None:
+        return
+    op.output("dlq_metrics", dead, metrics.dead_letter_sink())
+    if decisions is not None:
+        op.output("decisions_metrics", decisions, metrics.decision_sink())
+    for sink, connector in failing.items():
+        metrics.watch(sink, connector)
 
 
 Builder = Callable[[Deployment], tuple[Dataflow, Runtime]]
@@ -124,8 +183,10 @@ DEFAULT_CONFIG = "config/local.yaml"
 
 
 def from_file(build: Builder, path: str | os.PathLike[str], redis_url: str | None = None) -> tuple[Dataflow, Runtime]:
-    """Build a flow from a deployment config file; ``redis_url`` replaces its Redis (a cluster's shared one)."""
+    """Build a flow from a deployment config file, logging as it says (the CLI and ``python -m bytewax.run``
+    both come here); ``redis_url`` replaces its Redis (a cluster's shared one)."""
     dep = load_deployment(path)
+    logs.configure(dep.settings)
     if redis_url:
         dep.settings.redis = dep.settings.redis.model_copy(update={"url": redis_url, "embedded": False})
     return build(dep)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -41,6 +40,9 @@ def run(
     addresses: Annotated[Optional[str], typer.Option("--addresses", "-a",
                                                      help="host:port of every process of the cluster, ';'-separated")] = None,
     redis_url: Annotated[Optional[str], typer.Option("--redis-url", help="use this Redis instead of the config's")] = None,
+    init_recovery: Annotated[bool, typer.Option("--init-recovery",
+                                                help="create the recovery store if it does not exist yet (a service's "
+                                                     "first start); an existing one is resumed")] = False,
 ) -> None:
     """Run a flow (same as ``python -m bytewax.run flows.<flow>:flow -w N [-i I -a ADDRESSES]``)."""
     import importlib
@@ -50,9 +52,18 @@ def run(
     from flows.common import from_file
     from nudgeflow.summary import print_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if flow_name not in ("main", "features"):
         _fail(ValueError(f"unknown flow {flow_name!r}: main or features"))
+    if init_recovery:
+        from flows.common import init_recovery_store
+        from nudgeflow.settings import load_settings
+
+        try:
+            s, base = load_settings(config)
+        except ConfigError as e:
+            _fail(e)
+        if s.recovery is not None and init_recovery_store(s, base) is not None:
+            console.print(f"created the recovery store {s.recovery.dir}")
     if processes > 1:
         raise typer.Exit(_run_cluster(config, processes, workers, flow_name, redis_url))
     if (process_id is None) != (addresses is None):
@@ -99,8 +110,7 @@ app.add_typer(recovery_app, name="recovery")
 @recovery_app.command("init")
 def recovery_init(config: ConfigOpt = Path("config/local.yaml")) -> None:
     """Create the recovery store named by ``recovery.dir`` (once, before the first run)."""
-    from bytewax.recovery import init_db_dir
-
+    from flows.common import init_recovery_store
     from nudgeflow.settings import load_settings
 
     try:
@@ -109,11 +119,9 @@ def recovery_init(config: ConfigOpt = Path("config/local.yaml")) -> None:
         _fail(e)
     if s.recovery is None:
         _fail(ValueError(f"{config} has no recovery section"))
-    db = Path(s.recovery.dir) if Path(s.recovery.dir).is_absolute() else base / s.recovery.dir
-    if any(db.glob("part-*.sqlite3")):
-        _fail(FileExistsError(f"{db} already holds a recovery store; remove it to start over"))
-    db.mkdir(parents=True, exist_ok=True)
-    init_db_dir(db, s.recovery.partitions)
+    db = init_recovery_store(s, base)
+    if db is None:
+        _fail(FileExistsError(f"{s.recovery.dir} already holds a recovery store; remove it to start over"))
     console.print(f"created {s.recovery.partitions} recovery partition(s) in {db}")
 
 
