@@ -120,7 +120,7 @@ def run_query(client: Client, db: str, name: str, since: int | None = None, unti
 def cell(value: Any) -> str:
     """How a value prints in a table: shares to 4 decimals, larger figures to 2, nan as a dash."""
     if isinstance(value, float):
-        return "–" if math.isnan(value) else f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
+        return "–" if math.isnan(value) else f"{value:.4f}" if abs(value) <= 1 else f"{value:.2f}"
     return str(value)
 
 

@@ -1,7 +1,8 @@
 -- Revenue attributed per trigger within an attribution window (ROI).
--- Actions sent for events in [since, until), users reached, and the orders in that period credited to a trigger, last touch: an order goes to the user's latest
--- action (by the action's event time, ties to the greater trigger id) before it and within {window}.
--- An order is credited once; revenue_per_action = attributed revenue / actions sent.
+-- Actions sent for events in [since, until), users reached, and the orders in that period credited to a
+-- trigger, last touch: an order goes to the user's latest action (by the action's event time, ties to
+-- the greater trigger id) before it and within {window}. An order is credited once; revenue_per_action =
+-- attributed revenue / actions sent.
 -- @param window 1d: how long after an action an order is credited to it
 SELECT trigger_id,
        s.actions                             AS actions,

@@ -13,7 +13,8 @@ SELECT platform,
 FROM
 (
     SELECT platform, user_id,
-           windowFunnel({window:UInt32} * 1000)(toUInt64(toUnixTimestamp64Milli(ts)), type = 'browse', type = 'add_to_cart', type = 'order') AS level,
+           windowFunnel({window:UInt32} * 1000)(toUInt64(toUnixTimestamp64Milli(ts)),
+                                                type = 'browse', type = 'add_to_cart', type = 'order') AS level,
            sumIf(amount, type = 'order') AS revenue
     FROM {db}.events FINAL
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}

@@ -1,7 +1,8 @@
 -- Event → action latency percentiles per trigger.
--- In ms, from the triggering event's event time and from its ingest to the decision, over actions fired for events in [since, until).
--- On a replay of history the event-time latency is the age of the history; read the ingest one.
--- Percentiles are exact (quantileExact: the value at rank floor(q * n) of the sorted latencies).
+-- In ms, from the triggering event's event time and from its ingest to the decision, over actions fired
+-- for events in [since, until). On a replay of history the event-time latency is the age of the history;
+-- read the ingest one. Percentiles are exact (quantileExact: the value at rank floor(q * n) of the
+-- sorted latencies).
 SELECT trigger_id,
        count()                                  AS fired,
        quantileExact(0.5)(latency_event_ms)     AS event_p50_ms,

@@ -1,7 +1,8 @@
 -- Online models' calibration and AUC per day.
--- Per model and UTC day of the scored event in [since, until), from the predictions table's progressive-validation scores (learner_score, the score
--- model_metrics reports): examples, positives, mean score against the observed positive rate
--- (calibration in the large), ECE over 10 equal-width score bins, Brier score and AUC (ties count half).
+-- Per model and UTC day of the scored event in [since, until), from the predictions table's
+-- progressive-validation scores (learner_score, the score model_metrics reports): examples, positives,
+-- mean score against the observed positive rate (calibration in the large), ECE over 10 equal-width
+-- score bins, Brier score and AUC (ties count half).
 SELECT p.model AS model, p.day AS day, examples, positives, mean_score, positive_rate, ece, brier, auc
 FROM
 (

@@ -1,6 +1,7 @@
 -- Weekly retention cohorts.
--- Of the shoppers first seen in a week (Monday, UTC), how many were active 0, 1, 2 … weeks later. Cohorts are first-ever weeks inside [since, until); activity counts inside
--- it too, and excludes action feedback. retention = users / cohort_size.
+-- Of the shoppers first seen in a week (Monday, UTC), how many were active 0, 1, 2 … weeks later.
+-- Cohorts are first-ever weeks inside [since, until); activity counts inside it too, and excludes action
+-- feedback. retention = users / cohort_size.
 SELECT c.cohort                                           AS cohort,
        c.size                                             AS cohort_size,
        intDiv(dateDiff('day', c.cohort, a.week), 7)       AS weeks_after,
