@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-latency bench-models tools schema clean
+.PHONY: install demo test bench bench-clickhouse bench-latency bench-models tools schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,18 +20,26 @@ demo: install
 	rm -rf .nudgeflow
 	$(BIN)/nudgeflow run --config config/local.yaml
 
-## system tools some tests drive (the compose file check needs Debian's docker-compose)
+## system tools some tests drive (the compose file check needs Debian's docker-compose, the report test Chromium)
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  echo "installing docker-compose (Debian) for the compose file check"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
 	  || echo "could not install docker-compose: tests/test_compose.py will say so"; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian) for the report test (headless browser)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "could not install chromium: tests/test_report.py will say so"; }
 
 test: install tools
 	$(BIN)/pytest -q
 
 bench: install
 	$(BIN)/python -m benchmarks.run
+
+## rows/s through the ClickHouse writer into chDB per batching policy, and the sink's share of flow time (~1 min)
+bench-clickhouse: install
+	$(BIN)/python -m benchmarks.clickhouse
 
 ## event->action latency p50/p99 at half the measured maximum rate, trigger cost per event with 0/10/50 triggers (~2 min)
 bench-latency: install

@@ -9,15 +9,23 @@ Writes never happen on the per-event path: sinks hand rows to a
 ``batch_rows`` rows or is ``flush_interval`` old. When ClickHouse cannot take
 rows, the writer retries with backoff and the buffer grows to
 ``max_buffer_rows``; past that ``put`` blocks, which holds the flow back
-instead of dropping data.
+instead of dropping data. Every batch carries an insert deduplication token
+derived from its rows, the same on every retry, so a batch ClickHouse stored
+before its answer was lost is dropped instead of being counted twice by the
+rollups' materialized views.
+
+Fields configured as PII (``clickhouse.pii``) are hashed or dropped by the row
+functions, before a row leaves the process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -26,9 +34,12 @@ import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from clickhouse_connect.driver.client import Client
 
+from connectors.migrations import TTL_COLUMNS
+from connectors.redis_store import FEATURE_SET_VERSION
 from nudgeflow.events import Action, DeadLetter, Decision, Event
+from nudgeflow.settings import ClickHouseConfig, PiiConfig
 from operators.models import MetricRow, PredictionRow
-from nudgeflow.settings import ClickHouseConfig
+from operators.sampling import Sample
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +51,13 @@ def connect(dsn: str) -> Client:
     return clickhouse_connect.get_client(dsn=dsn)
 
 
-def migrate(client: Client, database: str) -> list[str]:
-    """Apply the packaged migrations not yet recorded; returns the names applied.
+def migrate(client: Client, database: str, ttl: Mapping[str, float] | None = None) -> list[str]:
+    """Apply the packaged migrations not yet recorded, then the tables' TTLs; returns the names applied.
 
     Migrations are ``connectors/migrations/NNN_name.sql``, applied in order
     and recorded in ``<db>.schema_migrations``; each statement is idempotent
     (``IF NOT EXISTS``) so a crash between a statement and its record is safe.
+    ``ttl``: retention in seconds per table (see :func:`apply_ttl`).
     """
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
     client.command(
@@ -65,7 +77,33 @@ def migrate(client: Client, database: str) -> list[str]:
             client.command(stmt)
         client.insert(f"{database}.schema_migrations", [[version, f.name]], column_names=["version", "name"])
         applied.append(f.name)
+    apply_ttl(client, database, ttl or {})
     return applied
+
+
+_TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
+
+
+def apply_ttl(client: Client, database: str, ttl: Mapping[str, float]) -> list[str]:
+    """Make every table's TTL the configured retention (none for a table not listed); returns the tables altered.
+
+    A table is altered only when its TTL differs: a new TTL rewrites the table's parts, which a
+    restart with the same configuration must not do.
+    """
+    engines = dict(client.query(
+        f"SELECT name, engine_full FROM system.tables WHERE database = '{database}'"
+    ).result_rows)
+    altered = []
+    for table, column in TTL_COLUMNS.items():
+        found = _TTL.search(engines[table])
+        current = found.group(1) if found else None
+        seconds = ttl.get(table)
+        wanted = None if seconds is None else f"toDateTime({column}) + toIntervalSecond({int(seconds)})"
+        if current == wanted:
+            continue
+        client.command(f"ALTER TABLE {database}.{table} " + (f"MODIFY TTL {wanted}" if wanted else "REMOVE TTL"))
+        altered.append(table)
+    return altered
 
 
 def _statements(sql: str) -> list[str]:
@@ -73,34 +111,119 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in body.split(";") if s.strip()]
 
 
-# -- rows: one function per table, the column order is the table's
+class Pii:
+    """Hashes or drops the fields ``clickhouse.pii`` lists, in the row functions.
+
+    Hashes are BLAKE2b keyed with the salt: the same value always gives the same hash, so analysts
+    still join and count users on a hashed id, while nobody without the salt can test a guess.
+    """
+
+    SECTIONS = ("props", "payload")
+
+    def __init__(self, cfg: PiiConfig):
+        self._key = hashlib.blake2b(cfg.salt.get_secret_value().encode(), digest_size=32).digest()
+        self._hash_user = "user_id" in cfg.hash
+        self._fields = {
+            section: ({f.split(".", 1)[1] for f in cfg.hash if f.startswith(section + ".")},
+                      {f.split(".", 1)[1] for f in cfg.drop if f.startswith(section + ".")})
+            for section in self.SECTIONS
+        }
+
+    @classmethod
+    def of(cls, cfg: PiiConfig | None) -> Pii | None:
+        """``None`` when nothing is configured, so the row functions skip the work entirely."""
+        return cls(cfg) if cfg is not None and (cfg.hash or cfg.drop) else None
+
+    def digest(self, value: Any) -> str:
+        data = value.encode() if isinstance(value, str) else orjson.dumps(value)
+        return hashlib.blake2b(data, key=self._key, digest_size=16).hexdigest()
+
+    def user(self, user_id: str) -> str:
+        return self.digest(user_id) if self._hash_user else user_id
+
+    def scrub(self, section: str, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (an event's props, an action's payload) without its dropped keys and with its hashed ones hashed."""
+        hashed, dropped = self._fields[section]
+        if hashed.isdisjoint(values) and dropped.isdisjoint(values):
+            return values
+        return {k: self.digest(v) if k in hashed else v for k, v in values.items() if k not in dropped}
+
+    def raw(self, raw: bytes) -> bytes:
+        """A dead letter's record scrubbed like an event or action when it is a JSON object; otherwise left
+        out, since it cannot be scrubbed (the DLQ topic or file keeps the original)."""
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return b""
+        if not isinstance(doc, dict):
+            return b""
+        if isinstance(doc.get("user_id"), str):
+            doc["user_id"] = self.user(doc["user_id"])
+        for section in self.SECTIONS:
+            if isinstance(doc.get(section), dict):
+                doc[section] = self.scrub(section, doc[section])
+        return orjson.dumps(doc)
+
+
+# -- rows: one function per table, the column order is the table's; ``pii`` scrubs what it lists
 
 EVENT_COLUMNS = ["event_id", "user_id", "type", "ts", "ingest_ts", "session_id", "platform", "amount", "props", "position"]
 
 
-def event_row(ev: Event) -> Row:
+def event_row(ev: Event, pii: Pii | None = None) -> Row:
     amount = ev.props.get("amount", 0.0) if ev.type == "order" else 0.0
+    user_id, props = ev.user_id, ev.props
+    if pii is not None:
+        user_id, props = pii.user(user_id), pii.scrub("props", props)
     return [
-        ev.event_id, ev.user_id, ev.type, ev.ts, ev.ingest_ms, ev.session_id or "", ev.platform or "",
-        float(amount), orjson.dumps(ev.props).decode(), ev.position,
+        ev.event_id, user_id, ev.type, ev.ts, ev.ingest_ms, ev.session_id or "", ev.platform or "",
+        float(amount), orjson.dumps(props).decode(), ev.position,
     ]
 
 
-ACTION_COLUMNS = ["action_id", "trigger_id", "user_id", "channel", "occurrence", "event_ts", "ingest_ts", "decided_ts", "payload"]
+ACTION_COLUMNS = ["action_id", "trigger_id", "user_id", "channel", "variant", "status", "occurrence", "event_ts",
+                  "ingest_ts", "decided_ts", "payload"]
 
 
-def action_row(a: Action) -> Row:
+def action_row(a: Action, pii: Pii | None = None) -> Row:
+    """An action the flow emitted: status ``sent`` (feedback events say what happened next)."""
+    user_id, payload = a.user_id, a.payload
+    if pii is not None:
+        user_id, payload = pii.user(user_id), pii.scrub("payload", payload)
     return [
-        a.action_id, a.trigger_id, a.user_id, a.channel, a.occurrence, a.event_ts, a.ingest_ms, a.decided_ms,
-        orjson.dumps(a.payload).decode(),
+        a.action_id, a.trigger_id, user_id, a.channel, a.variant, "sent", a.occurrence, a.event_ts, a.ingest_ms,
+        a.decided_ms, orjson.dumps(payload).decode(),
     ]
 
 
 DLQ_COLUMNS = ["reason", "detail", "position", "ingest_ts", "raw"]
 
 
-def dlq_row(d: DeadLetter) -> Row:
-    return [d.reason, d.detail, d.position, d.ingest_ms, d.raw]
+def dlq_row(d: DeadLetter, pii: Pii | None = None) -> Row:
+    return [d.reason, d.detail, d.position, d.ingest_ms, d.raw if pii is None else pii.raw(d.raw)]
+
+
+SNAPSHOT_COLUMNS = ["user_id", "slot", "ts", "version", "features"]
+
+
+def snapshot_row(sample: Sample, pii: Pii | None = None) -> Row:
+    slot, uf = sample
+    user_id = uf.user_id if pii is None else pii.user(uf.user_id)
+    return [user_id, slot, uf.ts, FEATURE_SET_VERSION, orjson.dumps(uf.features).decode()]
+
+
+def batch_token(table: str, rows: Sequence[Row]) -> str:
+    """The insert deduplication token of a batch, from its content: a retry sends the same token, so
+    ClickHouse drops a batch it already stored (and its materialized views never see it twice)."""
+    digest = hashlib.blake2b(orjson.dumps(rows, default=str), digest_size=16).hexdigest()
+    return f"{table}:{digest}"
+
+
+def insert_batch(client: Client, database: str, table: str, columns: list[str], rows: Sequence[Row], token: str) -> None:
+    """One batch insert, deduplicated on ``token`` (synchronous: an asynchronous insert ignores tokens)."""
+    client.insert(f"{database}.{table}", rows, column_names=columns, settings={
+        "insert_deduplicate": 1, "insert_deduplication_token": token, "async_insert": 0,
+    })
 
 
 class ClickHouseWriter:
@@ -119,6 +242,12 @@ class ClickHouseWriter:
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="clickhouse-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def buffered(self) -> int:
+        """Rows taken but not yet stored (in flight included): ``put`` blocks at ``max_buffer_rows``."""
+        with self._cv:
+            return self._rows
 
     def put(self, table: str, columns: list[str], rows: list[Row]) -> None:
         """Queue rows for ``table``; blocks while the buffer is full (backpressure)."""
@@ -183,14 +312,15 @@ class ClickHouseWriter:
             if not rows:
                 return
             self._buffers[table] = (columns, [])
+        token = batch_token(table, rows)
         delay = 0.2
         while True:
             try:
                 if self._client is None:
                     self._client = self._factory()
-                self._client.insert(f"{self.cfg.database}.{table}", rows, column_names=columns)
+                insert_batch(self._client, self.cfg.database, table, columns, rows, token)
                 break
-            except Exception as e:  # keep the rows and retry: nothing is dropped
+            except Exception as e:  # keep the rows and retry with the same token: nothing is dropped or doubled
                 self.failures += 1
                 self._client = None
                 log.warning("clickhouse insert into %s failed (%s rows), retrying in %.1fs: %s", table, len(rows), delay, e)
@@ -230,9 +360,10 @@ class ClickHouseSink(DynamicSink[Any]):
 PREDICTION_COLUMNS = ["model", "user_id", "event_id", "ts", "resolved_ts", "score", "learner_score", "model_version", "label"]
 
 
-def prediction_row(p: PredictionRow) -> Row:
+def prediction_row(p: PredictionRow, pii: Pii | None = None) -> Row:
     r = p.example
-    return [r.model, r.user_id, r.event_id, r.ts, r.resolved_ts, r.score, p.learner_score, r.version, int(r.label)]
+    user_id = r.user_id if pii is None else pii.user(r.user_id)
+    return [r.model, user_id, r.event_id, r.ts, r.resolved_ts, r.score, p.learner_score, r.version, int(r.label)]
 
 
 METRIC_COLUMNS = ["model", "window_start", "span", "model_version", "examples", "positives", "auc", "logloss", "brier",
@@ -249,7 +380,8 @@ DECISION_COLUMNS = ["decision_id", "trigger_id", "user_id", "channel", "variant"
                     "occurrence", "event_ts", "ingest_ts", "decided_ts", "latency_event_ms", "latency_ingest_ms"]
 
 
-def decision_row(d: Decision) -> Row:
+def decision_row(d: Decision, pii: Pii | None = None) -> Row:
     a = d.action
-    return [a.action_id, a.trigger_id, a.user_id, a.channel, a.variant, d.outcome, d.reason, a.priority, a.occurrence,
+    user_id = a.user_id if pii is None else pii.user(a.user_id)
+    return [a.action_id, a.trigger_id, user_id, a.channel, a.variant, d.outcome, d.reason, a.priority, a.occurrence,
             a.event_ts, a.ingest_ms, a.decided_ms, a.decided_ms - a.event_ts, a.decided_ms - a.ingest_ms]

@@ -25,6 +25,7 @@ import time
 
 import redis
 
+from connectors.redis_retry import until_redis_answers
 from nudgeflow.events import Action, Decision
 from nudgeflow.settings import Reloadable, TriggersFile
 from operators.guards import effective
@@ -79,6 +80,8 @@ class RedisGuards:
         #: a reloadable trigger file is followed: its new versions bring new guards
         self.source = None if isinstance(triggers, TriggersFile) else triggers
         self.version = 0
+        #: failed round trips to Redis (each retried until Redis answers)
+        self.failures = 0
         self._use(triggers if isinstance(triggers, TriggersFile) else triggers.current)
 
     def _use(self, tf: TriggersFile) -> None:
@@ -115,19 +118,18 @@ class RedisGuards:
         candidates = sorted((x for x in items if type(x) is Action), key=lambda a: (a.user_id, -a.priority, a.event_ts))
         if not candidates:
             return out
-        delay = 0.2
-        while True:
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                now = int(time.time() * 1000)
-                for a in candidates:
-                    self._call(pipe, a, now)
-                verdicts = pipe.execute()
-                break
-            except redis.ConnectionError as e:  # hold the flow until Redis is back: never skip a guard
-                log.warning("guard check of %d candidates failed, retrying in %.1fs: %s", len(candidates), delay, e)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        def check() -> list[bytes | str]:
+            pipe = self.client.pipeline(transaction=False)
+            now = int(time.time() * 1000)
+            for a in candidates:
+                self._call(pipe, a, now)
+            return pipe.execute()
+
+        def counted() -> None:
+            self.failures += 1
+
+        # never skip a guard: hold the flow until Redis answers
+        verdicts = until_redis_answers(f"guard check of {len(candidates)} candidates", check, counted)
         for a, v in zip(candidates, verdicts):
             v = v.decode() if isinstance(v, bytes) else v
             out.append(Decision(a, "fired", "") if v == "fired" else Decision(a, "suppressed", v))

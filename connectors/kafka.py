@@ -20,13 +20,16 @@ from operators.parse import Raw, wall_ms
 _OFFSETS = {"beginning": -2, "end": -1}  # librdkafka's OFFSET_BEGINNING / OFFSET_END
 
 
-def source(cfg: KafkaConfig) -> KafkaSource:
+def source(cfg: KafkaConfig, stats_interval: float = 0.0) -> KafkaSource:
+    """``stats_interval`` (seconds, 0: off): librdkafka statistics, from which Bytewax sets its
+    ``bytewax_kafka_consumer_lag`` gauge per partition (``connectors/metrics.py`` serves it)."""
+    stats = {"statistics.interval.ms": str(int(stats_interval * 1000))} if stats_interval else {}
     return KafkaSource(
         cfg.brokers,
         cfg.input_topics,
         tail=cfg.tail,
         starting_offset=_OFFSETS[cfg.starting_offset],
-        add_config=dict(cfg.add_config),
+        add_config=stats | dict(cfg.add_config),
         batch_size=cfg.batch_size,
         raise_on_errors=False,
     )

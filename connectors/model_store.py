@@ -14,6 +14,7 @@ import time
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from connectors.redis_retry import until_redis_answers
 from operators.models import Snapshot
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class _ModelPartition(StatelessSinkPartition[Snapshot]):
             if s.name not in newest or s.version > newest[s.name].version:
                 newest[s.name] = s
         for s in newest.values():
-            self.store.publish(s)
+            until_redis_answers(f"publishing model {s.name} v{s.version}", lambda s=s: self.store.publish(s))
 
 
 class RedisModelSink(DynamicSink[Snapshot]):

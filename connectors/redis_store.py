@@ -15,7 +15,6 @@ pipeline: one round trip per batch, never one per event.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +22,7 @@ import orjson
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from connectors.redis_retry import until_redis_answers
 from nudgeflow.settings import RedisConfig
 from operators.features import UserFeatures
 
@@ -49,11 +49,12 @@ def _encode(v: Any) -> bytes | str | int | float:
 
 
 class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
-    def __init__(self, client: redis.Redis, cfg: RedisConfig, as_json: bool):
+    def __init__(self, sink: RedisFeatureSink, client: redis.Redis):
+        self.sink = sink
         self.client = client
-        self.prefix = cfg.key_prefix
-        self.ttl = int(cfg.ttl)
-        self.as_json = as_json
+        self.prefix = sink.cfg.key_prefix
+        self.ttl = int(sink.cfg.ttl)
+        self.as_json = sink.as_json
 
     def write_batch(self, items: list[UserFeatures]) -> None:
         newest: dict[str, UserFeatures] = {}
@@ -61,26 +62,27 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             prev = newest.get(uf.user_id)
             if prev is None or uf.ts >= prev.ts:
                 newest[uf.user_id] = uf
-        delay = 0.2
-        while True:
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                for uid, uf in newest.items():
-                    key = user_key(self.prefix, uid)
-                    if self.as_json:
-                        mapping: dict[str, Any] = {"f": orjson.dumps(uf.features)}
-                    else:
-                        mapping = {k: _encode(v) for k, v in uf.features.items()}
-                    mapping["_ts"] = uf.ts
-                    mapping["_v"] = FEATURE_SET_VERSION
-                    pipe.hset(key, mapping=mapping)
-                    pipe.expire(key, self.ttl)
-                pipe.execute()
-                return
-            except redis.ConnectionError as e:  # hold the flow until Redis is back
-                log.warning("redis write of %d users failed, retrying in %.1fs: %s", len(newest), delay, e)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        mappings: list[tuple[str, dict[str, Any]]] = []
+        for uid, uf in newest.items():
+            if self.as_json:
+                mapping: dict[str, Any] = {"f": orjson.dumps(uf.features)}
+            else:
+                mapping = {k: _encode(v) for k, v in uf.features.items()}
+            mapping["_ts"] = uf.ts
+            mapping["_v"] = FEATURE_SET_VERSION
+            mappings.append((user_key(self.prefix, uid), mapping))
+
+        def write() -> None:  # a pipeline forgets its commands when a send fails: each try builds its own
+            pipe = self.client.pipeline(transaction=False)
+            for key, mapping in mappings:
+                pipe.hset(key, mapping=mapping)
+                pipe.expire(key, self.ttl)
+            pipe.execute()
+
+        def counted() -> None:
+            self.sink.failures += 1
+
+        until_redis_answers(f"redis write of {len(newest)} users", write, counted)
 
     def close(self) -> None:
         self.client.close()
@@ -96,9 +98,11 @@ class RedisFeatureSink(DynamicSink[UserFeatures]):
         self.cfg = cfg
         self.url = url
         self.as_json = cfg.layout == "json" and not fields
+        #: failed writes of its partitions (each retried until Redis answers)
+        self.failures = 0
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _FeaturePartition:
-        return _FeaturePartition(redis.Redis.from_url(self.url), self.cfg, self.as_json)
+        return _FeaturePartition(self, redis.Redis.from_url(self.url))
 
 
 class FeatureReader:

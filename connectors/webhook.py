@@ -132,7 +132,7 @@ class WebhookSender:
             if attempt < self.cfg.retries:
                 time.sleep(self._delay(attempt, wait))
         detail = f"{detail} after {attempt + 1} attempt{'s' if attempt else ''}"[:200]
-        log.warning("webhook: action %s not delivered: %s", action.action_id, detail)
+        log.warning("webhook: action %s not delivered: %s", action.action_id, detail, extra={"trigger": action.trigger_id})
         return DeadLetter(REASON, detail, body, f"webhook:{action.action_id}", action.ingest_ms)
 
     def _post(self, body: bytes, key: str) -> httpx.Response:

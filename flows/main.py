@@ -10,24 +10,31 @@ operators to connectors; every step lives in ``operators/`` or ``connectors/``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 
 from connectors import kafka
 from connectors.clickhouse import (
-    ACTION_COLUMNS, DECISION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS, ClickHouseSink,
-    ClickHouseWriter, action_row, connect, decision_row, dlq_row, event_row, metric_row, migrate, prediction_row,
+    ACTION_COLUMNS, DECISION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS, SNAPSHOT_COLUMNS,
+    ClickHouseSink, ClickHouseWriter, Pii, action_row, connect, decision_row, dlq_row, event_row, metric_row, migrate,
+    prediction_row, snapshot_row,
 )
 from connectors.files import action_line, dlq_line
 from connectors.guard_store import RedisGuards
 from connectors.model_store import RedisModelSink, RedisModelStore
 from connectors.redis_store import RedisFeatureSink
-from flows.common import Runtime, clickhouse_dsn, feature_step, flow_attribute, output, parsed_input, redis_url
+from connectors.metrics import FlowMetrics
+from flows.common import (
+    Runtime, clickhouse_dsn, feature_step, flow_attribute, metered, output, parsed_input, redis_url, start_metrics,
+)
 from nudgeflow.configload import Deployment, TriggerSource, trigger_features
 from nudgeflow.settings import TriggersFile
 from operators.features import Enriched, UserFeatures
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
 from operators.guards import StateGuards
+from operators.sampling import SnapshotSampler
 from operators.triggers import TriggerEngine, TriggerLogic
 
 def needed_features(dep: Deployment, triggers: TriggersFile | None = None) -> set[str]:
@@ -43,14 +50,21 @@ def score_fields(kv: tuple[str, Enriched]) -> UserFeatures | None:
     return UserFeatures(en.event.user_id, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
 
 
-def model_steps(dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer: ClickHouseWriter, url: str) -> Stream:
+def model_steps(
+    dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer: ClickHouseWriter, url: str, pii: Pii | None,
+    metrics: FlowMetrics | None,
+) -> Stream:
     """Score every event with the published models, resolve labels in event time, learn, publish."""
     s = dep.settings
     store = RedisModelStore(url, s.redis.key_prefix)
     scorer = Scorer(dep.models, store.fetch)
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
     scored = op.flat_map_batch("score", enriched, scorer.score_batch)
-    op.output("scores_redis", op.filter_map("score_fields", scored, score_fields), RedisFeatureSink(s.redis, url, fields=True))
+    scores_sink = RedisFeatureSink(s.redis, url, fields=True)
+    op.output("scores_redis", op.filter_map("score_fields", scored, score_fields), scores_sink)
+    if metrics is not None:
+        metrics.scorer = scorer
+        metrics.watch("redis_scores", scores_sink)
     resolved = op.map("resolved", op.stateful_batch("labels", scored, lambda resume: LabelLogic(labels, resume)), lambda kv: kv[1])
     by_model = op.key_on("by_model", resolved, lambda r: r.model)
     learned = op.map("learned", op.stateful_batch(
@@ -59,7 +73,8 @@ def model_steps(dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer:
     snaps = op.branch("snapshots", learned, lambda x: type(x) is Snapshot)
     op.output("models_redis", snaps.trues, RedisModelSink(url, s.redis.key_prefix))
     rows = op.branch("predictions", snaps.falses, lambda x: type(x) is PredictionRow)
-    op.output("predictions_ch", rows.trues, ClickHouseSink(writer, "predictions", PREDICTION_COLUMNS, prediction_row))
+    op.output("predictions_ch", rows.trues,
+              ClickHouseSink(writer, "predictions", PREDICTION_COLUMNS, partial(prediction_row, pii=pii)))
     op.output("metrics_ch", rows.falses, ClickHouseSink(writer, "model_metrics", METRIC_COLUMNS, metric_row))
     return scored
 
@@ -71,11 +86,12 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     dsn = clickhouse_dsn(s, base)
     client = connect(dsn)
     try:
-        migrate(client, s.clickhouse.database)
+        migrate(client, s.clickhouse.database, s.clickhouse.ttl)
     finally:
         client.close()
     writer = ClickHouseWriter(s.clickhouse.model_copy(update={"dsn": dsn}))
-    rt = Runtime(s, base, url, writer, embedded)
+    pii = Pii.of(s.clickhouse.pii)
+    rt = Runtime(s, base, url, writer, embedded, metrics=start_metrics(s, url, writer))
     source = TriggerSource(dep.resolve(s.triggers), dep.triggers, dep.check_triggers)
     trigger_engine = TriggerEngine(
         dep.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000),
@@ -85,22 +101,28 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
 
     flow = Dataflow(s.name)
     fs = feature_step(
-        parsed_input(flow, dep), dep, needed_features(dep), follow=(source, lambda tf: needed_features(dep, tf))
+        parsed_input(flow, dep, rt.metrics), dep, needed_features(dep), follow=(source, lambda tf: needed_features(dep, tf))
     )
     rt.feature_logics = fs.logics
-    op.output("features_redis", fs.published, RedisFeatureSink(s.redis, url))
-    op.output("events_ch", fs.enriched, ClickHouseSink(writer, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event)))
+    features_sink = RedisFeatureSink(s.redis, url)
+    op.output("features_redis", fs.published, features_sink)
+    op.output("events_ch", fs.enriched, ClickHouseSink(writer, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event, pii)))
+    if s.clickhouse.feature_snapshot_every:
+        sampler = SnapshotSampler(int(s.clickhouse.feature_snapshot_every * 1000))
+        op.output("snapshots_ch", op.flat_map_batch("snapshot_sample", fs.published, sampler.sample_batch),
+                  ClickHouseSink(writer, "feature_snapshots", SNAPSHOT_COLUMNS, partial(snapshot_row, pii=pii)))
 
-    scored = model_steps(dep, fs.enriched, writer, url) if dep.models.models else fs.enriched
+    scored = model_steps(dep, fs.enriched, writer, url, pii, rt.metrics) if dep.models.models else fs.enriched
     fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume))
     decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
-    op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, decision_row))
+    op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, partial(decision_row, pii=pii)))
     actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)
     undelivered = output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
-    op.output("actions_ch", actions, ClickHouseSink(writer, "actions", ACTION_COLUMNS, action_row))
+    op.output("actions_ch", actions, ClickHouseSink(writer, "actions", ACTION_COLUMNS, partial(action_row, pii=pii)))
     dead = fs.dead if undelivered is None else op.merge("dead_all", fs.dead, undelivered)
     output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message)
-    op.output("dlq_ch", dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, dlq_row))
+    op.output("dlq_ch", dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, partial(dlq_row, pii=pii)))
+    metered(rt.metrics, dead, decisions, redis_features=features_sink, redis_guards=redis_guards)
     return flow, rt
 
 

@@ -18,7 +18,7 @@ WIDTH, HEIGHT = 720, 320
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_BOTTOM = 64, 16, 84
 LEGEND_ROW = 16
 #: longer category names are cut (whole in the hover title) so slanted labels stay inside the picture
-LABEL_CHARS = 20
+LABEL_CHARS = 16
 #: colour-blind-safe (Okabe-Ito), in the order series get them
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 
@@ -49,7 +49,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
     n = math.ceil((hi - start) / step - 1e-9)
-    return [round(start + i * step, 12) for i in range(n + 1)]
+    return [float(round(start + i * step, 12)) for i in range(n + 1)]
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:

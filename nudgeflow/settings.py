@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from connectors.csvlog import CsvSourceConfig
+from connectors.migrations import TTL_COLUMNS
 from connectors.simulator import SimulatorConfig
 from nudgeflow.yamlconf import load_yaml, validate
 
@@ -279,6 +280,22 @@ class ClickHouseConfig(Strict):
     flush_interval: Duration = 1.0
     #: rows buffered before the flow is held back (backpressure)
     max_buffer_rows: int = Field(100_000, ge=1)
+    #: retention per table (``events: 90d``), set as the table's TTL at start; a table not listed keeps its rows
+    ttl: dict[str, Duration] = {}
+    #: a user's features go to ``feature_snapshots`` at most once per this much event time; 0: never
+    feature_snapshot_every: Duration = 3600.0
+    #: fields hashed or dropped before rows reach ClickHouse
+    pii: PiiConfig | None = None
+
+    @field_validator("ttl")
+    @classmethod
+    def _known_tables(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(TTL_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown tables {unknown}; tables: {', '.join(TTL_COLUMNS)}")
+        if any(seconds < 1 for seconds in v.values()):
+            raise ValueError("a retention must be at least 1s")
+        return v
 
 
 def _hidden(value: Any) -> SecretStr:
@@ -291,6 +308,45 @@ def _long_secret(value: SecretStr) -> SecretStr:
     if len(value.get_secret_value()) < 16:
         raise ValueError("expected a string of at least 16 characters, from the environment (${VAR})")
     return value
+
+
+_PII_FIELD = re.compile(r"^(user_id|(props|payload)\.[^.\s]+)$")
+
+
+def _salt_if_hashing(value: SecretStr, info: ValidationInfo) -> SecretStr:
+    """Hashing needs a salt nobody can guess; dropping needs none."""
+    return _long_secret(value) if info.data.get("hash") else value
+
+
+class PiiConfig(Strict):
+    """Personal data kept out of ClickHouse (``connectors.clickhouse.Pii``).
+
+    A field is ``user_id`` (in every table), ``props.<key>`` (events and dead letters) or
+    ``payload.<key>`` (actions).
+    """
+
+    #: replaced by a keyed hash: still joins and counts, cannot be read back
+    hash: list[str] = []
+    drop: list[str] = []
+    #: the hashing key, from the environment (``salt: ${NUDGEFLOW_PII_SALT}``): 16+ characters
+    salt: Annotated[SecretStr, AfterValidator(_salt_if_hashing), BeforeValidator(_hidden)] = Field(
+        SecretStr(""), validate_default=True
+    )
+
+    # Field validators only: a model validator's error would echo the whole section, salt included.
+    @field_validator("hash", "drop")
+    @classmethod
+    def _fields(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        bad = [f for f in v if not _PII_FIELD.match(f)]
+        if bad:
+            raise ValueError(f"expected user_id, props.<key> or payload.<key>, got {bad}")
+        if info.field_name == "drop":
+            if "user_id" in v:
+                raise ValueError("user_id cannot be dropped (every table is keyed on it): hash it")
+            both = sorted(set(v) & set(info.data.get("hash", [])))
+            if both:
+                raise ValueError(f"fields both hashed and dropped: {both}")
+        return v
 
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -367,6 +423,23 @@ class RecoverySettings(Strict):
     backup_interval: Duration = 0.0
 
 
+class MetricsConfig(Strict):
+    """Prometheus ``/metrics`` and the ``/healthz``, ``/readyz`` endpoints (``connectors/metrics.py``)."""
+
+    #: one port per process; 0: no endpoint and nothing counted
+    port: int = Field(0, ge=0, le=65535)
+    host: str = "0.0.0.0"
+    #: librdkafka statistics this often, for Bytewax's ``bytewax_kafka_consumer_lag``; 0: none
+    kafka_lag_interval: Duration = 10.0
+
+
+class LoggingConfig(Strict):
+    """How the process logs (``nudgeflow/logs.py``): ``json`` is one object per line, for log pipelines."""
+
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 class Settings(Strict):
     name: str = "nudgeflow"
     source: SourceConfig = SourceConfig()
@@ -384,6 +457,8 @@ class Settings(Strict):
     #: state keys per step (users are hashed onto them); fixed for the life of a recovery store
     shards: int = Field(64, ge=1, le=4096)
     recovery: RecoverySettings | None = None
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @field_validator("dlq")
     @classmethod

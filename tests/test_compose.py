@@ -1,7 +1,10 @@
-"""The compose stack is valid for docker-compose and wired to config/docker.yaml (no Docker engine needed)."""
+"""The compose stack is valid for docker-compose, wired to config/docker.yaml and its Grafana provisioned
+(no Docker engine needed)."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from connectors.clickhouse import connect, migrate
 from nudgeflow.configload import load_deployment
 
 ROOT = Path(__file__).parents[1]
@@ -49,3 +53,42 @@ def test_stack_services_and_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dep.settings.source.kind == "kafka" and dep.settings.kafka.brokers == ["kafka:9092"]
     assert dep.settings.redis.url == env["REDIS_URL"] and dep.settings.clickhouse.dsn == env["CLICKHOUSE_DSN"]
     assert dep.settings.actions.kind == "kafka" and dep.settings.dlq.kind == "kafka"
+
+
+def test_grafana_is_provisioned_with_the_read_only_analyst(chdb_path: Path, ch_database: str) -> None:
+    proc = compose("config")
+    assert proc.returncode == 0, proc.stderr
+    grafana = yaml.safe_load(proc.stdout)["services"]["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
+    assert set(grafana["depends_on"]) == {"clickhouse"}
+    mounts = {v.split(":")[1]: Path(v.split(":")[0]) for v in grafana["volumes"] if v.startswith("/")}
+    for target in ("/etc/grafana/provisioning/datasources", "/etc/grafana/provisioning/dashboards",
+                   "/etc/grafana/dashboards"):
+        assert mounts[target].is_dir() and mounts[target].is_relative_to(ROOT / "deploy" / "grafana"), target
+    files = {p.name: p for d in mounts.values() for p in d.iterdir()}
+
+    (ds,) = yaml.safe_load(files["clickhouse.yaml"].read_text())["datasources"]
+    assert ds["type"] == "grafana-clickhouse-datasource"
+    assert ds["jsonData"]["host"] == "clickhouse" and ds["jsonData"]["username"] == "analyst"
+    assert ds["secureJsonData"]["password"] == "$ANALYST_PASSWORD" and "ANALYST_PASSWORD" in grafana["environment"]
+    (provider,) = yaml.safe_load(files["nudgeflow.yaml"].read_text())["providers"]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+
+    dashboard = json.loads(files["nudgeflow.json"].read_text())
+    titles = " | ".join(p["title"] for p in dashboard["panels"])
+    for what in ("Events/min by type", "Fires", "Suppressions", "latency percentiles", "Dead letters", "AUC"):
+        assert what in titles
+    # every panel's SQL runs on the real schema (chDB), with Grafana's macros as the plugin expands them
+    client = connect(f"chdb://{chdb_path}")
+    try:
+        migrate(client, ch_database)
+        for p in dashboard["panels"]:
+            (target,) = p["targets"]
+            assert target["datasource"]["uid"] == ds["uid"]
+            sql = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 >= now() - INTERVAL 1 HOUR", target["rawSql"])
+            sql = re.sub(r"\$__timeInterval\((\w+)\)", r"toStartOfMinute(\1)", sql)
+            columns = client.query(f"DESCRIBE ({sql.replace('nudgeflow.', f'{ch_database}.')})").result_rows
+            assert columns[0][0] == "time", p["title"]
+    finally:
+        client.close()

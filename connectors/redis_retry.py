@@ -1,0 +1,38 @@
+"""Writes to Redis that wait for it: an outage holds the flow back instead of losing a write or skipping a guard.
+
+Bytewax has no way to retry a batch later, and dropping a feature write or a
+guard check is never right, so a step that talks to Redis retries with
+exponential backoff (0.2 s doubling to 10 s) until Redis answers; the
+flow's input waits meanwhile (backpressure). A Redis that restarts from its
+append-only file answers again with its data; ``tests/test_faults.py`` kills
+one mid-stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 10.0
+
+
+def until_redis_answers(what: str, attempt: Callable[[], T], on_failure: Callable[[], None] | None = None) -> T:
+    """``attempt()`` until it does not fail for a lost connection; ``on_failure`` counts each failure."""
+    delay = RETRY_FIRST_S
+    while True:
+        try:
+            return attempt()
+        except (redis.ConnectionError, redis.TimeoutError) as e:  # BusyLoadingError (restarting) is one too
+            if on_failure is not None:
+                on_failure()
+            log.warning("%s failed, retrying in %.1fs: %s", what, delay, e)
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
