@@ -12,7 +12,8 @@ import orjson
 import redis
 
 from connectors.redis_store import FeatureReader
-from connectors.tansu import TansuBroker
+from connectors.tansu import TansuBroker, create_topics
+from nudgeflow.settings import Settings
 
 MIN = 60_000
 
@@ -98,3 +99,24 @@ def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str)
         nudgeflow("run", "--config", str(config), "--no-summary", *options, tail=False)
         if total_events(r, prefix) == events:
             return
+
+
+def kafka_settings(kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: str, chdb_path: Path, database: str,
+                   triggers: Path, partitions: int = 3, **sections: dict[str, Any]) -> Settings:
+    """The main flow on the test broker: a bounded replay of ``<prefix>.events`` (``partitions`` of them),
+    actions and dead letters to Kafka, the test's Redis and chDB; ``sections`` add to or replace settings."""
+    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=partitions)
+    create_topics(kafka.bootstrap, [f"{prefix}.actions", f"{prefix}.dlq"], partitions=1)
+    base: dict[str, Any] = {
+        "source": {"kind": "kafka"},
+        "kafka": {"brokers": [kafka.bootstrap], "topic_prefix": prefix, "tail": False},
+        "redis": {"url": redis_url, "key_prefix": key_prefix, "ttl": "1d"},
+        "clickhouse": {"chdb_path": str(chdb_path), "database": database},
+        "actions": {"kind": "kafka"},
+        "dlq": {"kind": "kafka"},
+        "triggers": str(triggers),
+        "features": {"definitions": str(CONFIG_DIR / "features.yaml"), "allowed_lateness": "5m"},
+    }
+    for name, section in sections.items():
+        base[name] = {**base.get(name, {}), **section}
+    return Settings.model_validate(base)

@@ -11,12 +11,12 @@ import pytest
 from bytewax.testing import run_main
 
 from connectors.clickhouse import connect
-from connectors.tansu import TansuBroker, create_topics, produce, read_topic
+from connectors.tansu import TansuBroker, produce, read_topic
 from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
-from tests.helpers import MIN, ev
+from tests.helpers import MIN, ev, kafka_settings
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 TRIGGERS = """
@@ -42,19 +42,9 @@ triggers:
 def settings(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
              ch_database: str, tmp_path: Path) -> Settings:
     (tmp_path / "triggers.yaml").write_text(TRIGGERS)
-    prefix = topic_prefix + "journey"
     # one partition: the journey is read in the order it is written
-    create_topics(kafka.bootstrap, [f"{prefix}.events", f"{prefix}.actions", f"{prefix}.dlq"], partitions=1)
-    return Settings.model_validate({
-        "source": {"kind": "kafka"},
-        "kafka": {"brokers": [kafka.bootstrap], "topic_prefix": prefix, "tail": False},
-        "redis": {"url": redis_url, "key_prefix": key_prefix, "ttl": "1d"},
-        "clickhouse": {"chdb_path": str(chdb_path), "database": ch_database},
-        "actions": {"kind": "kafka"},
-        "dlq": {"kind": "kafka"},
-        "triggers": str(tmp_path / "triggers.yaml"),
-        "features": {"definitions": str(CONFIG_DIR / "features.yaml")},
-    })
+    return kafka_settings(kafka, topic_prefix + "journey", redis_url, key_prefix, chdb_path, ch_database,
+                          tmp_path / "triggers.yaml", partitions=1)
 
 
 def journey(t0: int) -> list[tuple[bytes, bytes]]:

@@ -12,12 +12,12 @@ from bytewax.testing import run_main
 
 from connectors.clickhouse import connect
 from connectors.redis_store import FeatureReader
-from connectors.tansu import TansuBroker, create_topics, produce, read_topic
+from connectors.tansu import TansuBroker, produce, read_topic
 from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
-from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev
+from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev, kafka_settings
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 
@@ -28,20 +28,10 @@ CONFIG_DIR = Path(__file__).parents[1] / "config"
 def settings(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
              ch_database: str, tmp_path: Path) -> Settings:
     (tmp_path / "triggers.yaml").write_text(CART_AND_BIG_SPENDER)
-    prefix = topic_prefix + "shop"
-    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=3)
-    create_topics(kafka.bootstrap, [f"{prefix}.actions", f"{prefix}.dlq"], partitions=1)
-    return Settings.model_validate({
-        "source": {"kind": "kafka"},
-        "kafka": {"brokers": [kafka.bootstrap], "topic_prefix": prefix, "tail": False},
-        "events": {"max_future": "5m", "currency_rates": {"USD": 1.0, "EUR": 2.0}},
-        "redis": {"url": redis_url, "key_prefix": key_prefix, "ttl": "1d"},
-        "clickhouse": {"chdb_path": str(chdb_path), "database": ch_database, "batch_rows": 7},
-        "actions": {"kind": "kafka"},
-        "dlq": {"kind": "kafka"},
-        "triggers": str(tmp_path / "triggers.yaml"),
-        "features": {"definitions": str(CONFIG_DIR / "features.yaml"), "allowed_lateness": "5m"},
-    })
+    return kafka_settings(
+        kafka, topic_prefix + "shop", redis_url, key_prefix, chdb_path, ch_database, tmp_path / "triggers.yaml",
+        events={"max_future": "5m", "currency_rates": {"USD": 1.0, "EUR": 2.0}}, clickhouse={"batch_rows": 7},
+    )
 
 
 def test_kafka_to_redis_actions_dlq_and_clickhouse(settings: Settings, kafka: TansuBroker, redis_url: str,

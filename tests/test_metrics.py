@@ -19,12 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.clickhouse import ClickHouseWriter
 from connectors.metrics import FlowMetrics
-from connectors.tansu import TansuBroker, create_topics, produce
+from connectors.tansu import TansuBroker, produce
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.logs import JsonFormatter, SecretMask, configure, secrets_of, tag_worker
 from nudgeflow.settings import ClickHouseConfig, Settings
-from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev
+from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev, kafka_settings
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 
@@ -52,20 +52,9 @@ def test_main_flow_metrics_and_health(kafka: TansuBroker, redis_url: str, key_pr
                                       chdb_path: Path, ch_database: str, tmp_path: Path) -> None:
     (tmp_path / "triggers.yaml").write_text(CART_AND_BIG_SPENDER)
     prefix = topic_prefix + "shop"
-    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=2)
-    create_topics(kafka.bootstrap, [f"{prefix}.actions", f"{prefix}.dlq"], partitions=1)
     port = free_port()
-    settings = Settings.model_validate({
-        "source": {"kind": "kafka"},
-        "kafka": {"brokers": [kafka.bootstrap], "topic_prefix": prefix, "tail": False},
-        "redis": {"url": redis_url, "key_prefix": key_prefix, "ttl": "1d"},
-        "clickhouse": {"chdb_path": str(chdb_path), "database": ch_database},
-        "actions": {"kind": "kafka"},
-        "dlq": {"kind": "kafka"},
-        "triggers": str(tmp_path / "triggers.yaml"),
-        "features": {"definitions": str(CONFIG_DIR / "features.yaml"), "allowed_lateness": "5m"},
-        "metrics": {"port": port, "host": "127.0.0.1", "kafka_lag_interval": "100ms"},
-    })
+    settings = kafka_settings(kafka, prefix, redis_url, key_prefix, chdb_path, ch_database, tmp_path / "triggers.yaml",
+                              partitions=2, metrics={"port": port, "host": "127.0.0.1", "kafka_lag_interval": "100ms"})
     t0 = int(time.time() * 1000) - 3 * 3600_000
     good = [
         (b"u1", ev("a1", "u1", "browse", t0)),
