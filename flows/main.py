@@ -42,12 +42,19 @@ def needed_features(dep: Deployment, triggers: TriggersFile | None = None) -> se
     return trigger_features(triggers or dep.triggers).union(*(m.features for m in dep.models.models))
 
 
-def score_fields(kv: tuple[str, Enriched]) -> UserFeatures | None:
-    """The scores an event got, as fields of its user's Redis hash."""
-    en = kv[1]
-    if not en.scores:
-        return None
-    return UserFeatures(en.event.user_id, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
+def score_fields(batch: list[tuple[str, Enriched]]) -> list[UserFeatures]:
+    """Each user's newest scores in a batch, as fields of their Redis hash (Bytewax ``flat_map_batch``:
+    one item per user rather than one per scored event)."""
+    newest: dict[str, Enriched] = {}
+    for _, en in batch:
+        if en.scores:
+            prev = newest.get(en.event.user_id)
+            if prev is None or en.event.ts >= prev.event.ts:
+                newest[en.event.user_id] = en
+    return [
+        UserFeatures(uid, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
+        for uid, en in newest.items()
+    ]
 
 
 def model_steps(
@@ -61,7 +68,7 @@ def model_steps(
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
     scored = op.flat_map_batch("score", enriched, scorer.score_batch)
     scores_sink = RedisFeatureSink(s.redis, url, fields=True)
-    op.output("scores_redis", op.filter_map("score_fields", scored, score_fields), scores_sink)
+    op.output("scores_redis", op.flat_map_batch("score_fields", scored, score_fields), scores_sink)
     if metrics is not None:
         metrics.scorer = scorer
         metrics.watch("redis_scores", scores_sink)
