@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import HERE, environment, log, simulator_config
-from connectors.clickhouse import EVENT_COLUMNS, ClickHouseWriter, connect, event_row, migrate
+from connectors.clickhouse import (
+    EVENT_COLUMNS,
+    ClickHouseWriter,
+    connect,
+    event_row,
+    migrate,
+)
 from connectors.embedded import DEFAULT_REDIS_URL, ensure_redis, ping
 from connectors.simulator import iter_records
 from nudgeflow.events import Event

@@ -39,7 +39,15 @@ from nudgeflow.configload import Deployment, load_deployment
 from nudgeflow.events import Event
 from nudgeflow.settings import ModelDef
 from operators.features import Enriched, FeatureEngine, ShardState, shard_of
-from operators.models import LabelEngine, LabelState, Learner, Metrics, Resolved, Scorer, Snapshot
+from operators.models import (
+    LabelEngine,
+    LabelState,
+    Learner,
+    Metrics,
+    Resolved,
+    Scorer,
+    Snapshot,
+)
 from operators.parse import Parser
 
 HERE = Path(__file__).resolve().parent

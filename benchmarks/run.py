@@ -27,6 +27,7 @@ from typing import Any
 from connectors.embedded import DEFAULT_REDIS_URL, EmbeddedRedis, ensure_redis, ping
 from connectors.simulator import SimulatorConfig, iter_records, resolve_start_ms
 from connectors.tansu import TansuBroker, create_topics, produce
+from nudgeflow.cluster import loopback_addresses
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -40,24 +41,58 @@ STAGE_TIMEOUT_S = 600.0
 RATIOS: list[tuple[str, str]] = [
     ("parse", "raw"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
     ("features_rec1s", "features"), ("features_rec10s", "features"),
+    ("full", "quix"), ("bare", "quix_bare"), ("quix", "quix_bare"), ("features_x2", "features_x1"),
 ]
-#: the fields of the last line, ``BENCH k=v ...``: (name, stage, figure) or (name, (num, den), None) for a ratio
+#: the last line, exactly ``BENCH k=v ...`` with these fields in this order, numbers only (0 when not measured):
+#: (name, stage, figure), (name, (num, den), None) for a ratio, or (name, None, key of the run) for a run figure
 BENCH_FIELDS: list[tuple[str, Any, str | None]] = [
     ("full_eps", "full", "eps"),
-    ("features_eps", "features", "eps"),
     ("bare_eps", "bare", "eps"),
     ("raw_eps", "raw", "eps"),
-    ("features_vs_raw", ("features", "raw"), None),
-    ("features_vs_parse", ("features", "parse"), None),
-    ("full_vs_raw", ("full", "raw"), None),
+    ("quix_eps", "quix", "eps"),
     ("full_vs_bare", ("full", "bare"), None),
+    ("full_vs_quix", ("full", "quix"), None),
+    ("p99_ms", None, "p99_ms"),
+    ("scale2", ("features_x2", "features_x1"), None),
 ]
+#: stages run by another engine in its own virtualenv: name → (installer of its Python, module); same
+#: arguments and JSON line as ``benchmarks.stage``
+PEER_STAGES: dict[str, tuple[str, str]] = {
+    "quix_bare": ("quix", "benchmarks.peers.quix_job"),
+    "quix": ("quix", "benchmarks.peers.quix_job"),
+}
+#: stages of several Bytewax processes (``cluster_main``, as ``nudgeflow run --processes N``): name → (stage,
+#: processes). They read their own topic of SCALE_PARTITIONS partitions (the same records), so 2 processes
+#: get 2 partitions each; the features flow, as chDB (in the full flow) lives in one process.
+SCALE_STAGES: dict[str, tuple[str, int]] = {"features_x1": ("features", 1), "features_x2": ("features", 2)}
+SCALE_PARTITIONS = 4
+PEERS_DIR = HERE / "peers"
+#: peer → what its virtualenv needs
+PEER_PACKAGES: dict[str, list[str]] = {"quix": ["quixstreams", "redis", "orjson"]}
+LATENCY_LOG = HERE / "latency.jsonl"
+PROFILE_TOP = 15
+#: frames of these folders are "ours" in the profile
+OUR_CODE = ("operators/", "flows/", "connectors/", "nudgeflow/", "benchmarks/")
 
 
 def stage_names() -> list[str]:
+    """Every stage, in the order they run: Bytewax's, then the peers', then the scaling pair."""
     from benchmarks.stage import STAGES
 
-    return list(STAGES)
+    return [*STAGES, *PEER_STAGES, *SCALE_STAGES]
+
+
+def peer_python(peer: str) -> Path:
+    """The Python of ``benchmarks/peers/.venv-<peer>``, created and filled with pip on first use, reused after."""
+    venv = PEERS_DIR / f".venv-{peer}"
+    python = venv / "bin" / "python"
+    ready = venv / ".installed"  # written last: a half-finished install is redone
+    if not ready.exists():
+        log(f"installing {peer} into {venv} (first use) ...")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[peer]], check=True)
+        ready.write_text(" ".join(PEER_PACKAGES[peer]) + "\n")
+    return python
 
 
 # -- the machine and the tree
@@ -160,37 +195,166 @@ def _proc_cpu_s(pid: int | None) -> float | None:
 # -- running a stage in a fresh process
 
 
-def run_stage(name: str, broker: TansuBroker, topic: str, events: int, redis_url: str, prefix: str) -> dict[str, Any]:
+def stage_command(name: str, args: list[str]) -> list[str]:
+    """The command of one stage process: ``benchmarks.stage`` in this Python, or a peer job in its own."""
+    if name in PEER_STAGES:
+        peer, module = PEER_STAGES[name]
+        return [str(peer_python(peer)), "-m", module, name, *args]
+    return [sys.executable, "-m", "benchmarks.stage", name, *args]
+
+
+def run_stage(
+    name: str, broker: TansuBroker, topic: str, events: int, redis_url: str, prefix: str, processes: int = 1,
+    wrap: list[str] | None = None, stage: str | None = None,
+) -> dict[str, Any]:
+    """Run a stage in fresh processes: one (under ``wrap``, e.g. a profiler, if given) or ``processes`` of a Bytewax
+    cluster, running the stage ``stage`` (default ``name``); its figures (a cluster's merged by :func:`merge`)."""
+    stage = stage or name
     workdir = Path(tempfile.mkdtemp(prefix=f"nfbench-{name}-"))
-    cmd = [
-        sys.executable, "-m", "benchmarks.stage", name,
+    args = [
         "--bootstrap", broker.bootstrap, "--topic", topic, "--events", str(events),
-        "--workdir", str(workdir), "--redis-url", redis_url, "--prefix", f"{prefix}-{name}",
+        "--redis-url", redis_url, "--prefix", f"{prefix}-{name}",
     ]  # fmt: skip
+    if processes == 1:
+        cmds = [[*(wrap or []), *stage_command(stage, [*args, "--workdir", str(workdir)])]]
+    else:
+        addresses = ";".join(loopback_addresses(processes))
+        cmds = [
+            stage_command(stage, [*args, "--workdir", str(workdir / str(i)), "--addresses", addresses, "--process-id", str(i)])
+            for i in range(processes)
+        ]
     pid = broker.process.pid if broker.process else None
     b0 = _proc_cpu_s(pid)
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
+        procs = [subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+        outs = [p.communicate(timeout=STAGE_TIMEOUT_S) for p in procs]
     except subprocess.TimeoutExpired as e:
+        for p in procs:
+            p.kill()
         raise RuntimeError(f"stage {name} did not finish in {STAGE_TIMEOUT_S:.0f}s") from e
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     process_s = time.perf_counter() - t0
     b1 = _proc_cpu_s(pid)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"stage {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    res = json.loads(lines[-1])
-    if proc.returncode != 0 or not res.get("ok"):
-        raise RuntimeError(
-            f"stage {name} read {res.get('consumed')} of {events} records (rc={proc.returncode}): {res}\n"
-            f"{proc.stderr[-4000:]}"
-        )
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if not lines or p.returncode != 0:
+            raise RuntimeError(f"stage {name} failed (rc={p.returncode}): {lines[-1:]}\n{err[-4000:]}")
+        results.append(json.loads(lines[-1]))
+    res = results[0] if processes == 1 else merge(name, results, events)
+    if not res.get("ok"):
+        raise RuntimeError(f"stage {name} read {res.get('consumed')} of {events} records: {res}")
     res["process_s"] = process_s  # the whole child: interpreter start, imports, build, run, report
     if b0 is not None and b1 is not None:
         res["broker_cpu_s"] = b1 - b0
     return res
+
+
+def merge(name: str, results: list[dict[str, Any]], events: int) -> dict[str, Any]:
+    """One figure set for the processes of a cluster stage: the slowest process's wall time, CPU and memory summed.
+
+    Each process counted what it accepted; dead letters are counted from the shared DLQ topic, once.
+    """
+    wall = max(r["wall_s"] for r in results)
+    cpu = sum(r["cpu_s"] for r in results)
+    consumed = sum(r["accepted"] for r in results) + max(r["kafka_dlq"] for r in results)
+    return {
+        "stage": name, "processes": len(results), "events": events, "wall_s": wall, "cpu_s": cpu,
+        "user_s": sum(r["user_s"] for r in results), "sys_s": sum(r["sys_s"] for r in results),
+        "max_rss_mb": sum(r["max_rss_mb"] for r in results), "eps": events / wall, "us_cpu_per_event": cpu / events * 1e6,
+        "per_process": [{k: r[k] for k in ("wall_s", "cpu_s", "accepted", "max_rss_mb")} for r in results],
+        "state_users": sum(r.get("state_users", 0) for r in results), "consumed": consumed, "ok": consumed == events,
+    }  # fmt: skip
+
+
+# -- profiling
+
+
+def _frame(f: str) -> tuple[str, str]:
+    """``func (path/file.py:12)`` of py-spy's raw format → (function, file)."""
+    func, _, where = f.rpartition(" (")
+    return func, where.rsplit(":", 1)[0]
+
+
+#: frames that mark a sample as taken while the flow ran: the timed region (benchmarks.measure), the ClickHouse writer
+TIMED_FRAMES = frozenset({"measure", "ClickHouseWriter._run"})
+#: innermost frames of a thread that waits (it costs no CPU)
+IDLE_FRAMES = frozenset({"Condition.wait", "Event.wait", "wait", "Thread._wait_for_tstate_lock", "sleep"})
+
+
+def profile(raw: Path, us_per_event: float) -> dict[str, Any]:
+    """py-spy's raw samples summed by our functions (``OUR_CODE``), top PROFILE_TOP by self time.
+
+    **self** of one of our functions: samples whose innermost frame of ours is it, so the library code it calls
+    (Bytewax's Python, redis-py, orjson, chDB's client) counts as its cost; **inclusive**: samples with it
+    anywhere on the stack. µs per event = share of samples × the stage's CPU µs per event (py-spy samples
+    Python stacks of running threads: native-only threads, e.g. librdkafka's, are not in the shares).
+    """
+    total = 0
+    self_n: dict[tuple[str, str], int] = {}
+    incl_n: dict[tuple[str, str], int] = {}
+    leaves: dict[tuple[str, str], dict[str, int]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame(f) for f in stack.split(";")]
+        # only the flow at work: the timed run (its worker and the ClickHouse writer), not build, report or waits
+        if not any(f[0] in TIMED_FRAMES for f in frames) or frames[-1][0] in IDLE_FRAMES:
+            continue
+        total += n
+        ours = [f for f in frames if f[1].startswith(OUR_CODE)]
+        if not ours:
+            ours = [("(outside our code)", "")]
+        for f in set(ours):
+            incl_n[f] = incl_n.get(f, 0) + n
+        own = ours[-1]
+        self_n[own] = self_n.get(own, 0) + n
+        leaf = frames[-1][0] if frames[-1] != own else "(itself)"
+        lv = leaves.setdefault(own, {})
+        lv[leaf] = lv.get(leaf, 0) + n
+    rows = []
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:PROFILE_TOP]:
+        top_leaf = max(leaves[f].items(), key=lambda kv: kv[1])[0]
+        rows.append({
+            "function": f[0], "file": f[1], "self_share": n / total, "self_us": n / total * us_per_event,
+            "incl_share": incl_n[f] / total, "incl_us": incl_n[f] / total * us_per_event, "top_leaf": top_leaf,
+        })  # fmt: skip
+    return {"samples": total, "us_cpu_per_event": us_per_event, "top": rows}
+
+
+def profile_markdown(run: dict[str, Any], prof: dict[str, Any]) -> str:
+    """The "Profile of the full flow" section appended to RESULTS.md."""
+    env = run["env"]
+    out = [
+        "## Profile of the full flow",
+        "",
+        f"`python -m benchmarks.run --profile`, {env['utc']} UTC, rev `{env['rev']}`, {env['cpu']} x{env['nproc']}, "
+        f"{run['events']:,} events ({run['users']:,} users): the `full` stage run once more under "
+        f"`py-spy record -f raw -r 250`, {prof['samples']:,} samples, summed by our functions "
+        f"(`benchmarks.run.profile`). **self**: samples whose innermost frame of ours is the function, so the library "
+        f"code it calls is its cost; **incl.**: the function anywhere on the stack. µs/event = share × "
+        f"{prof['us_cpu_per_event']:.1f} µs CPU per event (the unprofiled `full` stage); native-only threads "
+        f"(librdkafka, chDB internals) are not sampled, so shares are of Python time.",
+        "",
+        "| # | function | file | self % | self µs/ev | incl. % | incl. µs/ev | most samples in |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, r in enumerate(prof["top"], 1):
+        out.append(
+            f"| {i} | `{r['function']}` | {r['file']} | {r['self_share'] * 100:.1f} | {r['self_us']:.1f} | "
+            f"{r['incl_share'] * 100:.1f} | {r['incl_us']:.1f} | `{r['top_leaf']}` |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def append_profile(md: Path, section: str) -> None:
+    """Append a section at the end of RESULTS.md, re-read just before (other harnesses append to it too)."""
+    text = md.read_text() if md.exists() else RESULTS_HEADER
+    md.write_text(text + ("" if text.endswith("\n\n") else "\n") + section)
 
 
 # -- reporting
@@ -215,16 +379,16 @@ def checks(stages: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def table(run: dict[str, Any]) -> str:
-    head = f"{'stage':<10} {'events/s':>10} {'µs CPU/ev':>10} {'wall s':>8} {'CPU s':>8} {'max RSS MB':>11} {'broker CPU s':>13}"
+    head = f"{'stage':<15} {'events/s':>10} {'µs CPU/ev':>10} {'wall s':>8} {'CPU s':>8} {'max RSS MB':>11} {'broker CPU s':>13}"
     rows = [head, "-" * len(head)]
     for name, r in run["stages"].items():
         broker = r.get("broker_cpu_s")
         rows.append(
-            f"{name:<10} {r['eps']:>10,.0f} {r['us_cpu_per_event']:>10.2f} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+            f"{name:<15} {r['eps']:>10,.0f} {r['us_cpu_per_event']:>10.2f} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
             f"{r['max_rss_mb']:>11.0f} {'' if broker is None else f'{broker:.2f}':>13}"
         )
     p = run["produce"]
-    rows.append(f"{'(produce)':<10} {p['eps']:>10,.0f} {'':>10} {p['produce_s']:>8.2f}")
+    rows.append(f"{'(produce)':<15} {p['eps']:>10,.0f} {'':>10} {p['produce_s']:>8.2f}")
     if run["ratios"]:
         rows.append("events/s ratios: " + "  ".join(f"{k.replace('_vs_', '/')} {v:.3f}" for k, v in run["ratios"].items()))
     for name, r in run["stages"].items():
@@ -243,16 +407,41 @@ def table(run: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def bench_line(run: dict[str, Any]) -> str:
-    parts = []
+def bench_figures(run: dict[str, Any]) -> dict[str, float]:
+    """The figures of the ``BENCH`` line, 0 for any not measured in this run (a stage left out, no latency run)."""
+    out: dict[str, float] = {}
     for key, src, fig in BENCH_FIELDS:
-        if fig is None:
+        if src is None:
+            v = run.get(fig)
+        elif fig is None:
             v = run["ratios"].get(f"{src[0]}_vs_{src[1]}")
-            if v is not None:
-                parts.append(f"{key}={v:.4f}")
-        elif src in run["stages"]:
-            parts.append(f"{key}={run['stages'][src][fig]:.0f}")
+        else:
+            v = run["stages"].get(src, {}).get(fig)
+        out[key] = float(v or 0.0)
+    return out
+
+
+def bench_line(run: dict[str, Any]) -> str:
+    """``BENCH full_eps=<n> … scale2=<x>``: events/s as integers, the rest with 4 (ratios) or 1 (ms) decimals."""
+    parts = []
+    for key, v in run["bench"].items():
+        parts.append(f"{key}={v:.0f}" if key.endswith("_eps") else f"{key}={v:.1f}" if key.endswith("_ms") else f"{key}={v:.4f}")
     return "BENCH " + " ".join(parts)
+
+
+def latest_latency(path: Path = LATENCY_LOG) -> tuple[float, str] | None:
+    """p99 event→action latency (ms) of the newest ``benchmarks.latency`` run with the default source settings
+    (runs with ``--add-config`` are experiments), and which run it was; not re-measured here (minutes)."""
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        r = json.loads(line) if line.strip() else {}
+        lat = r.get("latency")
+        if lat and not lat.get("source", {}).get("add_config"):
+            return lat["e2e_ms"]["p99"], (
+                f"benchmarks.latency run of {r['env']['utc']} UTC (rev {r['env']['rev']}, {lat['rate']:.0f} events/s)"
+            )
+    return None
 
 
 RESULTS_HEADER = """\
@@ -335,6 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_EVENTS:,} events")
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md / results.jsonl")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stage_names())}")
+    p.add_argument("--profile", action="store_true",
+                   help="run the full stage once more under py-spy and append its top costs to RESULTS.md")
     p.add_argument("--out-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.events is None:
@@ -385,12 +576,28 @@ def main(argv: list[str] | None = None) -> int:
             log(f"produced {n:,} records ({nbytes / 1e6:.1f} MB) to {topic}: generated in {gen_s:.2f}s, "
                 f"produced in {produce_s:.2f}s ({n / produce_s:,.0f}/s)")
 
+            scale_topic = f"{prefix}.events{SCALE_PARTITIONS}"
+            if set(a.stage_list) & set(SCALE_STAGES):
+                create_topics(broker.bootstrap, [scale_topic], partitions=SCALE_PARTITIONS)
+                assert produce(broker.bootstrap, scale_topic, list(keyed_records(cfg)), timeout_s=120) == n
+
             stages: dict[str, dict[str, Any]] = {}
             for name in a.stage_list:
-                r = run_stage(name, broker, topic, n, redis_url, prefix)
+                stage, processes = SCALE_STAGES.get(name, (name, 1))
+                r = run_stage(name, broker, scale_topic if name in SCALE_STAGES else topic, n, redis_url, prefix,
+                              processes=processes, stage=stage)
                 stages[name] = r
-                log(f"  {name:<9} {r['eps']:>10,.0f} events/s  wall {r['wall_s']:.2f}s  cpu {r['cpu_s']:.2f}s  "
+                log(f"  {name:<15} {r['eps']:>10,.0f} events/s  wall {r['wall_s']:.2f}s  cpu {r['cpu_s']:.2f}s  "
                     f"max RSS {r['max_rss_mb']:.0f} MB  (process {r['process_s']:.1f}s)")
+            prof = None
+            if a.profile:
+                raw = Path(tempfile.mkdtemp(prefix="nfbench-profile-")) / "full.txt"
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(raw), "-f", "raw", "-r", "250", "--"]
+                r = run_stage("full_profiled", broker, topic, n, redis_url, prefix, wrap=spy, stage="full")
+                prof = profile(raw, stages.get("full", r)["us_cpu_per_event"])
+                prof["profiled_run"] = {k: r[k] for k in ("eps", "us_cpu_per_event", "wall_s")}
+                shutil.rmtree(raw.parent, ignore_errors=True)
+                log(f"  profiled full: {r['eps']:,.0f} events/s under py-spy, {prof['samples']:,} samples")
     finally:
         if redis_server is not None:
             redis_server.stop()
@@ -402,10 +609,22 @@ def main(argv: list[str] | None = None) -> int:
         "bad_rate": BAD_RATE, "redis": "local" if redis_server is None else "started",
         "produce": produced, "stages": stages, "ratios": ratios(stages),
     }  # fmt: skip
+    latency = latest_latency()
+    if latency is not None:
+        run["p99_ms"], run["p99_from"] = latency
+    if prof is not None:
+        run["profile"] = prof
+    run["bench"] = bench_figures(run)
     log("")
     log(table(run))
+    if latency is not None:
+        log(f"p99_ms {latency[0]:.1f}: {latency[1]}")
+    if prof is not None:
+        log(profile_markdown(run, prof))
     if not a.no_record:
         record(run, a.out_dir)
+        if prof is not None:
+            append_profile(a.out_dir / "RESULTS.md", profile_markdown(run, prof))
         log(f"recorded in {a.out_dir / 'RESULTS.md'} and {a.out_dir / 'results.jsonl'}")
     log(bench_line(run))
     return 0

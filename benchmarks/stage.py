@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +32,9 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from bytewax.testing import run_main
+from bytewax.testing import cluster_main, run_main
 
+from benchmarks.measure import measure, stage_arguments
 from connectors import kafka
 from nudgeflow.settings import KafkaConfig
 
@@ -414,61 +414,36 @@ def _delete_keys(client: Any, pattern: str) -> None:
         client.close()
 
 
-def _rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory of this process in MB: ``VmRSS`` now or ``VmHWM``, its peak.
-
-    Not ``getrusage().ru_maxrss``: Linux carries that across fork and exec, so
-    a stage would report the harness's peak whenever the harness was bigger.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 # -- the child process
 
 
-def run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
-    """Build, run and measure one stage; the figures as a dict (``ok`` False if it lost records)."""
+def run_stage(name: str, ctx: StageContext, cluster: tuple[list[str], int] | None = None) -> dict[str, Any]:
+    """Build, run and measure one stage; the figures as a dict (``ok`` False if it lost records).
+
+    With ``cluster`` (the addresses of every process, this one's index) the flow runs as one process of a
+    Bytewax cluster (``cluster_main``, what ``nudgeflow run --processes N`` starts); ``consumed`` is then this
+    process's share and ``ok`` is left to the harness, which sums the shares.
+    """
     t = time.perf_counter()
     built = STAGES[name](ctx)
     build_s = time.perf_counter() - t
     try:
-        rss_start = _rss_mb()
-        ru0 = resource.getrusage(resource.RUSAGE_SELF)
-        c0 = time.process_time()  # every thread of this process: Bytewax, librdkafka, chDB, writer
-        w0 = time.perf_counter()
-        run_main(built.flow, **built.options)
-        w_flow = time.perf_counter()
-        built.close()
-        w1 = time.perf_counter()
-        c1 = time.process_time()
-        ru1 = resource.getrusage(resource.RUSAGE_SELF)
-        res: dict[str, Any] = {
-            "stage": name,
-            "events": ctx.events,
-            "wall_s": w1 - w0,
-            "flow_s": w_flow - w0,
-            "close_s": w1 - w_flow,
-            "cpu_s": c1 - c0,
-            "user_s": ru1.ru_utime - ru0.ru_utime,
-            "sys_s": ru1.ru_stime - ru0.ru_stime,
-            "build_s": build_s,
-            "rss_start_mb": rss_start,
-            "max_rss_mb": _rss_mb("VmHWM"),
-            "ctx_switches_inv": ru1.ru_nivcsw - ru0.ru_nivcsw,
-        }
-        res["eps"] = ctx.events / res["wall_s"]
-        res["us_cpu_per_event"] = res["cpu_s"] / ctx.events * 1e6
+
+        def run() -> None:
+            if cluster is None:
+                run_main(built.flow, **built.options)
+            else:
+                cluster_main(built.flow, cluster[0], cluster[1], **built.options)
+
+        res, w0 = measure(ctx.events, run, built.close)
+        res = {"stage": name, **res, "build_s": build_s}
         for k, v in built.report().items():
             if k.endswith("_at"):  # a perf_counter reading: seconds since flow start
                 res[k[:-3] + "_s"] = v - w0
             else:
                 res[k] = v
         res["consumed"] = built.consumed()
-        res["ok"] = res["consumed"] == ctx.events
+        res["ok"] = res["consumed"] == ctx.events if cluster is None else None
         return res
     finally:
         built.cleanup()
@@ -477,21 +452,18 @@ def run_stage(name: str, ctx: StageContext) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stage", description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=list(STAGES))
-    p.add_argument("--bootstrap", required=True)
-    p.add_argument("--topic", required=True)
-    p.add_argument("--events", type=int, required=True, help="messages on the topic")
-    p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--redis-url", required=True)
-    p.add_argument("--prefix", required=True)
+    stage_arguments(p)
     p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--addresses", default=None, help="run as one process of a Bytewax cluster: host:port;host:port…")
+    p.add_argument("--process-id", type=int, default=0, help="this process's index in --addresses")
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(a.bootstrap, a.topic, a.events, a.workdir, a.redis_url, a.prefix, a.batch_size)
-    res = run_stage(a.stage, ctx)
+    res = run_stage(a.stage, ctx, None if a.addresses is None else (a.addresses.split(";"), a.process_id))
     res["pid"] = os.getpid()
     sys.stdout.write(json.dumps(res) + "\n")
     sys.stdout.flush()
-    return 0 if res["ok"] else 1
+    return 0 if res["ok"] is not False else 1
 
 
 if __name__ == "__main__":

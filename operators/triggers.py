@@ -326,6 +326,8 @@ class TriggerEngine:
         self.dated: dict[str, list[DateTrigger]] = {}
         self.within_ms: dict[str, int] = {}
         self.templates: dict[tuple[str, str], PayloadTemplate] = {}
+        #: per trigger, the features its payloads read: all a pending event (absence, sequence) keeps
+        self.kept: dict[str, tuple[str, ...]] = {}
         for t in triggers:
             if not t.enabled:
                 continue
@@ -333,6 +335,10 @@ class TriggerEngine:
             self.templates[(t.id, "")] = PayloadTemplate(dict(t.payload))
             for v in t.variants:
                 self.templates[(t.id, v.name)] = PayloadTemplate({**t.payload, **v.payload})
+            self.kept[t.id] = tuple(sorted({
+                ref.partition(".")[2] for (tid, _), tpl in self.templates.items() if tid == t.id
+                for ref in tpl.refs if ref.startswith("features.")
+            }))
             if isinstance(t, EventTrigger):
                 cond = Condition(t.condition)
                 for et in t.on:
@@ -415,11 +421,18 @@ class TriggerEngine:
             tm = st.timers.get(key)
             if tm is None:
                 tm = st.timers[key] = Timers()
-            a = After(ts, ev.event_id, ev.ingest_ms, en.features)
+            a = After(ts, ev.event_id, ev.ingest_ms, self._keep(t.id, en.features))
             bisect.insort(tm.afters, a)
             if tm.afters[0] is a:
                 heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, uid))
         return out
+
+    def _keep(self, tid: str, feats: dict[str, Any]) -> dict[str, Any]:
+        """What a pending event keeps of its features: those its trigger's payloads read, often none. A pending
+        event can wait an hour (browse abandonment), so keeping every enriched feature would cost about a
+        kilobyte per event held."""
+        names = self.kept[tid]
+        return {n: feats[n] for n in names if n in feats} if names else _NO_FEATURES
 
     @staticmethod
     def _holds(st: TriggerState, cond: Condition, en: Enriched) -> bool:
@@ -451,7 +464,7 @@ class TriggerEngine:
         if i < len(seq.firsts) and seq.firsts[i] < ev.ts:
             self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores)
         else:
-            bisect.insort(seq.waiting, After(ev.ts, ev.event_id, ev.ingest_ms, en.features))
+            bisect.insort(seq.waiting, After(ev.ts, ev.event_id, ev.ingest_ms, self._keep(t.id, en.features)))
             heapq.heappush(st.sequence_heap, (ev.ts, t.id, ev.user_id))
 
     def _first(self, st: TriggerState, out: list[Action | Decision], t: SequenceTrigger, en: Enriched) -> None:
@@ -613,6 +626,7 @@ class TriggerEngine:
 
 
 _PROFILE_TYPES = frozenset({"consent", "identify"})
+_NO_FEATURES: dict[str, Any] = {}  # shared by every pending event that keeps none: nothing writes to it
 
 
 TriggerOut = Action | Decision

@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import httpx
 import orjson
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.redis_store import FeatureReader
 from connectors.tansu import TansuBroker, create_topics
@@ -45,7 +47,7 @@ CONFIG = """
 name: nudgeflow_e2e
 source: {{kind: kafka}}
 kafka: {{brokers: ["{bootstrap}"], topic_prefix: "{prefix}", tail: "${{NF_TAIL:-true}}"}}
-features: {{definitions: {config_dir}/features.yaml, allowed_lateness: 5m}}
+features: {{definitions: {config_dir}/features.yaml, allowed_lateness: {lateness}}}
 redis: {{url: "{redis_url}", key_prefix: "{key_prefix}"}}
 clickhouse: {{chdb_path: ch}}
 actions: {{kind: file, path: out/actions.jsonl}}
@@ -53,26 +55,45 @@ dlq: {{kind: file, path: out/dlq.jsonl}}
 triggers: {config_dir}/triggers.yaml
 models: {config_dir}/models.yaml
 shards: 16
-{recovery}
+{extra}
 """
 
 
-def write_config(path: Path, kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: str, recovery: str) -> Path:
+def write_config(path: Path, kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: str, extra: str,
+                 lateness: str = "5m") -> Path:
+    """The e2e config in ``path``, with ``extra`` YAML sections (recovery, metrics …) appended."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = path / "nf.yaml"
     cfg.write_text(CONFIG.format(bootstrap=kafka.bootstrap, prefix=prefix, config_dir=CONFIG_DIR, redis_url=redis_url,
-                                 key_prefix=key_prefix, recovery=recovery))
+                                 key_prefix=key_prefix, lateness=lateness, extra=extra))
     return cfg
 
 
-def nudgeflow(*args: str, tail: bool, wait: bool = True) -> subprocess.Popen[str]:
+def nudgeflow(*args: str, tail: bool, wait: bool = True, log: TextIO | None = None) -> subprocess.Popen[str]:
+    """The CLI in a subprocess; its output is piped, or written to ``log`` for a run long enough to fill a pipe."""
     env = {**os.environ, "NF_TAIL": "true" if tail else "false"}
     proc = subprocess.Popen([sys.executable, "-m", "nudgeflow.cli", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT)
     if wait:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     return proc
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """``/metrics`` as {(sample name, labels): value}."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
 
 
 def features(r: redis.Redis, prefix: str) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,6 @@ import httpx
 import orjson
 import pytest
 from bytewax.testing import run_main
-from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.clickhouse import ClickHouseWriter
 from connectors.metrics import FlowMetrics
@@ -24,7 +23,7 @@ from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.logs import JsonFormatter, SecretMask, configure, secrets_of, tag_worker
 from nudgeflow.settings import ClickHouseConfig, Settings
-from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev, kafka_settings
+from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev, kafka_settings, scrape, value
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 
@@ -33,19 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """``/metrics`` as {(sample name, labels): value}."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 def test_main_flow_metrics_and_health(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str,
