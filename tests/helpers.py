@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -108,18 +111,36 @@ def total_events(r: redis.Redis, prefix: str) -> int:
     return sum(int(h.get("events_30d", 0)) for h in features(r, prefix).values())
 
 
-def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str) -> None:
-    """Run a bounded replay (``tail: false``) until every event is in.
+def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str, attempts: int = 3,
+          timeout: float = 100.0) -> None:
+    """Run the flow as a service (``tail: true``) until Redis holds every event, then stop it.
 
-    A bounded run stops at the partition ends the broker reports, and tansu's in-memory engine
-    sometimes reports a high watermark behind what it holds, ending a replay early. Running again
-    is what an operator would do: without recovery it replays from the beginning (Redis writes are
-    idempotent), with recovery it resumes. The exact totals are asserted afterwards all the same.
+    A bounded run (``tail: false``) stops at the partition ends the broker reports, and tansu's
+    in-memory engine sometimes reports an end behind what it holds, again on every run; reading until
+    the features count every event depends on nothing but the data. A run that has not got there within
+    ``timeout`` is stopped and started again, as an operator would: with recovery it resumes where it
+    stopped; without, it reads from the beginning (Redis writes are idempotent). The exact totals and
+    features are asserted by the caller all the same.
     """
-    for _ in range(3):
-        nudgeflow("run", "--config", str(config), "--no-summary", *options, tail=False)
+    logs = []
+    for _ in range(attempts):
+        with tempfile.TemporaryFile("w+") as log:
+            proc = nudgeflow("run", "--config", str(config), "--no-summary", *options, tail=True, wait=False, log=log)
+            deadline = time.monotonic() + timeout
+            try:
+                while total_events(r, prefix) != events and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.3)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            log.seek(0)
+            logs.append(log.read()[-2000:])
         if total_events(r, prefix) == events:
             return
+    raise AssertionError(f"{total_events(r, prefix)} of {events} events after {attempts} runs; last log:\n{logs[-1]}")
 
 
 def kafka_settings(kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: str, chdb_path: Path, database: str,
