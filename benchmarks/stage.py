@@ -92,6 +92,14 @@ class _Count:
         self.first = 0.0
         self.last = 0.0
 
+    def saw(self, batch: list[Any]) -> None:
+        """Count a source batch and note when the first and the last records arrived."""
+        if batch:
+            self.last = time.perf_counter()
+            if not self.n:
+                self.first = self.last
+        self.n += len(batch)
+
 
 class _CountingPartition(StatelessSinkPartition[Any]):
     def __init__(self, count: _Count):
@@ -126,11 +134,7 @@ def _orjson_values(read: _Count) -> Callable[[list[Any]], list[Any]]:
     loads = orjson.loads
 
     def parse(batch: list[Any]) -> list[Any]:
-        if batch:
-            read.last = time.perf_counter()
-            if not read.n:
-                read.first = read.last
-        read.n += len(batch)
+        read.saw(batch)
         out = []
         append = out.append
         for m in batch:
@@ -168,11 +172,7 @@ def build_parse(ctx: StageContext) -> Built:
     parser = Parser(EventsConfig())
 
     def parse(batch: list[Any]) -> list[Any]:
-        if batch:
-            read.last = time.perf_counter()
-            if not read.n:
-                read.first = read.last
-        read.n += len(batch)
+        read.saw(batch)
         return parser.parse_batch(kafka.raw_records(batch))
 
     flow = Dataflow("bench_parse")
