@@ -48,6 +48,7 @@ from benchmarks.run import (
     REPO,
     _md,
     _proc_cpu_s,
+    bench_redis,
     environment,
     keyed_records,
     run_stage,
@@ -55,7 +56,6 @@ from benchmarks.run import (
     user_key,
 )
 from benchmarks.stage import TRIGGERS, StageContext
-from connectors.embedded import DEFAULT_REDIS_URL, EmbeddedRedis, ensure_redis, ping
 from connectors.simulator import ShopperSimulator, SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 from nudgeflow.configload import Deployment, load_deployment, load_triggers
@@ -645,12 +645,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def latency_part(a: argparse.Namespace, res: dict[str, Any]) -> None:
     """Broker and Redis up, the rate decided, the latency run; fills ``res``."""
-    redis_server: EmbeddedRedis | None = None
-    if ping(DEFAULT_REDIS_URL):
-        redis_url = DEFAULT_REDIS_URL
-    else:
-        redis_server = ensure_redis(None)
-        redis_url = redis_server.url
+    redis_url, redis_server = bench_redis()
     prefix = f"nfbench-lat-{uuid.uuid4().hex[:8]}"
     try:
         with TansuBroker() as broker:

@@ -544,18 +544,21 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def bench_redis() -> tuple[str, EmbeddedRedis | None]:
+    """The Redis at 127.0.0.1:6379 when it answers, else one started for the run (the caller stops it)."""
+    if ping(DEFAULT_REDIS_URL):
+        return DEFAULT_REDIS_URL, None
+    server = ensure_redis(None)
+    return server.url, server
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     env = environment()
     log(f"nudgeflow bench: {a.events:,} events, {a.users:,} users, {a.partitions} partitions, seed {a.seed}; "
         f"rev {env['rev']}, {env['cpu']} x{env['nproc']}, load {env['load1']}")
 
-    redis_server: EmbeddedRedis | None = None
-    if ping(DEFAULT_REDIS_URL):
-        redis_url = DEFAULT_REDIS_URL
-    else:
-        redis_server = ensure_redis(None)
-        redis_url = redis_server.url
+    redis_url, redis_server = bench_redis()
     prefix = f"nfbench-{uuid.uuid4().hex[:10]}"
     topic = f"{prefix}.events"
     try:

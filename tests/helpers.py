@@ -111,6 +111,15 @@ def total_events(r: redis.Redis, prefix: str) -> int:
     return sum(int(h.get("events_30d", 0)) for h in features(r, prefix).values())
 
 
+def stop(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+    """Stop a flow the way ops do, with SIGINT (Bytewax shuts down cleanly); kill it if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str, attempts: int = 3,
           timeout: float = 100.0) -> None:
     """Run the flow as a service (``tail: true``) until Redis holds every event, then stop it.
@@ -131,11 +140,7 @@ def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str,
                 while total_events(r, prefix) != events and proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.3)
             finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
             log.seek(0)
             logs.append(log.read()[-2000:])
         if total_events(r, prefix) == events:

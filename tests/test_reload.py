@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from connectors.tansu import TansuBroker, create_topics, produce
 from nudgeflow.configload import TriggerSource, load_deployment
+from tests.helpers import stop
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 BROWSE = """
@@ -106,9 +106,5 @@ triggers: triggers.yaml
         assert got[2]["payload"] == {"value": 12.5}
         assert proc.poll() is None  # it never stopped
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=20)
         log.close()

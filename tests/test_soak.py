@@ -16,7 +16,6 @@ So memory is held to a budget per event, which catches a leak on top of that, no
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from connectors.embedded import free_port
 from connectors.kafka import user_keyed
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics
-from tests.helpers import Samples, nudgeflow, scrape, value, write_config
+from tests.helpers import Samples, nudgeflow, scrape, stop, value, write_config
 
 SECONDS = int(os.environ.get("NUDGEFLOW_SOAK_SECONDS", "180"))
 RATE = 800  # events/s
@@ -112,8 +111,7 @@ def test_steady_rate_keeps_lag_bounded_and_memory_in_budget(kafka: TansuBroker, 
                 time.sleep(0.5)
             parsed = events_parsed(scrape(port))
         finally:
-            flow.send_signal(signal.SIGINT)
-            flow.wait(timeout=60)
+            stop(flow)
 
     curve = "\n".join(map(str, samples))
     print(f"\nsoak: {sent[0]} events at {RATE}/s, {USERS} users, {SECONDS} s\n{curve}")  # pytest -s shows it
