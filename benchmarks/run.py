@@ -39,7 +39,7 @@ STAGE_TIMEOUT_S = 600.0
 
 #: (numerator, denominator) stages whose events/s ratio is reported; skipped when a stage did not run
 RATIOS: list[tuple[str, str]] = [
-    ("parse", "raw"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
+    ("parse", "raw"), ("identity", "parse"), ("features", "features_noid"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
     ("features_rec1s", "features"), ("features_rec10s", "features"),
     ("full", "quix"), ("bare", "quix_bare"), ("quix", "quix_bare"), ("features_x2", "features_x1"),
 ]
@@ -142,21 +142,23 @@ def environment() -> dict[str, Any]:
 
 
 def user_key(rec: bytes) -> bytes | None:
-    """The user id of a simulator record, found without parsing (orjson writes no spaces).
+    """The shopper id of a simulator record (its user id, else the anonymous id it carries), found without
+    parsing (orjson writes no spaces).
 
-    Records whose user id is missing or not a string (deliberately bad ones) get no key.
+    Records whose ids are missing or not strings (deliberately bad ones) get no key.
 
     >>> user_key(b'{"event_id":"sim-0-1","user_id":"u00042","type":"browse"}')
     b'u00042'
     >>> user_key(b'{"event_id":"sim-0-1","user_id":42}') is None
     True
     """
-    i = rec.find(b'"user_id":"')
-    if i < 0:
-        return None
-    i += 11
-    j = rec.find(b'"', i)
-    return rec[i:j] if j > 0 else None
+    for field in (b'"user_id":"', b'"device_id":"', b'"anonymous_id":"', b'"account_id":"'):
+        i = rec.find(field)
+        if i >= 0:
+            i += len(field)
+            j = rec.find(b'"', i)
+            return rec[i:j] if j > 0 else None
+    return None
 
 
 def simulator_config(users: int, events: int, seed: int) -> SimulatorConfig:

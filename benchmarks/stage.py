@@ -180,6 +180,36 @@ def build_parse(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
+def build_identity(ctx: StageContext) -> Built:
+    """The parse stage plus the identity step (``flows.common.identity_step``: resolving every event, linking
+    the ids records carry, the graph mirrored in Redis): identity_vs_parse is what identity costs an event."""
+    import redis
+
+    from flows.common import identity_step
+    from nudgeflow.events import Merge
+    from operators.parse import Parser
+
+    dep = _deployment(ctx, "bench_identity")
+    read = _Count()
+    sink = CountingSink()
+    merges = CountingSink()
+    parser = Parser(dep.settings.events)
+
+    def parse(batch: list[Any]) -> list[Any]:
+        read.saw(batch)
+        return parser.parse_batch(kafka.raw_records(batch))
+
+    flow = Dataflow("bench_identity")
+    parsed = op.flat_map_batch("parse", op.input("kafka_in", flow, kafka.source(ctx.kafka_config())), parse)
+    resolved, links = identity_step(parsed, dep, ctx.redis_url)
+    op.output("count", resolved, sink)
+    op.output("merges", op.filter("merged", resolved, lambda x: type(x) is Merge), merges)
+    return Built(
+        flow, lambda: read.n, report=lambda: {"out": sink.n, "merges": merges.n, **_marks(read)},
+        cleanup=lambda: _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*"),
+    )
+
+
 def _marks(read: _Count) -> dict[str, float]:
     """When the first and the last records arrived (perf_counter; the stage runner makes them relative)."""
     return {"first_record_at": read.first, "last_record_at": read.last}
@@ -208,7 +238,7 @@ def build_bare(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
-def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None) -> Any:
+def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None, identity: bool = True) -> Any:
     """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
     output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir."""
     from connectors.tansu import create_topics
@@ -228,6 +258,7 @@ def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None) -
         "triggers": str(TRIGGERS),
         "models": str(MODELS),  # the shipped triggers read scores; the feature flow does not run models
         "recovery": None if recovery_s is None else {"dir": str(ctx.workdir / "recovery"), "snapshot_interval": recovery_s},
+        "identity": {"enabled": identity},
     })
     if recovery_s is not None:
         from bytewax.recovery import init_db_dir
@@ -300,14 +331,15 @@ def _deep_size(obj: Any, seen: set[int] | None = None) -> int:
     return size
 
 
-def build_features(ctx: StageContext, recovery_s: float | None = None) -> Built:
-    """The feature store alone (``flows/features.py``) in Kafka mode: parse, features, Redis, dead letters;
-    with ``recovery_s``, Bytewax recovery snapshots every shard each ``recovery_s`` seconds (SQLite)."""
+def build_features(ctx: StageContext, recovery_s: float | None = None, identity: bool = True) -> Built:
+    """The feature store alone (``flows/features.py``) in Kafka mode: parse, identity, features, Redis, dead
+    letters; with ``recovery_s``, Bytewax recovery snapshots every shard each ``recovery_s`` seconds (SQLite);
+    ``identity=False``: without the identity step (what it costs the feature store)."""
     import redis
 
     from flows.features import build
 
-    flow, rt = build(_deployment(ctx, "bench_features", recovery_s))
+    flow, rt = build(_deployment(ctx, "bench_features", recovery_s, identity))
     before = _redis_commands(ctx.redis_url)
     dlq: list[int] = []
 
@@ -374,8 +406,10 @@ def build_full(ctx: StageContext) -> Built:
 STAGES: dict[str, Callable[[StageContext], Built]] = {
     "raw": build_raw,
     "parse": build_parse,
+    "identity": build_identity,
     "bare": build_bare,
     "features": build_features,
+    "features_noid": lambda ctx: build_features(ctx, identity=False),
     # the cost of Bytewax recovery's snapshots, by epoch length (README: Recovery)
     "features_rec1s": lambda ctx: build_features(ctx, recovery_s=1.0),
     "features_rec10s": lambda ctx: build_features(ctx, recovery_s=10.0),

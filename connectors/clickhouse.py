@@ -36,7 +36,7 @@ from clickhouse_connect.driver.client import Client
 
 from connectors.migrations import TTL_COLUMNS
 from connectors.redis_store import FEATURE_SET_VERSION
-from nudgeflow.events import Action, DeadLetter, Decision, Event
+from nudgeflow.events import ID_FIELDS, Action, DeadLetter, Decision, Event, Link
 from nudgeflow.settings import ClickHouseConfig, PiiConfig
 from operators.models import MetricRow, PredictionRow
 from operators.sampling import Sample
@@ -44,6 +44,9 @@ from operators.sampling import Sample
 log = logging.getLogger(__name__)
 
 Row = Sequence[Any]
+
+#: the fields of a record that name a shopper: hashed alike when ``user_id`` is, so hashed ids still join
+_ID_KEYS = ("user_id", "previous_id", *ID_FIELDS)
 
 
 def connect(dsn: str) -> Client:
@@ -115,7 +118,9 @@ class Pii:
     """Hashes or drops the fields ``clickhouse.pii`` lists, in the row functions.
 
     Hashes are BLAKE2b keyed with the salt: the same value always gives the same hash, so analysts
-    still join and count users on a hashed id, while nobody without the salt can test a guess.
+    still join and count users on a hashed id, while nobody without the salt can test a guess. Hashing
+    ``user_id`` hashes every shopper id: ``origin_id``, the ids of ``identity_links`` and the id fields of
+    a dead letter (``anonymous_id``, ``device_id``, ``account_id``, ``previous_id``), so they all still join.
     """
 
     SECTIONS = ("props", "payload")
@@ -139,7 +144,8 @@ class Pii:
         return hashlib.blake2b(data, key=self._key, digest_size=16).hexdigest()
 
     def user(self, user_id: str) -> str:
-        return self.digest(user_id) if self._hash_user else user_id
+        """A shopper id as stored: hashed when ``user_id`` is listed; "" (no id, as an empty origin_id) stays ""."""
+        return self.digest(user_id) if self._hash_user and user_id else user_id
 
     def scrub(self, section: str, values: dict[str, Any]) -> dict[str, Any]:
         """``values`` (an event's props, an action's payload) without its dropped keys and with its hashed ones hashed."""
@@ -157,8 +163,9 @@ class Pii:
             return b""
         if not isinstance(doc, dict):
             return b""
-        if isinstance(doc.get("user_id"), str):
-            doc["user_id"] = self.user(doc["user_id"])
+        for key in _ID_KEYS:
+            if isinstance(doc.get(key), str):
+                doc[key] = self.user(doc[key])
         for section in self.SECTIONS:
             if isinstance(doc.get(section), dict):
                 doc[section] = self.scrub(section, doc[section])
@@ -167,32 +174,33 @@ class Pii:
 
 # -- rows: one function per table, the column order is the table's; ``pii`` scrubs what it lists
 
-EVENT_COLUMNS = ["event_id", "user_id", "type", "ts", "ingest_ts", "session_id", "platform", "amount", "props", "position"]
+EVENT_COLUMNS = ["event_id", "user_id", "type", "ts", "ingest_ts", "session_id", "platform", "amount", "props", "position",
+                 "origin_id"]
 
 
 def event_row(ev: Event, pii: Pii | None = None) -> Row:
     amount = ev.props.get("amount", 0.0) if ev.type == "order" else 0.0
-    user_id, props = ev.user_id, ev.props
+    user_id, origin_id, props = ev.user_id, ev.origin_id, ev.props
     if pii is not None:
-        user_id, props = pii.user(user_id), pii.scrub("props", props)
+        user_id, origin_id, props = pii.user(user_id), pii.user(origin_id), pii.scrub("props", props)
     return [
         ev.event_id, user_id, ev.type, ev.ts, ev.ingest_ms, ev.session_id or "", ev.platform or "",
-        float(amount), orjson.dumps(props).decode(), ev.position,
+        float(amount), orjson.dumps(props).decode(), ev.position, origin_id,
     ]
 
 
 ACTION_COLUMNS = ["action_id", "trigger_id", "user_id", "channel", "variant", "status", "occurrence", "event_ts",
-                  "ingest_ts", "decided_ts", "payload"]
+                  "ingest_ts", "decided_ts", "payload", "origin_id"]
 
 
 def action_row(a: Action, pii: Pii | None = None) -> Row:
     """An action the flow emitted: status ``sent`` (feedback events say what happened next)."""
-    user_id, payload = a.user_id, a.payload
+    user_id, origin_id, payload = a.user_id, a.origin_id, a.payload
     if pii is not None:
-        user_id, payload = pii.user(user_id), pii.scrub("payload", payload)
+        user_id, origin_id, payload = pii.user(user_id), pii.user(origin_id), pii.scrub("payload", payload)
     return [
         a.action_id, a.trigger_id, user_id, a.channel, a.variant, "sent", a.occurrence, a.event_ts, a.ingest_ms,
-        a.decided_ms, orjson.dumps(payload).decode(),
+        a.decided_ms, orjson.dumps(payload).decode(), origin_id,
     ]
 
 
@@ -377,11 +385,31 @@ def metric_row(m: MetricRow) -> Row:
 
 
 DECISION_COLUMNS = ["decision_id", "trigger_id", "user_id", "channel", "variant", "outcome", "reason", "priority",
-                    "occurrence", "event_ts", "ingest_ts", "decided_ts", "latency_event_ms", "latency_ingest_ms"]
+                    "occurrence", "event_ts", "ingest_ts", "decided_ts", "latency_event_ms", "latency_ingest_ms",
+                    "origin_id"]
 
 
 def decision_row(d: Decision, pii: Pii | None = None) -> Row:
     a = d.action
-    user_id = a.user_id if pii is None else pii.user(a.user_id)
+    user_id, origin_id = (a.user_id, a.origin_id) if pii is None else (pii.user(a.user_id), pii.user(a.origin_id))
     return [a.action_id, a.trigger_id, user_id, a.channel, a.variant, d.outcome, d.reason, a.priority, a.occurrence,
-            a.event_ts, a.ingest_ms, a.decided_ms, a.decided_ms - a.event_ts, a.decided_ms - a.ingest_ms]
+            a.event_ts, a.ingest_ms, a.decided_ms, a.decided_ms - a.event_ts, a.decided_ms - a.ingest_ms, origin_id]
+
+
+LINK_COLUMNS = ["ts", "seq", "src", "dst", "canonical", "kind", "outcome", "reason", "moved", "platform", "event_id",
+                "position"]
+
+
+def link_row(link: Link, pii: Pii | None = None) -> Row:
+    """An identity link as judged, for ``identity_links``; its ids are hashed like user ids, so they join events.
+
+    >>> link_row(Link(1_700_000_000_000, "anon:c1", "u1", "identify", "merged", canonical="u1", seq=3,
+    ...               moved=("anon:c1",), platform="web", event_id="e9"))
+    [1700000000000, 3, 'anon:c1', 'u1', 'u1', 'identify', 'merged', '', ['anon:c1'], 'web', 'e9', '']
+    """
+    src, dst, canonical, moved = link.src, link.dst, link.canonical, list(link.moved)
+    if pii is not None:
+        user = pii.user
+        src, dst, canonical, moved = user(src), user(dst), user(canonical), [user(m) for m in moved]
+    return [link.ts, link.seq, src, dst, canonical, link.kind, link.outcome, link.reason, moved, link.platform,
+            link.event_id, link.position]

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 import orjson
 from bytewax.connectors.kafka import KafkaError, KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
 
-from nudgeflow.events import Action, DeadLetter
+from nudgeflow.events import ID_FIELDS, Action, DeadLetter
 from nudgeflow.settings import KafkaConfig
 from operators.parse import Raw, wall_ms
 
@@ -64,17 +64,22 @@ def action_message(a: Action) -> KafkaSinkMessage[bytes, bytes]:
     return KafkaSinkMessage(key=a.user_id.encode(), value=orjson.dumps(a.to_dict()))
 
 
+_KEY_FIELDS = ("user_id", *ID_FIELDS)
+
+
 def user_keyed(records: Iterable[bytes]) -> Iterator[tuple[bytes | None, bytes]]:
-    """Key records by their ``user_id`` so one shopper's events stay in order on one partition.
+    """Key records by their ``user_id`` (else the anonymous id they carry) so one shopper's events stay in
+    order on one partition (the identity step joins a shopper's anonymous and known partitions).
 
-    A record whose user cannot be read goes unkeyed; the flow will refuse it with a reason.
+    A record whose ids cannot be read goes unkeyed; the flow will refuse it with a reason.
 
-    >>> list(user_keyed([b'{"user_id":"u1"}', b"{broken"]))
-    [(b'u1', b'{"user_id":"u1"}'), (None, b'{broken')]
+    >>> list(user_keyed([b'{"user_id":"u1"}', b'{"device_id":"d1"}', b"{broken"]))
+    [(b'u1', b'{"user_id":"u1"}'), (b'd1', b'{"device_id":"d1"}'), (None, b'{broken')]
     """
     for raw in records:
         try:
-            uid = orjson.loads(raw).get("user_id")
+            d = orjson.loads(raw)
+            uid = next((v for f in _KEY_FIELDS if isinstance(v := d.get(f), str)), None)
         except (orjson.JSONDecodeError, AttributeError):
             uid = None
-        yield (uid.encode() if isinstance(uid, str) else None, raw)
+        yield (uid.encode() if uid is not None else None, raw)

@@ -22,6 +22,7 @@ import orjson
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from connectors.identity_store import canon_key
 from connectors.redis_retry import until_redis_answers
 from nudgeflow.settings import RedisConfig
 from operators.features import UserFeatures
@@ -63,7 +64,11 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             if prev is None or uf.ts >= prev.ts:
                 newest[uf.user_id] = uf
         mappings: list[tuple[str, dict[str, Any]]] = []
+        gone: list[str] = []
         for uid, uf in newest.items():
+            if uf.gone:
+                gone.append(user_key(self.prefix, uid))
+                continue
             if self.as_json:
                 mapping: dict[str, Any] = {"f": orjson.dumps(uf.features)}
             else:
@@ -77,6 +82,8 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             for key, mapping in mappings:
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, self.ttl)
+            if gone:
+                pipe.delete(*gone)
             pipe.execute()
 
         def counted() -> None:
@@ -105,26 +112,40 @@ class RedisFeatureSink(DynamicSink[UserFeatures]):
         return _FeaturePartition(self, redis.Redis.from_url(self.url))
 
 
+# KEYS[1]: the identity graph's canon hash; ARGV[1]: the users' key prefix; ARGV[2..]: the ids asked for
+RESOLVED_HGETALL = """
+local out = {}
+for i = 2, #ARGV do
+  local canonical = redis.call('HGET', KEYS[1], ARGV[i])
+  out[i - 1] = redis.call('HGETALL', ARGV[1] .. (canonical or ARGV[i]))
+end
+return out
+"""
+
+
 class FeatureReader:
     """What the shop's services import: features of one or many users in one round trip.
 
-    Either layout reads the same: a JSON field ``f`` is unpacked; plain fields come
-    back as the strings Redis stores. ``_ts`` says when the values were valid.
+    An id may be any the shopper is known by (``anon:<cookie>``, ``device:<id>``, ``account:<id>`` or a
+    customer id): a script resolves each through the identity graph (``<prefix>:id:canon``) and reads the
+    canonical user's features, still in one round trip. Either layout reads the same: a JSON field ``f`` is
+    unpacked; plain fields come back as the strings Redis stores. ``_ts`` says when the values were valid.
     """
 
     def __init__(self, url: str, key_prefix: str = "nf"):
         self.client = redis.Redis.from_url(url, decode_responses=True)
         self.prefix = key_prefix
+        self.script = self.client.register_script(RESOLVED_HGETALL)
 
     def get(self, user_id: str) -> dict[str, Any]:
-        return _unpack(self.client.hgetall(user_key(self.prefix, user_id)))
+        return self.get_many([user_id])[user_id]
 
     def get_many(self, user_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         ids = list(user_ids)
-        pipe = self.client.pipeline(transaction=False)
-        for uid in ids:
-            pipe.hgetall(user_key(self.prefix, uid))
-        return {uid: _unpack(h) for uid, h in zip(ids, pipe.execute())}
+        if not ids:
+            return {}
+        flat = self.script(keys=[canon_key(self.prefix)], args=[user_key(self.prefix, ""), *ids])
+        return {uid: _unpack(dict(zip(h[::2], h[1::2]))) for uid, h in zip(ids, flat)}
 
 
 def _unpack(h: dict[str, str]) -> dict[str, Any]:

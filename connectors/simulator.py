@@ -7,12 +7,30 @@ model fed the engine's features can learn it.
 
 Wire format
 -----------
-One JSON object per record (orjson bytes) with ``event_id``, ``user_id``,
-``type``, ``ts`` (epoch ms UTC), ``session_id``, ``platform`` and ``props``.
-A user's first appearance starts with ``identify`` (timezone, locale,
+One JSON object per record (orjson bytes) with ``event_id``, ``user_id`` (and/or
+an anonymous id, see Identity), ``type``, ``ts`` (epoch ms UTC), ``session_id``,
+``platform`` and ``props``.
+A known user's first appearance starts with ``identify`` (timezone, locale,
 birthday, tier) and, for some users, ``consent`` events; then come sessions of
 ``browse``/``search``/``click``/``favourite``/``add_to_cart``/
 ``remove_from_cart`` and possibly one ``order`` of the whole cart.
+
+Identity
+--------
+A share ``anonymous_share`` of shoppers start anonymous on their platform,
+carrying no ``user_id`` but the id that platform gives: ``anonymous_id`` (a web
+cookie, ``c…``), ``device_id`` (app, ``d…``) or ``account_id`` (mini-program,
+``m…``); their sessions stay on that platform and are named after that id. A
+share ``login_share`` of them log in after ``1 + floor(Exp(mean 5))`` behaviour
+events (mostly in their first or second session), or earlier when they go to
+check out. The login is an ``identify`` (profile props, then consents)
+carrying both ``user_id`` and the anonymous id, as does the rest of that
+session. Afterwards they shop across platforms (60 % of sessions on their first
+one) under ``user_id``, their web sessions also carrying ``anonymous_id``, their
+web cookie, as web SDKs do (a cookie first seen after the login links
+implicitly). The others never log in and check out as guests. Known shoppers
+carry only ``user_id``; ``anonymous_share=0`` makes every shopper known and
+spends no random draw on identity.
 
 Behaviour model
 ---------------
@@ -55,11 +73,10 @@ With ``rate`` set (live mode) ``ts`` is the wall clock instead. With
 
 >>> cfg = SimulatorConfig(users=20, events=5, seed=7, start_ms=1_700_000_000_000)
 >>> recs = list(ShopperSimulator(cfg))
->>> first = orjson.loads(recs[0])
->>> len(recs), first["type"], first["event_id"], sorted(first["props"])
-(5, 'identify', 'sim-0-0', ['birthday', 'locale', 'tier', 'timezone'])
->>> recs == list(ShopperSimulator(cfg))
-True
+>>> [(r["type"], r["platform"], r.get("user_id"), r.get("anonymous_id")) for r in map(orjson.loads, recs[:2])]
+[('browse', 'web', None, 'c00009'), ('identify', 'web', 'u00009', 'c00009')]
+>>> len(recs), orjson.loads(recs[0])["event_id"], recs == list(ShopperSimulator(cfg))
+(5, 'sim-0-0', True)
 """
 
 from __future__ import annotations
@@ -79,6 +96,8 @@ from typing import Any
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pydantic import BaseModel, ConfigDict, Field
+
+from nudgeflow.events import ID_FIELDS
 
 _dumps = orjson.dumps
 _log = math.log
@@ -111,6 +130,10 @@ class SimulatorConfig(BaseModel):
     start_ms: int | None = None
     span_s: int = Field(7 * 86400, gt=0)
     bad_rate: float = Field(0.0, ge=0.0, le=1.0)
+    #: shoppers who start anonymous (a web cookie, app device or mini-program account, no user_id)
+    anonymous_share: float = Field(0.3, ge=0.0, le=1.0)
+    #: of those, who ever log in (an identify carrying user_id and the anonymous id); the rest stay guests
+    login_share: float = Field(0.7, ge=0.0, le=1.0)
 
 
 CATEGORIES = (
@@ -135,6 +158,13 @@ _STD_NORMAL = NormalDist()
 _ZONE_CUM = [sum(z[3] for z in _ZONES[: k + 1]) for k in range(len(_ZONES))]
 _PLATFORMS = ("web", "app", "mini_program")
 _PLATFORM_CUM = (0.45, 0.85, 1.0)
+#: the id field an anonymous shopper carries on each platform, and the first letter of its values
+_ANON_ID = {"web": ("anonymous_id", "c"), "app": ("device_id", "d"), "mini_program": ("account_id", "m")}
+_ID_KEYS = ("user_id", *ID_FIELDS)
+#: probability that a session is on the shopper's own platform: known shoppers, and logged-in ones who started anonymous
+_STAY = 0.85
+_STAY_MULTI = 0.6
+_MEAN_LOGIN_WAIT = 5.0  # a login comes after 1 + floor(Exp(this)) behaviour events unless a checkout asks earlier
 _CHANNELS = ("email", "push", "sms")
 
 #: The kinds of bad record ``bad_rate`` injects.
@@ -260,15 +290,25 @@ class _User:
     """Mutable per-user state; slotted because there is one per simulated user."""
 
     __slots__ = (
-        "idx", "uid", "intent", "activity", "cats", "plat", "zone",
+        "idx", "uid", "intent", "activity", "cats", "plat", "zone", "anon", "login", "known", "extra", "web_extra",
         "seen", "pending", "active", "sess", "n_sess", "splat", "left", "views",
         "cat_views", "cart", "orders", "last_end", "hours", "last_item", "add_next", "ordering",
     )  # fmt: skip
 
-    def __init__(self, idx: int, traits: tuple[float, float, tuple[int, ...], str, int]):
+    def __init__(self, idx: int, traits: tuple[float, float, tuple[int, ...], str, int],
+                 anon: tuple[str, str] | None = None, login: int = 0):
         self.idx = idx
         self.uid = f"u{idx:05d}"
         self.intent, self.activity, self.cats, self.plat, self.zone = traits
+        #: (id field, id) when the shopper started anonymous (kept after the login: their guest sessions' name)
+        self.anon = anon
+        #: behaviour events until an anonymous shopper logs in, plus one (0: known, logged in, or never will)
+        self.login = login
+        self.known = anon is None
+        #: id fields the next records carry besides user_id (instead of it until an anonymous shopper logs in)
+        self.extra = None if anon is None else {anon[0]: anon[1]}
+        #: the extra of a known shopper's web sessions: the cookie, once an anonymous shopper logged in
+        self.web_extra: dict[str, str] | None = None
         self.seen = False
         self.pending: list[tuple[str, dict[str, Any]]] = []
         self.active = False
@@ -314,7 +354,7 @@ class ShopperSimulator:
         self._last_wall = 0
         self._n_orders = 0
         rng = self._rng
-        self._users = [_User(i, _draw_traits(rng)) for i in range(partition, cfg.users, cfg.partitions)]
+        self._users = [self._new_user(i, rng) for i in range(partition, cfg.users, cfg.partitions)]
         if not self._users:  # more partitions than users: this one has nothing to say
             self.remaining = 0
         heap = []
@@ -338,6 +378,18 @@ class ShopperSimulator:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._build_catalogue()
+
+    def _new_user(self, idx: int, rng: random.Random) -> _User:
+        """A user with drawn traits, anonymous with ``anonymous_share`` (no draw at all when that is 0)."""
+        traits = _draw_traits(rng)
+        share = self.cfg.anonymous_share
+        if not share or rng.random() >= share:
+            return _User(idx, traits)
+        field, letter = _ANON_ID[traits[3]]
+        login = 0
+        if rng.random() < self.cfg.login_share:
+            login = 2 + int(-_log(1.0 - rng.random()) * _MEAN_LOGIN_WAIT)
+        return _User(idx, traits, (field, f"{letter}{idx:05d}"), login)
 
     def _build_catalogue(self) -> None:
         """12 categories x 50 items with fixed prices; identical for every partition."""
@@ -386,6 +438,11 @@ class ShopperSimulator:
             "platform": u.splat,
             "props": props,
         }
+        extra = u.extra
+        if extra is not None:  # an anonymous id: alone until the login, beside user_id after it
+            if not u.known:
+                del rec["user_id"]
+            rec.update(extra)
         if self.bad_rate and self._bad_rng.random() < self.bad_rate:
             return self._bad(rec)
         raw = self._last_good = _dumps(rec)
@@ -409,6 +466,13 @@ class ShopperSimulator:
         if u.pending:
             etype, props = u.pending.pop()
             return etype, props, t + 1000 + int(rnd() * 4000)
+        login = u.login
+        if login:  # an anonymous shopper who will log in: now, when it is time or a checkout asks for it
+            if login == 1 or u.ordering:
+                self._login(u)
+                etype, props = u.pending.pop()
+                return etype, props, t + 1000 + int(rnd() * 4000)
+            u.login = login - 1
         if u.ordering:
             return "order", self._order(u), self._end_session(u, t)
         u.left -= 1
@@ -456,11 +520,15 @@ class ShopperSimulator:
         rng = self._rng
         u.active = True
         u.n_sess += 1
-        u.sess = f"{u.uid}-s{u.n_sess}"
-        if rng.random() >= 0.85:
-            u.splat = _PLATFORMS[int(rng.random() * 3)]
-        else:
-            u.splat = u.plat
+        if u.known:
+            u.sess = f"{u.uid}-s{u.n_sess}"
+            if rng.random() >= (_STAY if u.anon is None else _STAY_MULTI):
+                u.splat = _PLATFORMS[int(rng.random() * 3)]
+            else:
+                u.splat = u.plat
+            u.extra = u.web_extra if u.splat == "web" else None
+        else:  # anonymous: one platform and one id until the login
+            u.sess = f"{u.anon[1]}-s{u.n_sess}"  # type: ignore[index]
         u.left = 1 - int(_log(1.0 - rng.random()) * (1.5 + 14.0 * u.intent))
         u.views = 0
         u.cat_views = {}
@@ -469,7 +537,16 @@ class ShopperSimulator:
         u.hours = 720.0 if u.last_end is None else (t - u.last_end) / 3_600_000
         if not u.seen:
             u.seen = True
-            u.pending = self._profile_events(u)
+            if u.known:
+                u.pending = self._profile_events(u)
+
+    def _login(self, u: _User) -> None:
+        """An anonymous shopper logs in: identify (then consents) carrying ``user_id`` and the anonymous id, as
+        the rest of this session does; later web sessions carry the web cookie too."""
+        u.known = True  # extra still holds the anonymous id: user_id joins it
+        u.login = 0
+        u.web_extra = {"anonymous_id": f"c{u.idx:05d}"}
+        u.pending = self._profile_events(u)
 
     def _end_session(self, u: _User, t: int) -> int:
         """Close the session at `t`; return the next session's start, out of local night."""
@@ -563,12 +640,18 @@ class ShopperSimulator:
             good = orjson.dumps(rec)
             return good[: max(1, len(good) // 2)]
         if kind == "missing_field":
-            del rec[("event_id", "user_id", "type", "ts")[int(rng.random() * 4)]]
+            field = ("event_id", "user_id", "type", "ts")[int(rng.random() * 4)]
+            if field == "user_id":  # no id at all: an anonymous id alone makes a good record
+                for key in _ID_KEYS:
+                    rec.pop(key, None)
+            else:
+                del rec[field]
         elif kind == "mistyped_field":
             if rng.random() < 0.5:
                 rec["ts"] = "yesterday"
             else:
-                rec["user_id"] = int(rec["user_id"][1:])
+                key = next(k for k in _ID_KEYS if k in rec)
+                rec[key] = int(rec[key][1:])
         elif kind == "unknown_type":
             rec["type"] = "teleport"
         elif kind == "oversized":

@@ -29,9 +29,11 @@ from connectors.simulator import SimulatorSource
 from connectors.webhook import WebhookSender
 from nudgeflow import logs
 from nudgeflow.configload import Deployment, load_deployment
-from nudgeflow.events import DeadLetter, Decision, Event
+from connectors.identity_store import IdentitySink, RedisHandoff, load_graph
+from nudgeflow.events import DeadLetter, Decision, Event, Link, Merge
 from nudgeflow.settings import Reloadable, Settings, SinkConfig, TriggersFile
 from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
+from operators.identity import IdentityEngine, IdentityLogic
 from operators.parse import Parser
 
 log = logging.getLogger(__name__)
@@ -221,10 +223,16 @@ class FeatureStreams(NamedTuple):
     enriched: Stream[tuple[str, Enriched]]
     #: every feature of each changed user, once per batch
     published: Stream[UserFeatures]
-    #: refusals from parsing and from the feature step (too late, duplicate)
+    #: refusals from parsing, identity and the feature step (too late, duplicate, bad links)
     dead: Stream[DeadLetter]
     #: the logics Bytewax builds for the step, as it builds them
     logics: list[FeatureLogic]
+    #: ``(shard, Enriched | Merge)``: what later per-user steps read, merges where they stand among the events
+    ordered: Stream[tuple[str, Enriched | Merge]]
+    #: every judged identity link (empty without the identity step)
+    links: Stream[Link] | None
+    #: where per-user steps hand merged users over (None without the identity step)
+    handoff: RedisHandoff | None
 
 
 GC_THRESHOLDS = (50_000, 20, 100)
@@ -234,11 +242,45 @@ feature step), growing with the state. The state holds no reference cycles, so c
 loses nothing; with these thresholds collection costs 0.2 µs per event (``benchmarks/RESULTS.md``)."""
 
 
+def identity_step(
+    parsed: Stream[Event | DeadLetter], dep: Deployment, url: str
+) -> tuple[Stream[Event | DeadLetter | Merge], Stream[Link]]:
+    """Resolve every event to its canonical shopper (:mod:`operators.identity`) and mirror the graph in Redis.
+
+    One key for the whole step: merges need one total order of links, and resolving costs a dict lookup
+    per event (``benchmarks``: the ``identity`` stage), far below any per-user step.
+    """
+    s = dep.settings
+    engine = IdentityEngine(s.identity)
+    recover = s.recovery is not None
+    load = lambda: load_graph(url, s.redis.key_prefix, s.identity)  # noqa: E731
+    keyed = op.flat_map_batch("identity_key", parsed, lambda b: [("ids", x) for x in b])
+    out = op.stateful_batch("identity", keyed, lambda resume: IdentityLogic(engine, resume, load, recover))
+    links = by_type("links", out, Link)
+    op.output("identity_redis", links, IdentitySink(url, s.redis.key_prefix))
+    resolved = op.flat_map_batch("identity_resolved", out, lambda b: [kv[1] for kv in b if type(kv[1]) is not Link])
+    return resolved, links
+
+
+def merge_sides(m: Merge, shards: int) -> list[tuple[str, Merge]]:
+    """Where a merge goes in a step keyed by shard: one ``local`` merge, or a ``release`` and an ``absorb``.
+
+    >>> [(k, x.side) for k, x in merge_sides(Merge("anon:c1", "u1", 1, 0, "merge"), 1)]
+    [('0', 'local')]
+    >>> sorted(x.side for _, x in merge_sides(Merge("anon:c1", "u1", 1, 0, "merge"), 4096))
+    ['absorb', 'release']
+    """
+    src, dst = shard_of(m.src, shards), shard_of(m.dst, shards)
+    if src == dst:
+        return [(src, Merge(m.src, m.dst, m.seq, m.ts, "local"))]
+    return [(src, Merge(m.src, m.dst, m.seq, m.ts, "release")), (dst, Merge(m.src, m.dst, m.seq, m.ts, "absorb"))]
+
+
 def feature_step(
-    parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str] | None,
+    parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str] | None, url: str,
     follow: tuple[Reloadable, Callable[[TriggersFile], set[str]]] | None = None,
 ) -> FeatureStreams:
-    """Key events by shard and run the feature engine over them.
+    """Resolve identities (when ``identity.enabled``), key events by shard and run the feature engine over them.
 
     ``needed``: the features each enriched event carries; ``None``: no enriched events at all (the
     feature store alone), which spares every event a trip through the dataflow it would not use.
@@ -251,14 +293,29 @@ def feature_step(
         dep.features, s.features, s.events, needed=needed or (), enrich=needed is not None, follow=follow
     )
     shards = s.shards
-    keyed = op.flat_map_batch(
-        "shard", parsed, lambda b: [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]
-    )
+    links: Stream[Link] | None = None
+    handoff: RedisHandoff | None = None
+    if s.identity.enabled:
+        parsed, links = identity_step(parsed, dep, url)
+        handoff = RedisHandoff(url, s.redis.key_prefix, s.identity.handoff_ttl)
+
+        def key(b: list[Event | DeadLetter | Merge]) -> list[tuple[str, Event | Merge]]:
+            out: list[tuple[str, Event | Merge]] = []
+            for x in b:  # one pass: a merge keeps its place among the events of its shards
+                t = type(x)
+                if t is Event:
+                    out.append((shard_of(x.user_id, shards), x))
+                elif t is Merge:
+                    out.extend(merge_sides(x, shards))
+            return out
+    else:
+        key = lambda b: [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]  # noqa: E731
+    keyed = op.flat_map_batch("shard", parsed, key)
     logics: list[FeatureLogic] = []
     recover = s.recovery is not None
 
     def logic(resume: bytes | None) -> FeatureLogic:
-        logics.append(FeatureLogic(engine, resume, recover, s.features.publish_interval))
+        logics.append(FeatureLogic(engine, resume, recover, s.features.publish_interval, handoff))
         return logics[-1]
 
     feats = op.stateful_batch("features", keyed, logic)
@@ -267,4 +324,7 @@ def feature_step(
         by_type("refused", feats, DeadLetter),
     )
     enriched = by_type("enriched", feats, Enriched, keyed=True)
-    return FeatureStreams(enriched, by_type("published", feats, UserFeatures), dead, logics)
+    ordered = enriched if handoff is None else op.flat_map_batch(
+        "ordered", feats, lambda b: [kv for kv in b if type(kv[1]) is Enriched or type(kv[1]) is Merge]
+    )
+    return FeatureStreams(enriched, by_type("published", feats, UserFeatures), dead, logics, ordered, links, handoff)

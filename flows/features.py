@@ -24,7 +24,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     url, embedded = redis_url(s)
     metrics = start_metrics(s, url, None)
     flow = Dataflow(f"{s.name}_features")
-    fs = feature_step(parsed_input(flow, dep, metrics), dep, needed=None)
+    fs = feature_step(parsed_input(flow, dep, metrics), dep, needed=None, url=url)
     output("dlq_out", s, s.dlq, "dlq", dep.base, fs.dead, dlq_line, kafka.dlq_message)
     features_sink = RedisFeatureSink(s.redis, url)
     op.output("features_redis", fs.published, features_sink)

@@ -17,9 +17,9 @@ from bytewax.dataflow import Dataflow, Stream
 
 from connectors import kafka
 from connectors.clickhouse import (
-    ACTION_COLUMNS, DECISION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS, SNAPSHOT_COLUMNS,
-    ClickHouseSink, ClickHouseWriter, Pii, action_row, connect, decision_row, dlq_row, event_row, metric_row, migrate,
-    prediction_row, snapshot_row,
+    ACTION_COLUMNS, DECISION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, LINK_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS,
+    SNAPSHOT_COLUMNS, ClickHouseSink, ClickHouseWriter, Pii, action_row, connect, decision_row, dlq_row, event_row,
+    link_row, metric_row, migrate, prediction_row, snapshot_row,
 )
 from connectors.files import action_line, dlq_line
 from connectors.guard_store import RedisGuards
@@ -30,10 +30,12 @@ from flows.common import (
     Runtime, clickhouse_dsn, feature_step, flow_attribute, metered, output, parsed_input, redis_url, start_metrics,
 )
 from nudgeflow.configload import Deployment, TriggerSource, trigger_features
+from nudgeflow.events import Merge
 from nudgeflow.settings import TriggersFile
 from operators.features import Enriched, UserFeatures
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
 from operators.guards import StateGuards
+from operators.merge import Handoff
 from operators.sampling import SnapshotSampler
 from operators.triggers import TriggerEngine, TriggerLogic
 
@@ -42,12 +44,12 @@ def needed_features(dep: Deployment, triggers: TriggersFile | None = None) -> se
     return trigger_features(triggers or dep.triggers).union(*(m.features for m in dep.models.models))
 
 
-def score_fields(batch: list[tuple[str, Enriched]]) -> list[UserFeatures]:
+def score_fields(batch: list[tuple[str, Enriched | Merge]]) -> list[UserFeatures]:
     """Each user's newest scores in a batch, as fields of their Redis hash (Bytewax ``flat_map_batch``:
     one item per user rather than one per scored event)."""
     newest: dict[str, Enriched] = {}
     for _, en in batch:
-        if en.scores:
+        if type(en) is Enriched and en.scores:
             prev = newest.get(en.event.user_id)
             if prev is None or en.event.ts >= prev.event.ts:
                 newest[en.event.user_id] = en
@@ -58,10 +60,11 @@ def score_fields(batch: list[tuple[str, Enriched]]) -> list[UserFeatures]:
 
 
 def model_steps(
-    dep: Deployment, enriched: Stream[tuple[str, Enriched]], writer: ClickHouseWriter, url: str, pii: Pii | None,
-    metrics: FlowMetrics | None,
+    dep: Deployment, enriched: Stream[tuple[str, Enriched | Merge]], writer: ClickHouseWriter, url: str,
+    pii: Pii | None, metrics: FlowMetrics | None, handoff: Handoff | None,
 ) -> Stream:
-    """Score every event with the published models, resolve labels in event time, learn, publish."""
+    """Score every event with the published models, resolve labels in event time, learn, publish
+    (``handoff``: where the label step hands merged shoppers' pending examples over)."""
     s = dep.settings
     store = RedisModelStore(url, s.redis.key_prefix)
     scorer = Scorer(dep.models, store.fetch)
@@ -72,7 +75,7 @@ def model_steps(
     if metrics is not None:
         metrics.scorer = scorer
         metrics.watch("redis_scores", scores_sink)
-    resolved = op.map("resolved", op.stateful_batch("labels", scored, lambda resume: LabelLogic(labels, resume)), lambda kv: kv[1])
+    resolved = op.map("resolved", op.stateful_batch("labels", scored, lambda resume: LabelLogic(labels, resume, handoff=handoff)), lambda kv: kv[1])
     by_model = op.key_on("by_model", resolved, lambda r: r.model)
     learned = op.map("learned", op.stateful_batch(
         "learn", by_model, lambda resume: LearnerLogic(dep.models, resume, lambda name: store.fetch(name))
@@ -108,7 +111,8 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
 
     flow = Dataflow(s.name)
     fs = feature_step(
-        parsed_input(flow, dep, rt.metrics), dep, needed_features(dep), follow=(source, lambda tf: needed_features(dep, tf))
+        parsed_input(flow, dep, rt.metrics), dep, needed_features(dep), url,
+        follow=(source, lambda tf: needed_features(dep, tf)),
     )
     rt.feature_logics = fs.logics
     features_sink = RedisFeatureSink(s.redis, url)
@@ -119,8 +123,10 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
         op.output("snapshots_ch", op.flat_map_batch("snapshot_sample", fs.published, sampler.sample_batch),
                   ClickHouseSink(writer, "feature_snapshots", SNAPSHOT_COLUMNS, partial(snapshot_row, pii=pii)))
 
-    scored = model_steps(dep, fs.enriched, writer, url, pii, rt.metrics) if dep.models.models else fs.enriched
-    fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume))
+    if fs.links is not None:
+        op.output("links_ch", fs.links, ClickHouseSink(writer, "identity_links", LINK_COLUMNS, partial(link_row, pii=pii)))
+    scored = model_steps(dep, fs.ordered, writer, url, pii, rt.metrics, fs.handoff) if dep.models.models else fs.ordered
+    fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume, fs.handoff))
     decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
     op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, partial(decision_row, pii=pii)))
     actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)

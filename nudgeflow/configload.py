@@ -22,7 +22,7 @@ from nudgeflow.settings import (
 from nudgeflow.yamlconf import ConfigError, line_of, load_yaml, validate
 from operators.features import FeaturePlan, window_label
 from operators.payload import PayloadTemplate
-from operators.triggers import compile_condition, feature_refs, score_refs
+from operators.triggers import PLATFORM_FEATURE, compile_condition, feature_refs, score_refs
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,12 @@ def load_triggers(
 
 
 def trigger_features(tf: TriggersFile) -> set[str]:
-    """The features a trigger file reads: conditions, crossing values and payload templates."""
+    """The features a trigger file reads: conditions, crossing values, payload templates, and ``last_platform``
+    for triggers choosing their channel by platform."""
     out: set[str] = set()
     for t in tf.triggers:
+        if t.channel_by_platform:
+            out.add(PLATFORM_FEATURE)
         if isinstance(t, (EventTrigger, AbsenceTrigger)):
             out |= feature_refs(t.condition)
         if isinstance(t, CrossingTrigger) and t.source[0] == "features":

@@ -63,6 +63,12 @@ class Event(msgspec.Struct, gc=False):
     position: str = ""
     #: the record as received (a reference, not a copy): later refusals keep the original bytes
     raw: bytes = b""
+    #: other ids the record carried, namespaced (``anon:…``, ``device:…``, ``account:…``, or a known user id
+    #: from ``previous_id``): the identity step links them to ``user_id``
+    aliases: tuple[str, ...] = ()
+    #: the id the record carried when the identity step resolved it to another canonical ``user_id``
+    #: ("" when it carried the canonical id): ClickHouse keeps both
+    origin_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical JSON shape (what replays and sinks write)."""
@@ -75,6 +81,55 @@ class Event(msgspec.Struct, gc=False):
             "platform": self.platform,
             "props": self.props,
         }
+
+
+class Merge(msgspec.Struct, gc=False, frozen=True):
+    """Move everything a per-user step keeps about ``src`` to ``dst``: an identity link merged two shoppers.
+
+    The identity step emits one per step side: ``local`` when both users live in the same shard,
+    otherwise ``release`` (to ``src``'s shard: hand its part over) and ``absorb`` (to ``dst``'s shard:
+    take it over). ``seq`` numbers merges in the identity graph's history; handovers are keyed by it,
+    so a replayed merge is recognised.
+
+    >>> Merge("anon:c1", "u1", 7, 1_700_000_000_000, "local").dst
+    'u1'
+    """
+
+    src: str
+    dst: str
+    seq: int
+    ts: int
+    side: str
+
+
+#: event fields that carry a not-yet-known shopper's id, and the prefix that namespaces each in ``user_id``
+#: (a cookie can never collide with a customer id)
+ID_FIELDS = {"anonymous_id": "anon:", "device_id": "device:", "account_id": "account:"}
+
+
+@dataclass(slots=True)
+class Link:
+    """One identity link as the identity step judged it: a row of ``identity_links`` and an update of the
+    Redis id graph.
+
+    ``outcome``: ``merged`` (two shoppers became one: ``canonical`` is who they are now, ``seq`` the
+    merge's number, ``moved`` the ids now resolving to ``canonical``), ``repeat`` (already linked) or
+    ``rejected`` (``reason``: self_alias, cycle, conflict, alias_storm, cluster_too_big).
+    """
+
+    ts: int
+    src: str
+    dst: str
+    #: identify | alias | implicit (an ordinary event carrying both a user id and another id)
+    kind: str
+    outcome: str
+    reason: str = ""
+    canonical: str = ""
+    seq: int = 0
+    moved: tuple[str, ...] = ()
+    platform: str = ""
+    event_id: str = ""
+    position: str = ""
 
 
 @dataclass(slots=True)
@@ -116,6 +171,8 @@ class Action:
     scores: dict[str, float] = field(default_factory=dict)
     #: the trigger's priority: who wins the last message a frequency cap allows
     priority: int = 0
+    #: the id the triggering event carried when it was not the canonical ``user_id`` (see ``Event.origin_id``)
+    origin_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {

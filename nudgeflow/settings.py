@@ -20,6 +20,7 @@ from pydantic import (
 from connectors.csvlog import CsvSourceConfig
 from connectors.migrations import TTL_COLUMNS
 from connectors.simulator import SimulatorConfig
+from nudgeflow.events import PLATFORM_ALIASES
 from nudgeflow.yamlconf import load_yaml, validate
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -121,6 +122,9 @@ class EventsConfig(Strict):
     #: value of one unit of each currency in the base currency
     currency_rates: dict[str, float] = {"USD": 1.0}
     default_timezone: str = "UTC"
+    #: longer ids (user_id, previous_id, anonymous_id, device_id, account_id) are refused (``id_too_long``):
+    #: ids key state, Redis and ClickHouse rows
+    max_id_length: int = Field(128, ge=1)
 
     @field_validator("currency_rates")
     @classmethod
@@ -147,6 +151,9 @@ class FeaturesConfig(Strict):
 AnyTypes = Literal["any"] | list[str]
 """``any`` or a list of event types."""
 
+Platform = Literal["web", "app", "mini_program"]
+"""A platform as the parser normalises it (``ios`` is ``app``, ``wechat`` is ``mini_program`` …)."""
+
 
 class CountDef(Strict):
     """Events of some types over sliding windows: ``<name>_<window>``, e.g. ``views_1h``."""
@@ -154,6 +161,15 @@ class CountDef(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     types: AnyTypes
     windows: list[Duration] = Field(min_length=1)
+    #: also ``<name>_<window>_<platform>`` (``views_1h_app``) for each platform listed: that platform's events only
+    by_platform: list[Platform] = []
+
+    @field_validator("by_platform")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each platform at most once")
+        return v
 
 
 class SumDef(Strict):
@@ -168,14 +184,25 @@ class SumDef(Strict):
 
 
 class DistinctDef(Strict):
-    """Distinct values of a prop over windows (``<name>_<window>``), e.g. categories viewed."""
+    """Distinct values over windows (``<name>_<window>``) of a prop (``field``), e.g. categories viewed, or of an
+    event attribute (``attribute``), e.g. the platforms a shopper was seen on."""
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    types: list[str] = Field(min_length=1)
-    field: str
+    types: AnyTypes = "any"
+    #: the prop whose values are counted (``props.<field>``) ...
+    field: str | None = None
+    #: ... or an event attribute: ``platform`` (events without one, or with another than web, app and
+    #: mini_program, are not counted)
+    attribute: Literal["platform"] | None = None
     windows: list[Duration] = Field(min_length=1)
     #: values remembered per user (the oldest are forgotten first)
     max_values: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DistinctDef:
+        if (self.field is None) == (self.attribute is None):
+            raise ValueError("give exactly one of field (a prop) or attribute (platform)")
+        return self
 
 
 class SessionDef(Strict):
@@ -440,6 +467,23 @@ class LoggingConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class IdentityConfig(Strict):
+    """Cross-platform identity (``operators/identity.py``): linking cookies, devices and mini-program accounts
+    to one shopper, within limits that keep one bad sender from merging a crowd."""
+
+    enabled: bool = Field(True, description="resolve every event to one canonical user id before features")
+    max_links_per_id: int = Field(
+        5, ge=1, description="an id linking to more distinct ids than this within storm_window is refused (alias_storm)"
+    )
+    storm_window: Duration = Field(3600.0, gt=0, description="the event time over which max_links_per_id counts")
+    max_cluster_ids: int = Field(
+        50, ge=2, description="a merge that would make one shopper of more ids than this is refused (cluster_too_big)"
+    )
+    handoff_ttl: Duration = Field(
+        86400.0, gt=0, description="how long a merged user's state waits in Redis for the process that takes it over"
+    )
+
+
 class Settings(Strict):
     name: str = "nudgeflow"
     source: SourceConfig = SourceConfig()
@@ -459,6 +503,7 @@ class Settings(Strict):
     recovery: RecoverySettings | None = None
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    identity: IdentityConfig = IdentityConfig()
 
     @field_validator("dlq")
     @classmethod
@@ -522,6 +567,9 @@ class Guards(Strict):
 class TriggerBase(Strict):
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="stable name: it is part of every idempotency key")
     channel: str = "email"
+    #: the channel per platform the shopper was last seen on (feature ``last_platform``), e.g.
+    #: ``{app: push, web: email, mini_program: wechat}``; ``channel`` when the platform is unknown or not listed
+    channel_by_platform: dict[str, str] = {}
     #: when several triggers compete for the last message the cap allows, the highest priority wins
     priority: int = 0
     enabled: bool = True
@@ -530,6 +578,21 @@ class TriggerBase(Strict):
     guards: Guards = Guards()
     #: A/B variants chosen by a stable hash of user and trigger
     variants: list[Variant] = []
+
+    @field_validator("channel_by_platform")
+    @classmethod
+    def _platforms(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        """Only platforms the parser produces can ever match: any other key is a typo that would never fire."""
+        platforms = sorted(set(PLATFORM_ALIASES.values()))
+        for key, channel in v.items():
+            if key not in platforms:
+                alias = PLATFORM_ALIASES.get(key.lower())
+                hint = f" (write {alias!r}: {key!r} is one of its names)" if alias else ""
+                raise ValueError(f"trigger {info.data.get('id', '?')!r}: channel_by_platform has unknown platform "
+                                 f"{key!r}{hint}; platforms are {', '.join(platforms)}")
+            if not channel:
+                raise ValueError(f"trigger {info.data.get('id', '?')!r}: channel_by_platform.{key} names no channel")
+        return v
 
 
 class EventTrigger(TriggerBase):

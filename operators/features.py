@@ -22,6 +22,20 @@ which is what Redis serves.
 evaluated as of the user's newest event time. Events up to
 ``allowed_lateness`` behind it update the right buckets; later ones are
 refused as ``too_late``, repeated event ids as ``duplicate``.
+
+**Identity merges.** When the identity step finds that two ids are one shopper, the
+source user's state is ``release``d from its shard and ``absorb``ed into the
+canonical user (:meth:`FeatureEngine.absorb` says what is exact and what is a
+rule). So that merges (and late events) land exactly, every piece of state is a
+commutative summary of the events: window buckets are absolute, the cart keeps
+each line's changes since the item was last bought (:class:`CartLine`).
+
+**Platforms.** Events carry ``web``, ``app``, ``mini_program`` or no platform.
+Counts may be broken down by platform (``views_1h_app``), distinct features may
+count the platforms seen (``platforms_7d``), and ``last_platform`` is the
+platform of the newest event that had one (the channel a shopper is likely on).
+The per-type recipe is keyed by (type, platform), so none of this costs a test
+per event.
 """
 
 from __future__ import annotations
@@ -33,19 +47,23 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import DeadLetter, Event
-from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Reloadable, TriggersFile
+from nudgeflow.events import DeadLetter, Event, Merge
+from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
+from operators.merge import Handoff, MergeDesk, restore, snapshot
 from operators.windows import SLOT_BITS, PackedWindow, bias, slot, unpacker
 
 EVICT_EVERY = 4096
 """Events between scans for idle users (a scan is O(users in the shard))."""
 
 Getter = Callable[["UserState", int], Any]
+
+PLATFORMS = frozenset(get_args(Platform))
+"""The platforms features know; the parser passes others through, and features treat them as none."""
 
 
 def shard_of(user_id: str, shards: int) -> str:
@@ -84,11 +102,17 @@ class Enriched:
 
 @dataclass(slots=True)
 class UserFeatures:
-    """Every feature of one user, valid at event time ``ts``: what Redis serves."""
+    """Every feature of one user, valid at event time ``ts``: what Redis serves; ``gone``: the user was
+    merged into another (identity), its hash is deleted."""
 
     user_id: str
     ts: int
     features: dict[str, Any]
+    gone: bool = False
+
+
+GONE_TS = 1 << 62
+"""The event time of a ``gone`` item: later than any publication of the user it deletes."""
 
 
 def _score_up(value: float, thresholds: list[float]) -> int:
@@ -101,11 +125,67 @@ def _score_down(value: float, thresholds: list[float]) -> int:
     return 5 - sum(1 for t in thresholds if value > t)
 
 
+class CartLine:
+    """One item of a cart: the adds and removes since the item was last bought.
+
+    The changes themselves are kept (a line has few), not only their sum, so that a purchase
+    arriving after a later change, or a merged shopper's older changes, land exactly: the line is
+    a function of the set of events, whatever their order. The quantity is the sum of the changes
+    after the newest purchase (``cut``); the price is that of the newest add among them.
+
+    >>> line = CartLine(-1)
+    >>> line.change(10, 2, 5.0); line.change(30, -1, None); (line.net, line.price)
+    (1, 5.0)
+    >>> line.buy(20); line.net  # bought at 20: the add at 10 is gone, the remove at 30 stays
+    -1
+    >>> line.change(15, 3, 9.0); line.net  # before the purchase: nothing to do with the cart any more
+    -1
+    """
+
+    __slots__ = ("net", "price_ts", "price", "cut", "changes")
+
+    def __init__(self, cut: int):
+        self.net = 0
+        #: the event time and price of the newest add (-1, 0.0 when none)
+        self.price_ts = -1
+        self.price = 0.0
+        #: the newest purchase of the item (or of the whole cart): changes at or before it were bought
+        self.cut = cut
+        #: (event time, quantity change, price of an add or None) since ``cut``
+        self.changes: list[tuple[int, int, float | None]] = []
+
+    def change(self, ts: int, qty: int, price: float | None) -> None:
+        """An add (``price`` given) or a remove (negative ``qty``, no price) at event time ``ts``."""
+        if ts <= self.cut:
+            return
+        self.changes.append((ts, qty, price))
+        self.net += qty
+        if price is not None and (ts > self.price_ts or (ts == self.price_ts and price > self.price)):
+            self.price_ts, self.price = ts, price
+
+    def buy(self, ts: int) -> None:
+        """The item was bought at ``ts``: what was added or removed until then is gone."""
+        if ts > self.cut:
+            self.cut = ts
+            if any(c[0] <= ts for c in self.changes):
+                self._keep(self.changes)
+
+    def merge(self, other: CartLine) -> None:
+        """The same item of another cart: exact, as if one cart had seen the changes of both."""
+        self.cut = max(self.cut, other.cut)
+        self._keep(self.changes + other.changes)
+
+    def _keep(self, changes: list[tuple[int, int, float | None]]) -> None:
+        self.changes = [c for c in changes if c[0] > self.cut]
+        self.net = sum(q for _, q, _ in self.changes)
+        self.price_ts, self.price = max(((ts, p) for ts, _, p in self.changes if p is not None), default=(-1, 0.0))
+
+
 class UserState:
     """One shopper's compact feature state."""
 
-    __slots__ = ("first_ts", "ref_ts", "last_ts", "prev_ts", "wins", "last", "prev", "session", "cart", "aff", "top",
-                 "distinct")
+    __slots__ = ("first_ts", "ref_ts", "last_ts", "prev_ts", "wins", "last", "prev", "session", "cart", "cart_cut",
+                 "cart_totals", "aff", "top", "distinct", "plat_ts", "platform")
 
     def __init__(self, first_ts: int, plan: FeaturePlan):
         self.first_ts = first_ts
@@ -118,15 +198,23 @@ class UserState:
         #: newest and second newest event time per recency group (-1 when none)
         self.last = [-1] * len(plan.recency)
         self.prev = [-1] * len(plan.recency)
-        #: [session key, start ts, last ts, events, pages]
+        #: [session key, start ts, last ts, events, pages, ts of the event that opened it (counted in sessions_*)]
         self.session: list[Any] | None = None
-        #: item id -> [quantity, unit price]
-        self.cart: dict[str, list[float]] = {}
+        #: item id -> its line; lines with a quantity of 0 or less are kept (a later or merged add may
+        #: make up for them) but are not in the cart features
+        self.cart: dict[str, CartLine] = {}
+        #: the newest order without lines (it bought the whole cart), -1 when none
+        self.cart_cut = -1
+        #: (items, quantity, value) of the lines in the cart, worked out when read after a change (None)
+        self.cart_totals: tuple[int, int, float] | None = None
         #: category -> interest, scaled to ref_ts (see FeatureEngine._affinity)
         self.aff: dict[str, float] = {}
         self.top: list[str] = []
         #: per distinct feature: value -> newest event time
         self.distinct: list[dict[str, int]] = [{} for _ in plan.distinct]
+        #: the event time and platform of the newest event that had one (-1, None when none did)
+        self.plat_ts = -1
+        self.platform: str | None = None
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, k) for k in self.__slots__)
@@ -143,9 +231,14 @@ class Recipe(NamedTuple):
     #: value, (packed 1, field) of the slots counting the events whose field is a number)
     windows: tuple[tuple[int, int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]], ...]
     recency: tuple[int, ...]
-    #: (distinct index, field, max values)
-    distinct: tuple[tuple[int, str, int], ...]
+    #: (distinct index, prop whose value is counted or None, else the value itself (the platform), max values)
+    distinct: tuple[tuple[int, str | None, str | None, int], ...]
+    #: the event's platform if features know it, else None
+    platform: str | None
 
+
+CART_TYPES = frozenset({"add_to_cart", "remove_from_cart", "order"})
+"""The event types that change a cart."""
 
 ONE, VALUE, PRESENT = 0, 1, 2
 """How an event feeds a slot: counts 1, adds a prop's value, or counts 1 when the prop is a number."""
@@ -168,9 +261,10 @@ class FeaturePlan:
         self.getters: dict[str, Getter] = {}
         self._widths: list[int] = []
         self._slots: list[list[str]] = []
-        #: (window index, slot, types or None for any, mode, field)
-        self._feeds: list[tuple[int, int, frozenset[str] | None, int, str]] = []
-        self._recipes: dict[str, Recipe] = {}
+        #: (window index, slot, types or None for any, mode, field, platform or None for any)
+        self._feeds: list[tuple[int, int, frozenset[str] | None, int, str, str | None]] = []
+        #: platform (None: none, or one features do not know) -> event type -> recipe
+        self._recipes: dict[str | None, dict[str, Recipe]] = {p: {} for p in (None, *PLATFORMS)}
         #: (name, window, slot, scaled) of every plain window feature, for ``values``
         self._window_values: list[tuple[str, int, int, bool]] = []
 
@@ -191,6 +285,7 @@ class FeaturePlan:
                 self.order_group = len(self.recency) - 1
         self.getters["first_seen_ts"] = lambda u, at: u.first_ts
         self.getters["user_age_s"] = lambda u, at: (at - u.first_ts) // 1000
+        self.getters["last_platform"] = lambda u, at: u.platform
 
         for c in defs.counts:
             types = None if c.types == "any" else frozenset(c.types)
@@ -218,15 +313,20 @@ class FeaturePlan:
             self._rfm()
         if defs.lifecycle:
             self._lifecycle()
+        for c in defs.counts:  # the last slots of their windows: a read of the others stops before them
+            types = None if c.types == "any" else frozenset(c.types)
+            for w in c.windows:
+                for platform in c.by_platform:
+                    self._window_feature(f"{c.name}_{window_label(w)}_{platform}", w, types, ONE, "", platform)
 
         self.distinct = list(defs.distinct)
         for di, d in enumerate(self.distinct):
             for w in d.windows:
                 self.getters[f"{d.name}_{window_label(w)}"] = _distinct_getter(di, int(w * 1000))
         if defs.cart:
-            self.getters["cart_items"] = lambda u, at: len(u.cart)
-            self.getters["cart_quantity"] = lambda u, at: int(sum(q for q, _ in u.cart.values()))
-            self.getters["cart_value"] = lambda u, at: round(sum(q * p for q, p in u.cart.values()), 2)
+            self.getters["cart_items"] = lambda u, at: (u.cart_totals or _cart_totals(u))[0]
+            self.getters["cart_quantity"] = lambda u, at: (u.cart_totals or _cart_totals(u))[1]
+            self.getters["cart_value"] = lambda u, at: (u.cart_totals or _cart_totals(u))[2]
         if defs.affinity:
             half = defs.affinity.half_life * 1000
             self.getters["top_categories"] = lambda u, at: list(u.top)
@@ -237,7 +337,6 @@ class FeaturePlan:
         n = defs.buckets_per_window
         self.window_shapes = [(w, max(1, w // n)) for w in self._widths]
         #: per window, the reader of every slot of a packed total
-        self.unpackers = [unpacker(len(sl)) for sl in self._slots]
         distinct_ms = [int(w * 1000) for d in self.distinct for w in d.windows]
         gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
         self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
@@ -261,10 +360,10 @@ class FeaturePlan:
         return wi, self._slots[wi].index(name)
 
     def _window_feature(
-        self, name: str, window_s: float, types: frozenset[str] | None, mode: int, fld: str
+        self, name: str, window_s: float, types: frozenset[str] | None, mode: int, fld: str, platform: str | None = None
     ) -> tuple[int, int]:
         wi, si = self._slot(window_s, name)
-        self._feeds.append((wi, si, types, mode, fld))
+        self._feeds.append((wi, si, types, mode, fld, platform))
         self.getters[name] = _sum_getter(wi, si) if mode == VALUE else _window_getter(wi, si)
         self._window_values.append((name, wi, si, mode == VALUE))
         return wi, si
@@ -279,11 +378,11 @@ class FeaturePlan:
         unknown = wanted - set(self.getters)
         if unknown:
             raise ValueError(f"unknown features: {sorted(unknown)}")
-        by_window = [
-            (wi, self.unpackers[wi], [(name, si, scaled) for name, si, scaled in entries if name in wanted])
-            for wi, entries in self._by_window
-        ]
-        by_window = [w for w in by_window if w[2]]
+        by_window = []
+        for wi, entries in self._by_window:
+            mine = [(name, si, scaled) for name, si, scaled in entries if name in wanted]
+            if mine:  # read the window's slots up to the last one wanted
+                by_window.append((wi, unpacker(max(si for _, si, _ in mine) + 1, len(self._slots[wi])), mine))
         other = [(n, g) for n, g in self._other if n in wanted]
 
         def read(u: UserState, at: int) -> dict[str, Any]:
@@ -298,23 +397,33 @@ class FeaturePlan:
 
         return read
 
-    def recipe(self, etype: str) -> Recipe:
-        """What an event type updates, worked out once per type (the per-event path only follows it)."""
-        r = self._recipes.get(etype)
+    def recipe(self, etype: str, platform: str | None) -> Recipe:
+        """What an event of a type and platform updates, worked out once per pair (the per-event path only
+        follows it). A platform features do not know is taken for none (and not kept as a key: any string
+        may come)."""
+        by_type = self._recipes.get(platform)
+        if by_type is None:
+            return self.recipe(etype, None)
+        r = by_type.get(etype)
         if r is None:
             by_window: dict[int, tuple[list[int], list[tuple[int, str]], list[tuple[int, str]]]] = {}
-            for wi, si, types, mode, fld in self._feeds:
-                if types is None or etype in types:
+            for wi, si, types, mode, fld, only in self._feeds:
+                if (types is None or etype in types) and (only is None or only == platform):
                     ones, values, present = by_window.setdefault(wi, ([], [], []))
                     shift = si * SLOT_BITS
                     if mode == ONE:
                         ones.append(1 << shift)
                     else:
                         (values if mode == VALUE else present).append((shift if mode == VALUE else 1 << shift, fld))
-            r = self._recipes[etype] = Recipe(
+            r = by_type[etype] = Recipe(
                 tuple((wi, sum(o), tuple(v), tuple(p)) for wi, (o, v, p) in sorted(by_window.items())),
                 tuple(gi for gi, t in enumerate(self.recency_types) if t is None or etype in t),
-                tuple((di, d.field, d.max_values) for di, d in enumerate(self.distinct) if etype in d.types),
+                tuple(
+                    (di, d.field, None if d.field is not None else platform, d.max_values)
+                    for di, d in enumerate(self.distinct)
+                    if (d.types == "any" or etype in d.types) and (d.field is not None or platform is not None)
+                ),
+                platform,
             )
         return r
 
@@ -463,6 +572,7 @@ class FeatureEngine:
         d = defs
         self.session_gap = int(d.session.gap * 1000) if d.session else 0
         self.page_types = frozenset(d.session.page_types) if d.session else frozenset()
+        self.cart_types = CART_TYPES if d.cart else frozenset()
         self.aff_weights = d.affinity.weights if d.affinity else {}
         self.aff_field = d.affinity.field if d.affinity else ""
         self.aff_half = d.affinity.half_life * 1000 if d.affinity else 1.0
@@ -523,7 +633,7 @@ class FeatureEngine:
 
     def _update(self, u: UserState, ev: Event) -> None:
         ts, etype, props = ev.ts, ev.type, ev.props
-        r = self.plan.recipe(etype)
+        r = self.plan.recipe(etype, ev.platform)
         wins = u.wins
         for wi, d, values, present in r.windows:
             for shift, fld in values:
@@ -541,20 +651,23 @@ class FeatureEngine:
                 prev[gi], last[gi] = last[gi], ts
             elif ts > prev[gi]:
                 prev[gi] = ts
-        for di, fld, max_values in r.distinct:
-            v = props.get(fld)
+        for di, fld, value, max_values in r.distinct:
+            v = props.get(fld) if fld is not None else value
             if v is not None:
                 seen = u.distinct[di]
-                key = str(v)
+                key = v if type(v) is str else str(v)
                 if seen.get(key, -1) < ts:
                     seen.pop(key, None)  # re-insert: dict order is recency order
                     seen[key] = ts
                     if len(seen) > max_values:
                         del seen[next(iter(seen))]
+        platform = r.platform
+        if platform is not None and (ts > u.plat_ts or (ts == u.plat_ts and platform > u.platform)):  # type: ignore[operator]
+            u.plat_ts, u.platform = ts, platform  # of two at the same time, the greater: any order agrees
         if self.session_gap:
             self._session(u, ev)
-        if self.plan.defs.cart:
-            _cart(u, etype, props)
+        if etype in self.cart_types:
+            _cart(u, etype, ts, props)
         weight = self.aff_weights.get(etype)
         if weight is not None:
             self._affinity(u, ts, props.get(self.aff_field), weight)
@@ -566,7 +679,7 @@ class FeatureEngine:
             key is None and ev.ts - s[2] > self.session_gap
         )
         if new:
-            u.session = s = [key or f"{ev.user_id}-{ev.ts}", ev.ts, ev.ts, 0, 0]
+            u.session = s = [key or f"{ev.user_id}-{ev.ts}", ev.ts, ev.ts, 0, 0, ev.ts]
             for wi, si in self.plan.session_slots:
                 u.wins[wi].add(ev.ts, 1 << (si * SLOT_BITS))
         assert s is not None
@@ -605,6 +718,102 @@ class FeatureEngine:
             top.sort(key=aff.__getitem__, reverse=True)
             del top[self.aff_top:]
 
+    def release(self, st: ShardState, uid: str) -> UserState | None:
+        """Take a shopper out of the shard, whole, to be :meth:`absorb`\ ed by the user it is now (None when
+        the shard knows nothing of it). It is not published again: its Redis features age out by TTL."""
+        st.changed.discard(uid)
+        return st.users.pop(uid, None)
+
+    def absorb(self, st: ShardState, uid: str, part: UserState) -> list[FeatureOut]:
+        """Merge a released shopper into ``uid`` (new to the shard or not); ``uid`` is published on the shard's
+        schedule, so nothing is returned.
+
+        The result is the state ``uid`` would have had, had every event of both carried ``uid`` from the
+        start. **Exact**: every window count and sum (buckets are absolute: they add), first, newest and
+        previous event times, recency per group (the two newest of both), ``last_platform`` (the newest;
+        of two at the same time the greater name), distinct values (union with each value's newest time)
+        while both hold no more than ``max_values`` together, the cart (each line's changes since its
+        newest purchase), affinity (one side rescaled to the other's reference time and added, top
+        recomputed; up to float rounding, and ties in the top list may rank either way) while both hold no
+        more than ``max_categories`` together, and the idle rule: a part whose newest event is idle past
+        ``idle_ms`` before ``uid``'s first is dropped, and ``uid`` is replaced by a part whose first event
+        comes idle past ``idle_ms`` after ``uid``'s newest, as applying the events would have done.
+
+        **Rules**, not exact: sessions (the interleaving of two ids' sessions is not kept): the current
+        session is the one with the newest event; the two current sessions combine when they share a key
+        or lie within ``session.gap`` of each other (earliest start, newest event, events and pages
+        summed; ``sessions_<window>`` then counts them once). A generated session id names the id that
+        opened it. Over the caps above, the newest distinct values and the strongest categories are kept.
+        An id whose own events were idle past ``idle_ms`` had already started afresh: the other id's
+        events do not bring its older events back (they are older than every window).
+        """
+        if part.last_ts > st.max_ts:
+            st.max_ts = part.last_ts
+        st.changed.add(uid)
+        user = st.users.get(uid)
+        if user is None or part.first_ts - user.last_ts > self.idle_ms:
+            st.users[uid] = part
+        elif user.first_ts - part.last_ts <= self.idle_ms:
+            self._merge(user, part)
+        return []
+
+    def _merge(self, u: UserState, p: UserState) -> None:
+        """Fold ``p`` into ``u`` (both within ``idle_ms`` of each other): see :meth:`absorb`."""
+        times = (u.last_ts, u.prev_ts, p.last_ts, p.prev_ts)
+        u.last_ts = max(times)
+        u.prev_ts = max((t for t in times if t < u.last_ts), default=-1)
+        u.first_ts = min(u.first_ts, p.first_ts)
+        for w, other in zip(u.wins, p.wins):
+            w.merge(other)
+        for gi, both in enumerate(zip(u.last, u.prev, p.last, p.prev)):
+            u.last[gi], u.prev[gi] = sorted(both, reverse=True)[:2]
+        if (p.plat_ts, p.platform or "") > (u.plat_ts, u.platform or ""):
+            u.plat_ts, u.platform = p.plat_ts, p.platform
+        for di, d in enumerate(self.plan.distinct):
+            u.distinct[di] = _union(u.distinct[di], p.distinct[di], d.max_values)
+        self._merge_session(u, p.session)
+        for item, line in p.cart.items():
+            mine = u.cart.get(item)
+            if mine is None:
+                u.cart[item] = line
+            else:
+                mine.merge(line)
+        u.cart_cut = cut = max(u.cart_cut, p.cart_cut)
+        for line in u.cart.values():
+            line.buy(cut)
+        u.cart_totals = None
+        self._merge_affinity(u, p)
+
+    def _merge_session(self, u: UserState, other: list[Any] | None) -> None:
+        """The rule of :meth:`absorb`: the newest session is current; two current sessions close enough combine."""
+        mine = u.session
+        if other is None:
+            return
+        if mine is None:
+            u.session = other
+            return
+        cur, old = (other, mine) if (other[2], other[0]) > (mine[2], mine[0]) else (mine, other)
+        u.session = cur
+        if cur[0] == old[0] or max(cur[1], old[1]) - min(cur[2], old[2]) <= self.session_gap:
+            later = cur[5] if cur[5] > old[5] else old[5]
+            for wi, si in self.plan.session_slots:  # one session now: forget the count of the later opening
+                u.wins[wi].add(later, -(1 << (si * SLOT_BITS)))
+            u.session = [cur[0], min(cur[1], old[1]), max(cur[2], old[2]), cur[3] + old[3], cur[4] + old[4],
+                         min(cur[5], old[5])]
+
+    def _merge_affinity(self, u: UserState, p: UserState) -> None:
+        """Scores are scaled to each user's reference time (see :meth:`_affinity`): rescale, add, re-rank."""
+        if not p.aff:
+            return
+        aff = u.aff
+        scale = 2.0 ** ((p.ref_ts - u.ref_ts) / self.aff_half)
+        for c, score in p.aff.items():
+            aff[c] = aff.get(c, 0.0) + score * scale
+        ranked = sorted(aff, key=aff.__getitem__, reverse=True)
+        for c in ranked[self.aff_max:]:
+            del aff[c]
+        u.top = ranked[:self.aff_top]
+
     def flush(self, st: ShardState) -> list[FeatureOut]:
         """Every feature of each user changed since the last flush (one per user)."""
         out = []
@@ -626,33 +835,57 @@ class FeatureEngine:
         st.dedup.expire(st.max_ts - self.lateness_ms)
 
 
-def _cart(u: UserState, etype: str, props: dict[str, Any]) -> None:
+def _cart(u: UserState, etype: str, ts: int, props: dict[str, Any]) -> None:
+    """Adds and removes change a line by their quantity; an order buys each item it lists, whatever the
+    quantity, or, without lines, the whole cart: what was added before it is gone, what comes after
+    counts. A function of the events, not of their order (see :class:`CartLine`)."""
+    u.cart_totals = None
     if etype == "add_to_cart":
-        item = str(props.get("item_id", ""))
-        line = u.cart.get(item)
-        if line is None:
-            u.cart[item] = [props.get("quantity", 1), props.get("price", 0.0)]
-        else:
-            line[0] += props.get("quantity", 1)
-            line[1] = props.get("price", line[1])
+        if ts > u.cart_cut:
+            _line(u, props).change(ts, props.get("quantity", 1), props.get("price", 0.0))
     elif etype == "remove_from_cart":
-        item = str(props.get("item_id", ""))
-        line = u.cart.get(item)
-        if line is not None:
-            line[0] -= props.get("quantity", 1)
-            if line[0] <= 0:
-                del u.cart[item]
+        if ts > u.cart_cut:  # a remove before its add is kept: the add may still come (late, or merged)
+            _line(u, props).change(ts, -props.get("quantity", 1), None)
     elif etype == "order":
         items = props.get("items")
         if items:
-            for it in items:
-                line = u.cart.get(str(it.get("item_id", "")))
-                if line is not None:
-                    line[0] -= it.get("quantity", 1)
-                    if line[0] <= 0:
-                        del u.cart[str(it.get("item_id", ""))]
-        else:  # an order without lines buys the cart
-            u.cart.clear()
+            for it in items:  # the line stays, emptied, as a mark: an older add arriving later was bought
+                _line(u, it).buy(ts)
+        elif ts > u.cart_cut:
+            u.cart_cut = ts
+            for line in u.cart.values():
+                line.buy(ts)
+
+
+def _cart_totals(u: UserState) -> tuple[int, int, float]:
+    """Items, quantity and value of the lines with a positive quantity (kept until the cart changes: the
+    features read them on every event, and bought lines stay in ``cart`` as marks)."""
+    lines = [line for line in u.cart.values() if line.net > 0]
+    u.cart_totals = (len(lines), sum(line.net for line in lines), round(sum(line.net * line.price for line in lines), 2))
+    return u.cart_totals
+
+
+def _line(u: UserState, props: dict[str, Any]) -> CartLine:
+    item = str(props.get("item_id", ""))
+    line = u.cart.get(item)
+    if line is None:
+        line = u.cart[item] = CartLine(u.cart_cut)
+    return line
+
+
+def _union(mine: dict[str, int], theirs: dict[str, int], cap: int) -> dict[str, int]:
+    """Distinct values of two users: each value's newest time, in time order, the newest ``cap`` kept.
+
+    >>> _union({"a": 5, "b": 1}, {"b": 7, "c": 3}, 2)
+    {'a': 5, 'b': 7}
+    """
+    if not theirs:
+        return mine
+    both = dict(mine)
+    for value, ts in theirs.items():
+        if both.get(value, -1) < ts:
+            both[value] = ts
+    return dict(sorted(both.items(), key=lambda kv: kv[1])[-cap:])
 
 
 def _refuse(ev: Event, reason: str, detail: str) -> DeadLetter:
@@ -663,42 +896,67 @@ def _refuse(ev: Event, reason: str, detail: str) -> DeadLetter:
 FeatureOut = Enriched | DeadLetter | UserFeatures
 
 
-class FeatureLogic(StatefulBatchLogic[Event, FeatureOut, bytes]):
+class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes]):
     """Bytewax adapter: one shard's state; emits enriched events and refusals as they come, and each
     changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet).
 
     ``recover``: whether recovery is on. Bytewax 0.21 asks every stateful step for a snapshot at the end
     of each epoch whether or not anything stores it; without recovery we skip pickling the shard.
+    ``handoff``: where merged shoppers travel between shards (:mod:`operators.merge`); merges are passed
+    on where they stand among the enriched events, for the later per-user steps, and a merged-away
+    shopper's Redis hash is deleted (``UserFeatures.gone``).
     """
 
-    def __init__(self, engine: FeatureEngine, resume: bytes | None, recover: bool = True, publish_s: float = 0.0):
+    def __init__(
+        self, engine: FeatureEngine, resume: bytes | None, recover: bool = True, publish_s: float = 0.0,
+        handoff: Handoff | None = None,
+    ):
         self.engine = engine
-        self.state = pickle.loads(resume) if resume is not None else engine.new_state()
+        self.state, waiting = restore(resume, engine.new_state)
+        self.desk = MergeDesk("features", handoff, waiting) if handoff is not None else None
         self.recover = recover
         self.publish_s = publish_s
         self.next_publish = time.monotonic() + publish_s
 
-    def on_batch(self, values: list[Event]) -> tuple[list[FeatureOut], bool]:
-        self.engine.refresh()
-        out: list[FeatureOut] = self.engine.apply_batch(self.state, values)
+    def on_batch(self, values: list[Event | Merge]) -> tuple[list[FeatureOut | Merge], bool]:
+        eng, st, desk = self.engine, self.state, self.desk
+        eng.refresh()
+        if desk is None:
+            out: list[FeatureOut | Merge] = eng.apply_batch(st, values)  # type: ignore[arg-type]
+        else:
+            out, start = [], 0
+            for i, v in enumerate(values):  # a release must follow the user's earlier events of the batch
+                if type(v) is Merge:
+                    out.extend(eng.apply_batch(st, values[start:i]))  # type: ignore[arg-type]
+                    out.extend(desk.take(eng, st, v))
+                    if v.side != "absorb":
+                        out.append(UserFeatures(v.src, GONE_TS, {}, gone=True))
+                    if eng.enrich:
+                        out.append(v)
+                    start = i + 1
+            out.extend(eng.apply_batch(st, values[start:] if start else values))  # type: ignore[arg-type]
+            out.extend(desk.settle(eng, st))
         if time.monotonic() >= self.next_publish:
             out.extend(self._publish())
         return out, StatefulBatchLogic.RETAIN
 
-    def _publish(self) -> list[FeatureOut]:
+    def _publish(self) -> list[FeatureOut | Merge]:
         self.next_publish = time.monotonic() + self.publish_s
-        return self.engine.flush(self.state)
+        return self.engine.flush(self.state)  # type: ignore[return-value]
 
-    def on_notify(self) -> tuple[list[FeatureOut], bool]:
-        return self._publish(), StatefulBatchLogic.RETAIN
+    def on_notify(self) -> tuple[list[FeatureOut | Merge], bool]:
+        out = self.desk.settle(self.engine, self.state) if self.desk is not None else []
+        return out + self._publish(), StatefulBatchLogic.RETAIN
 
-    def on_eof(self) -> tuple[list[FeatureOut], bool]:
-        return self._publish(), StatefulBatchLogic.RETAIN
+    def on_eof(self) -> tuple[list[FeatureOut | Merge], bool]:
+        out = self.desk.finish(self.engine, self.state) if self.desk is not None else []
+        return out + self._publish(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not self.state.changed:
-            return None
-        return datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.next_publish - time.monotonic()))
+        at = None
+        if self.state.changed:
+            at = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.next_publish - time.monotonic()))
+        return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.recover else b""
+        return snapshot(self.state, self.desk) if self.recover else b""

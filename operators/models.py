@@ -40,9 +40,11 @@ import river
 from bytewax.operators import StatefulBatchLogic
 from river import compose, facto, forest, linear_model, metrics, optim, preprocessing, tree
 
+from nudgeflow.events import Merge
 from nudgeflow.settings import ModelDef, ModelsFile
 from operators.clock import PartitionClock
 from operators.features import Enriched
+from operators.merge import Handoff, MergeDesk, pop_user, restore, snapshot
 from operators.parse import wall_ms
 
 RIVER_VERSION = river.__version__
@@ -188,10 +190,12 @@ class Scorer:
             self.errors += 1
             return d.prior, version, x
 
-    def score_batch(self, items: list[tuple[str, Enriched]]) -> list[tuple[str, Enriched]]:
-        """Score each event for the models that score its type (Bytewax ``flat_map_batch``)."""
+    def score_batch(self, items: list[tuple[str, Enriched | Merge]]) -> list[tuple[str, Enriched | Merge]]:
+        """Score each event for the models that score its type (Bytewax ``flat_map_batch``); merges pass."""
         self.refresh(self.now_ms())
         for _, en in items:
+            if type(en) is not Enriched:
+                continue
             inputs: dict[tuple[str, ...], dict[str, float]] = {}  # models reading the same features share one input
             for d in self.any + self.by_type.get(en.event.type, []):
                 key = tuple(d.features)
@@ -235,6 +239,29 @@ class LabelState:
     last_label: dict[tuple[str, str], int] = field(default_factory=dict)
     heap: list[tuple[int, str, str, int]] = field(default_factory=list)
     clock: PartitionClock = field(default_factory=PartitionClock)
+
+
+@dataclass(slots=True)
+class LabelPart:
+    """What a label shard kept about one user, per model: what an identity merge hands to the shard of the
+    user it merged into."""
+
+    pending: dict[str, list[Pending]]
+    last_sample: dict[str, int]
+    last_label: dict[str, int]
+
+
+def thin(pending: list[Pending], every: int) -> list[Pending]:
+    """The examples the sampling bound keeps, earliest first: each at least ``every`` after the last kept.
+
+    >>> [p.ts for p in thin([Pending(t, t + 9, f"e{t}", {}, 0.5, 1) for t in (0, 4, 10, 13)], 10)]
+    [0, 10]
+    """
+    kept: list[Pending] = []
+    for p in sorted(pending, key=lambda p: p.ts):
+        if not kept or p.ts - kept[-1].ts >= every:
+            kept.append(p)
+    return kept
 
 
 class LabelEngine:
@@ -288,6 +315,58 @@ class LabelEngine:
                 continue
             st.pending.setdefault(key, []).append(p)
             heapq.heappush(st.heap, (p.deadline, name, uid, p.ts))
+        return out
+
+    def release(self, st: LabelState, uid: str) -> LabelPart | None:
+        """Remove and return what this shard keeps about ``uid`` (an identity merge moves it into another user);
+        None when it keeps nothing. Heap entries stay behind and are skipped as stale when they come due."""
+        names = self.models
+        part = LabelPart(pop_user(st.pending, names, uid), pop_user(st.last_sample, names, uid),
+                         pop_user(st.last_label, names, uid))
+        return part if part.pending or part.last_sample or part.last_label else None
+
+    def absorb(self, st: LabelState, uid: str, part: LabelPart) -> list[Resolved]:
+        """Merge a released part into user ``uid``; returns the examples the other id's label settles.
+
+        Exact: an example of one id whose window holds the other id's newest label event resolves now with
+        the label it would have had if that event had carried the same id; the newest label time is the
+        later of the two. Rules: only each id's *newest* label event is known, so an older one of the other
+        id inside a window goes unseen (the example resolves by a later label or at its deadline). The
+        sampling bound (one pending example per user per ``sample_every``) holds for the merged user: where
+        the two ids kept examples within ``sample_every`` of each other, the earliest stays and the later
+        are dropped, never learned, as the canonical user would not have sampled them; the newest sample
+        time is that of the newest example kept (or resolved before the merge, which stays learned).
+        """
+        out: list[Resolved] = []
+        for name in part.pending.keys() | part.last_sample.keys() | part.last_label.keys():
+            if name not in self.models:
+                continue
+            key = (name, uid)
+            own_label, their_label = st.last_label.get(key), part.last_label.get(name)
+            own, theirs = st.pending.get(key, []), part.pending.get(name, [])
+            kept = thin(own + theirs, self.every[name])
+            mine = {id(p) for p in own}  # which side each kept example came from
+            pending = []
+            for p in kept:
+                other = their_label if id(p) in mine else own_label
+                if other is not None and p.ts < other <= p.deadline:
+                    out.append(self._resolve(name, uid, p, other, self.positive_on_event[name]))
+                    continue
+                pending.append(p)
+                if id(p) not in mine:
+                    heapq.heappush(st.heap, (p.deadline, name, uid, p.ts))
+            if pending:
+                st.pending[key] = pending
+            else:
+                st.pending.pop(key, None)
+            dropped = {p.ts for p in own + theirs} - {p.ts for p in kept}
+            sampled = [p.ts for p in kept] + [
+                t for t in (st.last_sample.get(key), part.last_sample.get(name)) if t is not None and t not in dropped
+            ]
+            if sampled:
+                st.last_sample[key] = max(sampled)
+            if their_label is not None and (own_label is None or their_label > own_label):
+                st.last_label[key] = their_label
         return out
 
     def advance(self, st: LabelState, watermark: int) -> list[Resolved]:
@@ -492,35 +571,52 @@ class Learner:
         return Snapshot.of(self.d.name, self.version, self.examples, self.model)
 
 
-class LabelLogic(StatefulBatchLogic[Enriched, Resolved, bytes]):
-    """Bytewax adapter: one shard's pending examples; wakes once a second while any are open."""
+class LabelLogic(StatefulBatchLogic[Enriched | Merge, Resolved, bytes]):
+    """Bytewax adapter: one shard's pending examples; wakes once a second while any are open.
 
-    def __init__(self, engine: LabelEngine, resume: bytes | None, now_ms: Callable[[], int] = wall_ms):
+    ``handoff``: where merged shoppers' pending examples travel between shards (:mod:`operators.merge`).
+    """
+
+    def __init__(
+        self, engine: LabelEngine, resume: bytes | None, now_ms: Callable[[], int] = wall_ms,
+        handoff: Handoff | None = None,
+    ):
         self.engine = engine
         self.now_ms = now_ms
-        self.state: LabelState = pickle.loads(resume) if resume is not None else engine.new_state()
+        self.state, waiting = restore(resume, engine.new_state)
+        self.desk = MergeDesk("labels", handoff, waiting) if handoff is not None else None
 
-    def on_batch(self, values: list[Enriched]) -> tuple[list[Resolved], bool]:
-        eng, st = self.engine, self.state
+    def on_batch(self, values: list[Enriched | Merge]) -> tuple[list[Resolved], bool]:
+        eng, st, desk = self.engine, self.state, self.desk
         now = self.now_ms()
         out: list[Resolved] = []
         for en in values:
-            out.extend(eng.on_event(st, en, now))
+            if type(en) is Merge:
+                assert desk is not None  # merges come only from the identity step, which gives a hand-over
+                out.extend(desk.take(eng, st, en))
+            else:
+                out.extend(eng.on_event(st, en, now))
+        if desk is not None:
+            out.extend(desk.settle(eng, st))
         if st.heap:
             out.extend(eng.advance(st, eng.watermark(st, now)))
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[Resolved], bool]:
-        return self.engine.advance(self.state, self.engine.watermark(self.state, self.now_ms())), StatefulBatchLogic.RETAIN
+        out = self.desk.settle(self.engine, self.state) if self.desk is not None else []
+        return out + self.engine.advance(self.state, self.engine.watermark(self.state, self.now_ms())), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Resolved], bool]:
-        return self.engine.advance(self.state, max(self.state.clock.max_ts, self.engine.max_ts)), StatefulBatchLogic.RETAIN
+        out = self.desk.finish(self.engine, self.state) if self.desk is not None else []
+        at = max(self.state.clock.max_ts, self.engine.max_ts)
+        return out + self.engine.advance(self.state, at), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return datetime.now(timezone.utc) + timedelta(seconds=1) if self.state.heap else None
+        at = datetime.now(timezone.utc) + timedelta(seconds=1) if self.state.heap else None
+        return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return snapshot(self.state, self.desk)
 
 
 LearnerOut = MetricRow | PredictionRow | Snapshot

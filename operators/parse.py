@@ -15,6 +15,20 @@ model here would cost several times the rest of the parse.
 >>> bad = p.parse("t:0:2", b'{"event_id":"e2"', 0)
 >>> (bad.reason, bad.raw)
 ('malformed_json', b'{"event_id":"e2"')
+
+**Ids.** ``user_id`` is a known customer id. Before login a record carries instead (or besides) an
+``anonymous_id`` (web cookie), ``device_id`` (app) or ``account_id`` (mini-program): ``Event.user_id``
+is then the known id if there is one, else the first of those, namespaced (``anon:…``, ``device:…``,
+``account:…``, see :data:`~nudgeflow.events.ID_FIELDS`), and ``Event.aliases`` every other id the record
+carried, which the identity step links to ``user_id``. An ``alias`` record links ``previous_id`` (a known
+id, as is) to ``user_id``. A JSON ``null`` id is absent (Segment-style senders write ``"userId": null``).
+
+>>> e = p.parse("t:0:3", b'{"event_id":"e3","user_id":"u1","anonymous_id":"c9","type":"browse","ts":0}', 0)
+>>> (e.user_id, e.aliases)
+('u1', ('anon:c9',))
+>>> e = p.parse("t:0:4", b'{"event_id":"e4","device_id":"d7","type":"browse","ts":0}', 0)
+>>> (e.user_id, e.aliases)
+('device:d7', ())
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from nudgeflow.events import BUILTIN_TYPES, PLATFORM_ALIASES, DeadLetter, Event
+from nudgeflow.events import BUILTIN_TYPES, ID_FIELDS, PLATFORM_ALIASES, DeadLetter, Event
 from nudgeflow.settings import EventsConfig
 from operators.features import MAX_VALUE
 
@@ -95,6 +109,7 @@ class Parser:
         self.max_age_ms = int(cfg.max_age * 1000) if cfg.max_age is not None else None
         self.rates = cfg.currency_rates
         self.base = cfg.base_currency.upper()
+        self.max_id = cfg.max_id_length
 
     def parse(self, position: str, raw: bytes, ingest_ms: int) -> Event | DeadLetter:
         """One record in, one answer out; never raises."""
@@ -127,15 +142,13 @@ class Parser:
             raise Refused("not_an_object", f"expected a JSON object, got {type(d).__name__}")
         try:
             event_id = d["event_id"]
-            user_id = d["user_id"]
             etype = d["type"]
             ts_raw = d["ts"]
         except KeyError as e:
             raise Refused("missing_field", f"{e.args[0]} is required") from None
         if type(event_id) is not str or not event_id:
             raise Refused("invalid_field", "event_id: expected a non-empty string")
-        if type(user_id) is not str or not user_id:
-            raise Refused("invalid_field", "user_id: expected a non-empty string")
+        user_id = d.get("user_id")
         if etype not in self.types:
             raise Refused("unknown_type", f"type {str(etype)[:40]!r} is neither built in nor in events.custom_types")
         ts = ts_raw if type(ts_raw) is int else _ts_ms(ts_raw)  # epoch ms, the common case, needs no call
@@ -154,14 +167,49 @@ class Parser:
             alias = PLATFORM_ALIASES.get(platform)  # already canonical, the common case
             platform = alias if alias is not None else PLATFORM_ALIASES.get(platform.lower(), platform.lower())
         props = d.get("props")
+        # keys beyond the seven read here (counted without a lookup) may be ids: only then are they looked for
+        extra = len(d) > 4 + (session_id is not None) + (platform is not None) + (props is not None)
         if props is None:
             props = {}
         elif type(props) is not dict:
             raise Refused("invalid_field", "props: expected an object")
+        aliases: tuple[str, ...] = ()
+        if extra or user_id is None or etype == "alias":
+            user_id, aliases = self._ids(d, user_id, etype)
+        elif type(user_id) is not str or not user_id or len(user_id) > self.max_id:
+            self._id("user_id", user_id)  # refuses it
         normalise = _NORMALISERS.get(etype)
         if normalise is not None:
             normalise(self, props)
-        return Event(event_id, user_id, etype, ts, session_id, platform, props, ingest_ms, position, raw)
+        return Event(event_id, user_id, etype, ts, session_id, platform, props, ingest_ms, position, raw, aliases)
+
+    def _id(self, name: str, value: Any) -> str:
+        """``value`` if it is a usable id: ids key state, Redis and ClickHouse rows, so their size is bounded."""
+        if type(value) is not str or not value:
+            raise Refused("invalid_field", f"{name}: expected a non-empty string")
+        if len(value) > self.max_id:
+            raise Refused("id_too_long", f"{name}: {len(value)} characters > events.max_id_length {self.max_id}")
+        return value
+
+    def _ids(self, d: dict[str, Any], user_id: Any, etype: str) -> tuple[str, tuple[str, ...]]:
+        """(``Event.user_id``, ``Event.aliases``) of a record that may carry more than a known user id."""
+        ids = [prefix + self._id(name, v) for name, prefix in ID_FIELDS.items() if (v := d.get(name)) is not None]
+        if etype == "alias":
+            previous = d.get("previous_id")
+            if user_id is None or previous is None:
+                raise Refused("missing_field", "alias needs user_id and previous_id")
+            if self._id("previous_id", previous) == user_id:
+                raise Refused("self_alias", f"previous_id is user_id {previous[:40]!r}")
+            ids.insert(0, previous)
+        elif user_id is None:
+            if not ids:
+                raise Refused("missing_field", f"user_id is required (or one of {', '.join(ID_FIELDS)})")
+            if etype == "identify":
+                raise Refused("missing_field", "identify needs user_id: it names who the other ids belong to")
+            return ids[0], tuple(ids[1:])
+        known = self._id("user_id", user_id)
+        # an id given twice (a user_id spelt like a cookie, a previous_id that is the anonymous_id) links once
+        return known, tuple(dict.fromkeys(i for i in ids if i != known))
 
     # -- per-type normalisation: every later step sees one unit and one currency
 

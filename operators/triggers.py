@@ -24,6 +24,10 @@ deterministic ``action_id`` (trigger, user, occurrence), a payload from the
 trigger's template (:mod:`operators.payload`), and goes through the guards
 decided in this keyed state (:mod:`operators.guards`).
 
+When an identity link merges two shoppers, :meth:`TriggerEngine.release` takes
+what a shard keeps about the merged-away id and :meth:`TriggerEngine.absorb`
+merges it into the canonical user, in that user's shard.
+
 >>> from nudgeflow.settings import TriggersFile
 >>> from operators.features import Enriched
 >>> from nudgeflow.events import Event
@@ -37,6 +41,16 @@ decided in this keyed state (:mod:`operators.guards`).
 []
 >>> [(a.trigger_id, a.user_id, a.occurrence) for a in eng.advance(st, eng.watermark(st, now=0))]
 [('cart', 'u1', 'e1')]
+
+A cart left by a cookie that then logs in as ``u3`` (whose state lives in another shard):
+
+>>> eng.on_event(st, Enriched(Event("e3", "anon:c", "add_to_cart", 2_000_000, position="p:2"), {}), now=0)
+[]
+>>> other = eng.new_state()
+>>> eng.absorb(other, "u3", eng.release(st, "anon:c"))
+[]
+>>> [(a.user_id, a.occurrence, a.origin_id) for a in eng.advance(other, 3_800_000)]
+[('u3', 'e3', 'anon:c')]
 """
 
 from __future__ import annotations
@@ -44,22 +58,23 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
-import pickle
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, NamedTuple
 
 import cel
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import Action, Decision, Event
+from nudgeflow.events import Action, Decision, Event, Merge
 from nudgeflow.settings import (
     AbsenceTrigger, CrossingTrigger, DateTrigger, EventTrigger, Reloadable, SequenceTrigger, TriggerDef, TriggersFile,
 )
 from operators.clock import PartitionClock
 from operators.features import Enriched
 from operators.guards import Profile, StateGuards, variant_of, zone
+from operators.merge import Handoff, MergeDesk, pop_user, restore, snapshot
 from operators.parse import wall_ms
 from operators.payload import PayloadTemplate
 
@@ -78,6 +93,24 @@ def action_id(trigger_id: str, user_id: str, occurrence: str) -> str:
 
 _SCORE_REF = re.compile(r"\bscore\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 _FEATURE_REF = re.compile(r"\bfeatures\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+
+
+#: the feature naming the platform a shopper was last seen on (``web``, ``app``, ``mini_program``)
+PLATFORM_FEATURE = "last_platform"
+
+
+def channel_of(t: TriggerDef, feats: dict[str, Any]) -> str:
+    """The channel of a firing: the one ``channel_by_platform`` names for the platform the shopper was last seen
+    on (the feature ``last_platform`` of the triggering event), else the trigger's ``channel``. The guards
+    (consent, rate limit per channel) then judge the channel chosen.
+
+    >>> from nudgeflow.settings import EventTrigger
+    >>> t = EventTrigger(id="t", kind="event", on=["browse"], channel="email", channel_by_platform={"app": "push"})
+    >>> channel_of(t, {"last_platform": "app"}), channel_of(t, {"last_platform": "web"}), channel_of(t, {})
+    ('push', 'email', 'email')
+    """
+    by = t.channel_by_platform
+    return by.get(feats.get(PLATFORM_FEATURE), t.channel) if by else t.channel
 
 
 def feature_refs(condition: str) -> set[str]:
@@ -153,6 +186,8 @@ class After(NamedTuple):
     event_id: str
     ingest_ms: int
     features: dict[str, Any]
+    #: the id the event carried when it was not its user's canonical id (the action reports it)
+    origin_id: str = ""
 
 
 def resolve_absence(
@@ -284,10 +319,43 @@ class TriggerState:
         #: (trigger, user) -> (UTC ms, date) of the next date firing; the heap holds (ms, trigger, user)
         self.dates: dict[tuple[str, str], tuple[int, str]] = {}
         self.date_heap: list[tuple[int, str, str]] = []
+        #: profiles of users an identity merge released while actions of theirs were held: the holds end
+        #: with the consent and time zone their user had (dropped with the user's last held action)
+        self.departed: dict[str, Profile] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]  # a snapshot from before a kind existed lacks its fields
         self.__dict__.update(state)
+
+
+@dataclass(slots=True)
+class TriggerPart:
+    """Everything a trigger shard kept about one user, per trigger id: what an identity merge hands to the
+    shard of the user it merged into (pickled through Redis when that is another process)."""
+
+    timers: dict[str, Timers]
+    sequences: dict[str, Sequence]
+    #: crossing triggers fired and not yet re-armed
+    above: set[str]
+    profile: Profile | None
+    dates: dict[str, tuple[int, str]]
+
+
+def _stamped(pending: list[After], uid: str) -> list[After]:
+    """Pending events leaving ``uid`` remember it as the id they carried, unless they already name one."""
+    return [a if a.origin_id else a._replace(origin_id=uid) for a in pending]
+
+
+def _has_first(firsts: list[int], ts: int, within: int) -> bool:
+    """Whether a ``first`` time lies in ``[ts - within, ts)`` (``firsts`` sorted).
+
+    >>> _has_first([0, 50], 40, 30), _has_first([0, 50], 50, 30)
+    (False, False)
+    >>> _has_first([0, 50], 60, 30)
+    True
+    """
+    i = bisect.bisect_left(firsts, ts - within)
+    return i < len(firsts) and firsts[i] < ts
 
 
 class TriggerEngine:
@@ -338,7 +406,7 @@ class TriggerEngine:
             self.kept[t.id] = tuple(sorted({
                 ref.partition(".")[2] for (tid, _), tpl in self.templates.items() if tid == t.id
                 for ref in tpl.refs if ref.startswith("features.")
-            }))
+            } | ({PLATFORM_FEATURE} if t.channel_by_platform else set())))
             if isinstance(t, EventTrigger):
                 cond = Condition(t.condition)
                 for et in t.on:
@@ -397,7 +465,7 @@ class TriggerEngine:
         out: list[Action | Decision] = []
         for t, cond in self.by_type.get(ev.type, ()):
             if self._holds(st, cond, en):
-                self._fire(st, out, t, uid, ev.event_id, ts, ev.ingest_ms, en.features, en.scores)
+                self._fire(st, out, t, uid, ev.event_id, ts, ev.ingest_ms, en.features, en.scores, ev.origin_id)
         crossing = self.crossing.get(ev.type)
         if crossing or self.crossing_any:
             for t in (crossing or []) + self.crossing_any:
@@ -421,7 +489,7 @@ class TriggerEngine:
             tm = st.timers.get(key)
             if tm is None:
                 tm = st.timers[key] = Timers()
-            a = After(ts, ev.event_id, ev.ingest_ms, self._keep(t.id, en.features))
+            a = After(ts, ev.event_id, ev.ingest_ms, self._keep(t.id, en.features), ev.origin_id)
             bisect.insort(tm.afters, a)
             if tm.afters[0] is a:
                 heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, uid))
@@ -451,7 +519,7 @@ class TriggerEngine:
         elif v >= t.above:
             st.above.add(key)
             ev = en.event
-            self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores)
+            self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores, ev.origin_id)
 
     def _then(self, st: TriggerState, out: list[Action | Decision], t: SequenceTrigger, en: Enriched) -> None:
         """A ``then`` event: fires if a ``first`` is known in the window before it, else waits for a late one."""
@@ -460,11 +528,11 @@ class TriggerEngine:
         seq = st.sequences.get(key)
         if seq is None:
             seq = st.sequences[key] = Sequence()
-        i = bisect.bisect_left(seq.firsts, ev.ts - self.within_ms[t.id])
-        if i < len(seq.firsts) and seq.firsts[i] < ev.ts:
-            self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores)
+        if _has_first(seq.firsts, ev.ts, self.within_ms[t.id]):
+            self._fire(st, out, t, ev.user_id, ev.event_id, ev.ts, ev.ingest_ms, en.features, en.scores, ev.origin_id)
         else:
-            bisect.insort(seq.waiting, After(ev.ts, ev.event_id, ev.ingest_ms, self._keep(t.id, en.features)))
+            b = After(ev.ts, ev.event_id, ev.ingest_ms, self._keep(t.id, en.features), ev.origin_id)
+            bisect.insort(seq.waiting, b)
             heapq.heappush(st.sequence_heap, (ev.ts, t.id, ev.user_id))
 
     def _first(self, st: TriggerState, out: list[Action | Decision], t: SequenceTrigger, en: Enriched) -> None:
@@ -479,7 +547,7 @@ class TriggerEngine:
         heapq.heappush(st.sequence_heap, (ev.ts + within, t.id, ev.user_id))
         done = [b for b in seq.waiting if ev.ts < b.ts <= ev.ts + within]
         for b in done:
-            self._fire(st, out, t, ev.user_id, b.event_id, b.ts, b.ingest_ms, b.features, {})
+            self._fire(st, out, t, ev.user_id, b.event_id, b.ts, b.ingest_ms, b.features, {}, b.origin_id)
         if done:
             seq.waiting = [b for b in seq.waiting if not ev.ts < b.ts <= ev.ts + within]
 
@@ -490,6 +558,8 @@ class TriggerEngine:
         while st.held and st.held[0][0] <= watermark:
             release, _, a = heapq.heappop(st.held)
             self._guard(st, out, a, release)
+            if a.user_id in st.departed and not any(h[2].user_id == a.user_id for h in st.held):
+                del st.departed[a.user_id]
         if st.heap:
             self._advance_absence(st, out, watermark)
         if st.sequence_heap:
@@ -515,7 +585,7 @@ class TriggerEngine:
             if tm.afters and tm.afters[0].ts + within == due:
                 fired, tm.afters = resolve_absence(tm.afters, tm.unless, within, watermark)
                 for a in fired:
-                    self._fire(st, out, t, uid, a.event_id, a.ts + within, a.ingest_ms, a.features, {})
+                    self._fire(st, out, t, uid, a.event_id, a.ts + within, a.ingest_ms, a.features, {}, a.origin_id)
                 if tm.afters:
                     heapq.heappush(heap, (tm.afters[0].ts + within, tid, uid))
             elif tm.afters:
@@ -559,7 +629,7 @@ class TriggerEngine:
             del st.dates[key]
             if not isinstance(t, DateTrigger):
                 continue
-            self._fire(st, out, t, uid, f"{t.attribute}:{scheduled[1]}", due, due, {}, {})
+            self._fire(st, out, t, uid, f"{t.attribute}:{scheduled[1]}", due, due, {}, {}, "")
             if t.annual:
                 self._schedule(st, t, uid, due)
 
@@ -589,29 +659,122 @@ class TriggerEngine:
     def watermark(self, st: TriggerState, now: int) -> int:
         return st.clock.watermark(self.lateness_ms, self.idle_ms, now)
 
+    def release(self, st: TriggerState, uid: str) -> TriggerPart | None:
+        """Remove everything this shard keeps about ``uid`` and return it (an identity merge moves ``uid`` into
+        another user); None when the shard knows nothing of ``uid``. O(triggers + the user's state).
+
+        Heap entries of ``uid`` stay behind and are skipped as stale when they come due. Held (quiet-hours)
+        actions stay too: they are candidates already decided for ``uid``, and end their hold with the
+        profile ``uid`` had (:attr:`TriggerState.departed`). Pending events remember ``uid`` as their origin.
+        """
+        ids = self.triggers
+        timers = pop_user(st.timers, ids, uid)
+        sequences = pop_user(st.sequences, ids, uid)
+        dates = pop_user(st.dates, ids, uid)
+        above = {tid for tid in ids if (tid, uid) in st.above}
+        st.above.difference_update((tid, uid) for tid in above)
+        profile = st.profiles.pop(uid, None)
+        if not (timers or sequences or dates or above or profile):
+            return None
+        if profile is not None and any(h[2].user_id == uid for h in st.held):
+            st.departed[uid] = profile
+        for tm in timers.values():
+            tm.afters = _stamped(tm.afters, uid)
+        for seq in sequences.values():
+            seq.waiting = _stamped(seq.waiting, uid)
+        return TriggerPart(timers, sequences, above, profile, dates)
+
+    def absorb(self, st: TriggerState, uid: str, part: TriggerPart) -> list[Action | Decision]:
+        """Merge a released part into user ``uid`` of this shard; returns the firings it completes.
+
+        Exact (as if every event had carried ``uid``), because the rules depend only on the *sets* of event
+        times, never on which id or arrival order brought them: absence timers (``after`` and ``unless``
+        times are merged and decided by :func:`resolve_absence` at the merged deadline) and sequences
+        (``first`` times merged; a ``then`` of either id waiting for a ``first`` the other id had fires
+        now). This holds as long as neither shard had already decided or forgotten an affected event
+        when the merge arrived: an episode whose deadline passed, an ``unless`` time past ``ts + lateness``
+        that no open episode of its own id still needed, a ``first`` past ``ts + within``, a waiting
+        ``then`` past its own time (each as far as that shard's watermark goes). Rules: a crossing fired by either id stays fired (the merged shopper re-arms
+        once the value falls below ``reset_below``, so one rise is not messaged twice); consent and
+        attributes: ``uid``'s own values win, the released ones fill the gaps; a date schedule follows
+        its attribute (the released schedule only where ``uid`` had no such attribute). Features that
+        pending events kept are those of the id they carried. Triggers a reload removed meanwhile drop
+        their part.
+        """
+        out: list[Action | Decision] = []
+        for tid, tm in part.timers.items():
+            if not isinstance(self.triggers.get(tid), AbsenceTrigger):
+                continue
+            mine = st.timers.setdefault((tid, uid), tm)
+            if mine is not tm:
+                mine.afters = list(heapq.merge(mine.afters, tm.afters))
+                mine.unless = list(heapq.merge(mine.unless, tm.unless))
+            if mine.afters:  # the merged head may be new: an entry at its deadline (an older one goes stale)
+                heapq.heappush(st.heap, (mine.afters[0].ts + self.within_ms[tid], tid, uid))
+            elif mine.unless:
+                heapq.heappush(st.heap, (mine.unless[0] + self.lateness_ms + 1, tid, uid))
+        for tid, seq in part.sequences.items():
+            t = self.triggers.get(tid)
+            if not isinstance(t, SequenceTrigger):
+                continue
+            within = self.within_ms[tid]
+            mine_seq = st.sequences.setdefault((tid, uid), seq)
+            if mine_seq is not seq:
+                mine_seq.firsts = list(heapq.merge(mine_seq.firsts, seq.firsts))
+                mine_seq.waiting = list(heapq.merge(mine_seq.waiting, seq.waiting))
+            waiting = []
+            for b in mine_seq.waiting:
+                if _has_first(mine_seq.firsts, b.ts, within):
+                    self._fire(st, out, t, uid, b.event_id, b.ts, b.ingest_ms, b.features, {}, b.origin_id)
+                else:
+                    waiting.append(b)
+            mine_seq.waiting = waiting
+            for f in seq.firsts:
+                heapq.heappush(st.sequence_heap, (f + within, tid, uid))
+            for b in seq.waiting:
+                heapq.heappush(st.sequence_heap, (b.ts, tid, uid))
+        st.above.update((tid, uid) for tid in part.above if tid in self.triggers)
+        own = st.profiles.get(uid)
+        for tid, due in part.dates.items():
+            t = self.triggers.get(tid)
+            if isinstance(t, DateTrigger) and (own is None or t.attribute not in own.attrs):
+                st.dates[(tid, uid)] = due
+                heapq.heappush(st.date_heap, (due[0], tid, uid))
+        if part.profile is not None:
+            if own is None:
+                st.profiles[uid] = part.profile
+            else:
+                own.consent = {**part.profile.consent, **own.consent}
+                own.attrs = {**part.profile.attrs, **own.attrs}
+        return out
+
     def _fire(
         self, st: TriggerState, out: list[Action | Decision], t: TriggerDef, user_id: str, occurrence: str,
-        event_ts: int, ingest_ms: int, feats: dict[str, Any], scores: dict[str, float],
+        event_ts: int, ingest_ms: int, feats: dict[str, Any], scores: dict[str, float], origin_id: str,
     ) -> None:
-        """A trigger fired: make its candidate action and put it through the in-state guards."""
+        """A trigger fired: make its candidate action and put it through the in-state guards.
+
+        ``origin_id``: the id the triggering event carried, when not ``user_id`` (see ``Event.origin_id``).
+        """
         variant = variant_of(user_id, t)
         vname = variant.name if variant else ""
         template = self.templates[(t.id, vname)]
         aid = action_id(t.id, user_id, occurrence)
         decided = self.now_ms()
+        channel = channel_of(t, feats)
         payload = template.payload
         if template.refs:
             p = st.profiles.get(user_id)
             payload = template.render({
-                "user_id": user_id, "trigger": t.id, "variant": vname, "channel": t.channel, "action_id": aid,
+                "user_id": user_id, "trigger": t.id, "variant": vname, "channel": channel, "action_id": aid,
                 "event_ts": event_ts, "decided_ms": decided,
                 **{f"features.{k}": v for k, v in feats.items()},
                 **{f"score.{k}": v for k, v in scores.items()},
                 **({f"user.{k}": v for k, v in p.attrs.items()} if p else {}),
             })
         a = Action(
-            aid, t.id, user_id, t.channel, occurrence, event_ts, ingest_ms, decided, feats, payload, vname,
-            dict(scores), t.priority,
+            aid, t.id, user_id, channel, occurrence, event_ts, ingest_ms, decided, feats, payload, vname,
+            dict(scores), t.priority, origin_id,
         )
         self._guard(st, out, a, event_ts)
 
@@ -619,7 +782,10 @@ class TriggerEngine:
         if self.guards is None:
             out.append(a)
             return
-        decided, hold_until = self.guards.check(a, st.profiles.get(a.user_id), at)
+        profile = st.profiles.get(a.user_id)
+        if profile is None and st.departed:
+            profile = st.departed.get(a.user_id)
+        decided, hold_until = self.guards.check(a, profile, at)
         if hold_until is not None:
             heapq.heappush(st.held, (hold_until, a.action_id, a))
         out.append(decided if decided is not None else a)
@@ -629,7 +795,8 @@ _PROFILE_TYPES = frozenset({"consent", "identify"})
 _NO_FEATURES: dict[str, Any] = {}  # shared by every pending event that keeps none: nothing writes to it
 
 
-TriggerOut = Action | Decision
+TriggerOut = Action | Decision | Merge
+"""Candidates, decisions taken in state, and merges passed on (the guards step moves counters there)."""
 
 
 def _open(st: TriggerState) -> bool:
@@ -637,23 +804,36 @@ def _open(st: TriggerState) -> bool:
     return bool(st.heap or st.held or st.sequence_heap or st.date_heap)
 
 
-class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
-    """Bytewax adapter: one shard's timers; wakes once a second while timers or holds are open."""
+class TriggerLogic(StatefulBatchLogic[Enriched | Merge, TriggerOut, bytes]):
+    """Bytewax adapter: one shard's timers; wakes once a second while timers or holds are open.
 
-    def __init__(self, engine: TriggerEngine, resume: bytes | None):
+    ``handoff``: where merged shoppers' timers travel between shards (:mod:`operators.merge`; None: the
+    flow has no identity step and sends no merges).
+    """
+
+    def __init__(self, engine: TriggerEngine, resume: bytes | None, handoff: Handoff | None = None):
         self.engine = engine
-        self.state: TriggerState = pickle.loads(resume) if resume is not None else engine.new_state()
+        self.state, waiting = restore(resume, engine.new_state)
+        self.desk = MergeDesk("triggers", handoff, waiting) if handoff is not None else None
 
-    def on_batch(self, values: list[Enriched]) -> tuple[list[TriggerOut], bool]:
-        eng, st = self.engine, self.state
+    def on_batch(self, values: list[Enriched | Merge]) -> tuple[list[TriggerOut], bool]:
+        eng, st, desk = self.engine, self.state, self.desk
         eng.refresh()
         now = eng.now_ms()
         on_event = eng.on_event
         out: list[TriggerOut] = []
         for en in values:
+            if type(en) is Merge:
+                assert desk is not None  # merges come only from the identity step, which gives a hand-over
+                out.extend(desk.take(eng, st, en))
+                if en.side != "absorb":  # after the shopper's candidates: the guards step moves its counters
+                    out.append(en)
+                continue
             fired = on_event(st, en, now)
             if fired:
                 out.extend(fired)
+        if desk is not None:
+            out.extend(desk.settle(eng, st))
         if _open(st):
             out.extend(eng.advance(st, eng.watermark(st, now)))
         return out, StatefulBatchLogic.RETAIN
@@ -661,16 +841,18 @@ class TriggerLogic(StatefulBatchLogic[Enriched, TriggerOut, bytes]):
     def on_notify(self) -> tuple[list[TriggerOut], bool]:
         eng = self.engine
         eng.refresh()
-        return eng.advance(self.state, eng.watermark(self.state, eng.now_ms())), StatefulBatchLogic.RETAIN
+        out = self.desk.settle(eng, self.state) if self.desk is not None else []
+        return out + eng.advance(self.state, eng.watermark(self.state, eng.now_ms())), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[TriggerOut], bool]:
         # the input is finished: nothing can still cancel a timer due by the newest event time it holds
-        return self.engine.advance(self.state, max(self.state.clock.max_ts, self.engine.max_ts)), StatefulBatchLogic.RETAIN
+        out = self.desk.finish(self.engine, self.state) if self.desk is not None else []
+        at = max(self.state.clock.max_ts, self.engine.max_ts)
+        return out + self.engine.advance(self.state, at), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not _open(self.state):
-            return None
-        return datetime.now(timezone.utc) + timedelta(seconds=IDLE_TICK_S)
+        at = datetime.now(timezone.utc) + timedelta(seconds=IDLE_TICK_S) if _open(self.state) else None
+        return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return snapshot(self.state, self.desk)

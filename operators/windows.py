@@ -51,18 +51,31 @@ def slot(biased: int, i: int) -> int:
     return ((biased >> (SLOT_BITS * i)) & SLOT_MASK) - SLOT_HALF
 
 
-def unpacker(slots: int) -> Callable[[int], tuple[int, ...]]:
-    """A function giving every slot of a packed total at once, in C: after the bias each field holds
-    ``v + 2**63``; flipping the top bit of each field makes it ``v`` as a signed 64-bit integer, which
-    ``struct`` reads."""
+def unpacker(slots: int, held: int | None = None) -> Callable[[int], tuple[int, ...]]:
+    """A function giving slots ``0 … slots-1`` of a packed total of ``held`` slots (all of them when
+    None) at once, in C: after the bias each field holds ``v + 2**63``; flipping the top bit of each
+    field makes it ``v`` as a signed 64-bit integer, which ``struct`` reads. Reading the first slots
+    only costs in proportion to them (reading a slot needs nothing above it).
+
+    >>> packed = delta({0: 3, 1: -2, 2: 7})
+    >>> unpacker(3)(packed), unpacker(2, held=3)(packed)
+    ((3, -2, 7), (3, -2))
+    """
     h = bias(slots)
     fmt = struct.Struct(f"<{slots}q")
     size, read = fmt.size, fmt.unpack
+    if held is None or held == slots:
 
-    def unpack_(packed: int) -> tuple[int, ...]:
-        return read(((packed + h) ^ h).to_bytes(size, "little"))
+        def unpack_(packed: int) -> tuple[int, ...]:
+            return read(((packed + h) ^ h).to_bytes(size, "little"))
 
-    return unpack_
+        return unpack_
+    low = (1 << (SLOT_BITS * slots)) - 1
+
+    def unpack_low(packed: int) -> tuple[int, ...]:
+        return read((((packed + h) & low) ^ h).to_bytes(size, "little"))
+
+    return unpack_low
 
 
 def unpack(packed: int, slots: int) -> tuple[int, ...]:
@@ -106,6 +119,27 @@ class PackedWindow:
                 self.tot -= buckets.pop(b)
             self.lo = min(buckets) if buckets else _NO_BUCKET
         return self.tot
+
+    def merge(self, other: PackedWindow) -> None:
+        """Add another window of the same shape into this one (two shoppers found to be one).
+
+        Bucket indexes are absolute (``ts // bucket_ms``), so the buckets of both simply add: the result
+        is exactly the window that had seen every event of both. Buckets the other window expired are
+        older than its newest read, so they are also gone from any read this window makes afterwards
+        (reads are as of the newest event of both).
+
+        >>> a, b = PackedWindow(3_600_000, 30_000), PackedWindow(3_600_000, 30_000)
+        >>> a.add(1_000, delta({0: 1})); b.add(1_000, delta({0: 1, 1: 5})); b.add(90_000, delta({1: 2}))
+        >>> a.merge(b); unpack(a.total(90_000), 2), sorted(a.buckets)
+        ((2, 7), [0, 3])
+        """
+        if (other.bucket_ms, other.n) != (self.bucket_ms, self.n):
+            raise ValueError(f"windows of different shapes: {other.n} x {other.bucket_ms} ms into {self.n} x {self.bucket_ms} ms")
+        buckets = self.buckets
+        for b, packed in other.buckets.items():
+            buckets[b] = buckets.get(b, 0) + packed
+        self.tot += other.tot
+        self.lo = min(self.lo, other.lo)
 
     def __getstate__(self) -> tuple[int, int, dict[int, int], int, int]:
         return (self.bucket_ms, self.n, self.buckets, self.tot, self.lo)

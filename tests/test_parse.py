@@ -13,7 +13,7 @@ from operators.parse import Parser
 
 NOW = 1_700_000_000_000
 REASONS = {"oversized", "malformed_json", "not_an_object", "missing_field", "invalid_field", "unknown_type",
-           "future_ts", "too_old", "empty", "parser_error"}
+           "future_ts", "too_old", "empty", "parser_error", "id_too_long", "self_alias"}
 P = Parser(EventsConfig(max_bytes=2048, max_age=86400, custom_types=["payment"], currency_rates={"USD": 1, "EUR": 2}),
            now_ms=lambda: NOW)
 
@@ -53,6 +53,18 @@ def parse(raw: bytes | None) -> Event | DeadLetter:
     (rec(ts=NOW + 10 * 86_400_000), "future_ts"),
     (rec(ts=NOW - 2 * 86_400_000), "too_old"),
     (None, "empty"),
+    (rec(user_id="u" * 129), "id_too_long"),
+    (rec(user_id=5, anonymous_id="c1"), "invalid_field"),
+    (rec(user_id=..., anonymous_id=""), "invalid_field"),
+    (rec(user_id=..., device_id="d" * 129), "id_too_long"),
+    (rec(user_id=..., context={"ip": "1.2.3.4"}), "missing_field"),
+    (rec(user_id=None), "missing_field"),
+    (rec(type="identify", user_id=..., anonymous_id="c1"), "missing_field"),
+    (rec(type="alias"), "missing_field"),
+    (rec(type="alias", user_id=..., previous_id="u0"), "missing_field"),
+    (rec(type="alias", previous_id=7), "invalid_field"),
+    (rec(type="alias", previous_id="p" * 129), "id_too_long"),
+    (rec(type="alias", previous_id="u1"), "self_alias"),
 ])
 def test_each_refusal_has_its_reason_the_bytes_and_the_position(raw: bytes | None, reason: str) -> None:
     out = parse(raw)
@@ -84,6 +96,27 @@ def test_normalisation_gives_one_shape() -> None:
     assert isinstance(parse(rec(type="payment")), Event)
 
 
+@pytest.mark.parametrize(("doc", "user_id", "aliases"), [
+    ({}, "u1", ()),
+    ({"context": {"ip": "1.2.3.4"}, "session_id": None}, "u1", ()),  # unknown keys are no ids
+    ({"anonymous_id": "c1"}, "u1", ("anon:c1",)),  # a post-login web event
+    ({"user_id": ..., "anonymous_id": "c1"}, "anon:c1", ()),
+    ({"user_id": ..., "device_id": "d1", "account_id": "a1"}, "device:d1", ("account:a1",)),
+    ({"user_id": None, "account_id": "a1", "device_id": "d1", "anonymous_id": "c1"}, "anon:c1",
+     ("device:d1", "account:a1")),
+    ({"anonymous_id": None, "device_id": "d" * 128}, "u1", ("device:" + "d" * 128,)),  # null is absent
+    ({"type": "identify", "device_id": "d1", "props": {"timezone": "Europe/Paris"}}, "u1", ("device:d1",)),
+    ({"type": "alias", "previous_id": "anon:c1"}, "u1", ("anon:c1",)),  # a previous id is taken as is
+    ({"type": "alias", "previous_id": "u0", "anonymous_id": "c1"}, "u1", ("u0", "anon:c1")),
+    ({"type": "alias", "previous_id": "anon:c1", "anonymous_id": "c1"}, "u1", ("anon:c1",)),
+    ({"user_id": "anon:c1", "anonymous_id": "c1"}, "anon:c1", ()),  # one id, twice: nothing to link
+])
+def test_ids_give_user_id_and_aliases(doc: dict, user_id: str, aliases: tuple[str, ...]) -> None:
+    out = parse(rec(**doc))
+    assert isinstance(out, Event), out
+    assert (out.user_id, out.aliases, out.origin_id) == (user_id, aliases, "")
+
+
 def test_a_batch_reads_the_clock_once_and_passes_source_refusals_through() -> None:
     calls = []
     p = Parser(EventsConfig(), now_ms=lambda: calls.append(1) or NOW)
@@ -99,6 +132,8 @@ def check(out: Event | DeadLetter, raw: bytes) -> None:
     else:
         assert isinstance(out.event_id, str) and isinstance(out.user_id, str) and isinstance(out.ts, int)
         assert isinstance(out.props, dict) and (out.platform is None or isinstance(out.platform, str))
+        assert out.user_id and len(out.user_id) <= P.max_id + len("account:") and type(out.aliases) is tuple
+        assert out.user_id not in out.aliases and all(type(a) is str and a for a in out.aliases)
 
 
 @settings(max_examples=300, deadline=None)
@@ -115,9 +150,12 @@ json_values = st.recursive(
 fields = st.fixed_dictionaries({}, optional={
     "event_id": json_values | st.text(min_size=1, max_size=8),
     "user_id": json_values | st.text(min_size=1, max_size=8),
-    "type": json_values | st.sampled_from(["browse", "order", "add_to_cart", "consent", "identify", "payment"]),
+    "type": json_values | st.sampled_from(
+        ["browse", "order", "add_to_cart", "consent", "identify", "alias", "payment"]),
     "ts": json_values | st.integers(NOW - 10**9, NOW + 10**9),
     "session_id": json_values, "platform": json_values,
+    "anonymous_id": json_values | st.sampled_from(["c1", "u1"]), "device_id": json_values | st.just("d1"),
+    "account_id": json_values, "previous_id": json_values | st.sampled_from(["u0", "u1"]),
     "props": json_values | st.dictionaries(
         st.sampled_from(["amount", "amount_minor", "currency", "items", "price", "quantity", "channel", "granted",
                          "status", "timezone"]), json_values, max_size=5),

@@ -32,6 +32,7 @@ from nudgeflow.queries import QUERIES, bind, run_query
 CONFIG = Path(__file__).parents[1] / "config"
 DAY = 86_400_000
 FEEDBACK = ("delivered", "opened", "clicked", "unsubscribed")
+BEHAVIOUR = ("browse", "search", "click", "favourite", "add_to_cart", "remove_from_cart", "order")
 Z95 = 1.959964  # the 97.5 % normal quantile to 7 digits, as the query writes it
 
 FLOW_CONFIG = """
@@ -92,6 +93,8 @@ def _dump(dsn: str, db: str, out: str) -> None:
                          f"latency_event_ms, latency_ingest_ms FROM {db}.decisions FINAL",
             "actions": f"SELECT action_id, trigger_id, user_id, toUnixTimestamp64Milli(event_ts) FROM {db}.actions FINAL",
             "predictions": f"SELECT model, toUnixTimestamp64Milli(ts), learner_score, label FROM {db}.predictions FINAL",
+            "identity_links": f"SELECT toUnixTimestamp64Milli(ts), seq, src, dst, canonical, kind, outcome, moved "
+                              f"FROM {db}.identity_links FINAL",
         }
         data = {k: [tuple(r) for r in client.query(sql).result_rows] for k, sql in raw.items()}
         queries = {name: run_query(client, db, name, since, until) for name in QUERIES}
@@ -362,12 +365,58 @@ def suppressions(d: Data, since: int, until: int) -> dict[Any, Row]:
     return {k: (len(v), len(set(v))) for k, v in by.items()}
 
 
+def canonical_ids(links: Iterable[Row]) -> dict[str, str]:
+    """Who every id merged so far is now: the canonical of the highest-seq merge naming it."""
+    best: dict[str, tuple[int, str]] = {}
+    for _, seq, src, dst, canonical, _, outcome, moved in links:
+        if outcome == "merged":
+            for i in (src, dst, *moved):
+                if seq > best.get(i, (-1, ""))[0]:
+                    best[i] = (seq, canonical)
+    return {i: c for i, (_, c) in best.items()}
+
+
+def cross_platform(d: Data, since: int, until: int, window_s: int = 7 * 86400) -> dict[Any, Row]:
+    """Each order's journey, its canonical shopper's behaviour in the window up to it, and links per day."""
+    canon = canonical_ids(d["identity_links"])
+    seen: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    orders = []
+    for event_id, user, etype, ts, platform, *_ in d["events"]:
+        if etype in BEHAVIOUR and ts < until:
+            who = canon.get(user, user)
+            seen[who].append((ts, event_id, platform))
+            if etype == "order" and ts >= since:
+                orders.append((who, ts, platform))
+    days: dict[date, list[Any]] = defaultdict(lambda: [0, 0, set(), set(), Counter()])
+    for who, ts, platform in orders:
+        journey = [j for j in seen[who] if ts - window_s * 1000 <= j[0] <= ts and j[2]]
+        day = days[_day(ts)]
+        day[0] += 1
+        day[2].add(who)
+        if len({j[2] for j in journey}) > 1:
+            day[1] += 1
+            day[3].add(who)
+        first = min(journey)[2] if journey else ""
+        if first and platform and first != platform:
+            day[4][f"{first} → {platform}"] += 1
+    links: dict[date, Counter[str]] = defaultdict(Counter)
+    for ts, _, _, _, _, kind, outcome, _ in d["identity_links"]:
+        if since <= ts < until:
+            links[_day(ts)][f"{kind}/{outcome}"] += 1
+    out = {}
+    for day in days.keys() | links.keys():  # a day with links only has no orders
+        n, cross, buyers, cross_buyers, paths = days[day]
+        out[day] = (n, cross, _div(cross, n), len(buyers), len(cross_buyers), dict(paths), dict(links[day]))
+    return out
+
+
 #: every saved query's independent computation, and how many of its leading columns are the key
 CHECKS: dict[str, tuple[Callable[[Data, int, int], dict[Any, Row]], int]] = {
     "funnel": (funnel, 1), "dau": (dau, 1), "retention": (retention, 3), "latency": (latency, 1),
     "uplift": (uplift, 1), "attribution": (attribution, 1), "feedback": (feedback, 1),
     "rfm_segments": (rfm_segments, 4), "lifecycle_transitions": (lifecycle_transitions, 2),
     "model_calibration": (model_calibration, 2), "suppressions": (suppressions, 3),
+    "cross_platform": (cross_platform, 1),
 }
 
 
@@ -376,9 +425,14 @@ def _keyed(rows: Sequence[Row], key: int) -> dict[Any, Row]:
 
 
 def _same(got: dict[Any, Row], want: dict[Any, Row]) -> None:
+    """Figures to a relative 1e-9, maps (counts by a name) exactly: approx takes no nested structures."""
     assert got.keys() == want.keys()
     for k in want:
-        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-9, nan_ok=True), k
+        maps = [i for i, v in enumerate(want[k]) if isinstance(v, dict)]
+        assert len(got[k]) == len(want[k]) and [got[k][i] for i in maps] == [want[k][i] for i in maps], k
+        figures = [i for i in range(len(want[k])) if i not in maps]
+        assert [got[k][i] for i in figures] == pytest.approx([want[k][i] for i in figures], rel=1e-9, abs=1e-9,
+                                                             nan_ok=True), k
 
 
 # -- the tests
@@ -407,6 +461,7 @@ def test_the_run_exercises_holdouts_feedback_and_models(store: dict[str, Any]) -
     assert sum(r[3] for r in q["feedback"][1]) > 0 and sum(r[4] for r in q["feedback"][1]) > 0  # opens, clicks
     assert {r[0] for r in q["model_calibration"][1]} >= {"purchase_propensity"}
     assert any(r[0] != "unseen" for r in q["lifecycle_transitions"][1])  # since lies inside the history
+    assert sum(r[2] for r in q["cross_platform"][1]) > 0  # shoppers switch platforms within a journey
 
 
 def test_the_cli_prints_a_saved_query_as_json_and_as_a_table(store: dict[str, Any]) -> None:

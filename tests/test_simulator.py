@@ -34,10 +34,13 @@ from connectors.simulator import (
     iter_records,
     resolve_start_ms,
 )
+from nudgeflow.events import ID_FIELDS
 
 START = 1_700_000_000_000
-REQUIRED = {"event_id": str, "user_id": str, "type": str, "ts": int}
+REQUIRED = {"event_id": str, "type": str, "ts": int}
 PLATFORMS = {"web", "app", "mini_program"}
+#: the id an anonymous record carries, and the only platform it may come from
+ANON_PLATFORM = {"anonymous_id": "web", "device_id": "app", "account_id": "mini_program"}
 ITEM_KEYS = {"item_id", "category", "price", "quantity"}
 
 
@@ -47,6 +50,32 @@ def stream(cfg: SimulatorConfig, partition: int = 0) -> list[bytes]:
 
 def partitions(cfg: SimulatorConfig) -> list[list[dict[str, Any]]]:
     return [[orjson.loads(r) for r in stream(cfg, p)] for p in range(cfg.partitions)]
+
+
+def anon_id(e: dict[str, Any]) -> str | None:
+    """The anonymous id a record carries (a test fails on a record carrying two)."""
+    found = [e[k] for k in ANON_PLATFORM if k in e]
+    assert len(found) <= 1, e
+    return found[0] if found else None
+
+
+def links(events: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Anonymous id -> the user_id records carried with it (a test fails on an id linked to two users)."""
+    out: dict[str, str] = {}
+    for e in events:
+        a = anon_id(e)
+        if a is not None and "user_id" in e:
+            assert out.setdefault(a, e["user_id"]) == e["user_id"], e
+    return out
+
+
+def shopper(e: dict[str, Any], linked: dict[str, str]) -> str:
+    """Who a record is about, as a consumer resolving the stream's own links sees it."""
+    if "user_id" in e:
+        return e["user_id"]
+    a = anon_id(e)
+    assert a is not None, e
+    return linked.get(a, a)
 
 
 def is_num(v: Any) -> bool:
@@ -143,12 +172,13 @@ def test_records_are_valid_ordered_and_unique() -> None:
             for key, typ in REQUIRED.items():
                 assert type(e[key]) is typ, (key, e)
             assert e["event_id"].startswith(f"sim-{p}-")
-            assert int(e["user_id"][1:]) % cfg.partitions == p
+            for who in (e.get("user_id"), anon_id(e)):
+                assert who is None or type(who) is str and int(who[1:]) % cfg.partitions == p
             assert isinstance(e["session_id"], str) and e["platform"] in PLATFORMS
             assert e["ts"] >= last_ts
             last_ts = e["ts"]
             check_props(e)
-            if e["user_id"] not in seen_users:  # a first appearance starts with identify
+            if "user_id" in e and e["user_id"] not in seen_users:  # a user id first comes with identify
                 assert e["type"] == "identify"
                 seen_users.add(e["user_id"])
             ids.add(e["event_id"])
@@ -165,12 +195,115 @@ def test_good_records_pass_the_engine_parser() -> None:
     parser = Parser(EventsConfig(), now_ms=lambda: START + cfg.span_s * 1000)
     dirty = stream(cfg)
     clean = stream(cfg.model_copy(update={"bad_rate": 0.0}))
-    out = [parser.parse(f"sim:0:{i}", raw, 0) for i, raw in enumerate(dirty)]
-    for raw, good, res in zip(dirty, clean, out):
-        if raw == good:
+    known = [i for i, raw in enumerate(clean) if "user_id" in orjson.loads(raw)]  # anonymous ids: see test_parse
+    assert len(known) > 0.6 * len(clean)
+    out = [parser.parse(f"sim:0:{i}", dirty[i], 0) for i in known]
+    for i, res in zip(known, out):
+        if dirty[i] == clean[i]:
             assert isinstance(res, Event), res
     refused = sum(not isinstance(r, Event) for r in out)
     assert 0.1 * len(out) < refused < 0.2 * len(out)  # every kind but duplicate is refused
+
+
+# -- identity ---------------------------------------------------------------
+
+
+def check_identity(events: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """The identity story of one partition's records, checked in stream order; returns who did what.
+
+    An anonymous id comes from its own platform, alone until a login: an ``identify`` that is the first
+    record of its user_id and carries both. Afterwards the shopper's records carry the user_id, with the
+    app or mini-program id only in the login session, and on web with a web cookie. Known shoppers carry
+    only their user_id.
+    """
+    linked: dict[str, str] = {}
+    seen: dict[str, set[str]] = collections.defaultdict(set)
+    login: dict[str, tuple[str, str]] = {}  # user_id -> (platform, session) of the login
+    for e in events:
+        uid, a = e.get("user_id"), anon_id(e)
+        assert uid is not None or a is not None, e
+        if a is not None:
+            assert e["platform"] == ANON_PLATFORM[next(k for k in ANON_PLATFORM if k in e)], e
+        if uid is None:
+            assert a not in linked, e  # once linked, an anonymous id comes with its user
+            seen["anonymous"].add(a)
+            if e["type"] == "order":
+                seen["guest_buyers"].add(a)
+            continue
+        first = uid not in seen["users"]
+        seen["users"].add(uid)
+        if a is not None and a not in linked:
+            if a in seen["anonymous"]:  # a login: the user id's first record, an identify
+                assert first and e["type"] == "identify", e
+                login[uid] = (e["platform"], e["session_id"])
+            else:  # a web cookie first seen after the login
+                assert e["platform"] == "web" and uid in login, e
+                seen["implicit"].add(a)
+            linked[a] = uid
+        elif first:
+            assert e["type"] == "identify" and a is None, e
+        if uid not in login:
+            assert a is None, e  # known shoppers carry their user_id alone
+        elif e["platform"] == "web":
+            assert "anonymous_id" in e, e
+        elif a is not None:
+            assert e["session_id"] == login[uid][1], e
+        if uid in login and e["platform"] != login[uid][0]:
+            seen["cross_platform"].add(uid)
+    seen["logged_in"] = set(login)
+    return seen
+
+
+def test_anonymous_shoppers_log_in_and_then_shop_across_platforms() -> None:
+    cfg = SimulatorConfig(users=1000, events=40_000, partitions=2, seed=21, start_ms=START)
+    assert (cfg.anonymous_share, cfg.login_share) == (0.3, 0.7)  # the defaults exercise identity
+    who: dict[str, set[str]] = collections.defaultdict(set)
+    fields: set[str] = set()
+    for events in partitions(cfg):
+        fields |= {k for e in events for k in ANON_PLATFORM if k in e}
+        for key, ids in check_identity(events).items():
+            who[key] |= ids
+    assert fields == set(ID_FIELDS)  # every id field the engine reads, each from its platform
+    starters = who["anonymous"]
+    known = who["users"] - who["logged_in"]
+    assert 0.25 < len(starters) / (len(starters) + len(known)) < 0.35
+    assert 0.4 < len(who["logged_in"]) / len(starters) < 0.7  # 70 % will, some before the history ends
+    assert len(who["guest_buyers"]) > 10 and len(who["implicit"]) > 20
+    assert len(who["cross_platform"]) > 0.3 * len(who["logged_in"])
+
+
+def test_the_anonymous_shares_are_configurable() -> None:
+    base = SimulatorConfig(users=300, events=8000, seed=4, start_ms=START)
+    everyone_known = [orjson.loads(r) for r in stream(base.model_copy(update={"anonymous_share": 0.0}))]
+    assert all("user_id" in e and anon_id(e) is None for e in everyone_known)
+    guests = [orjson.loads(r) for r in stream(base.model_copy(update={"anonymous_share": 1.0, "login_share": 0.0}))]
+    assert not any("user_id" in e for e in guests)
+    assert sum(e["type"] == "order" for e in guests) > 10  # guests check out too
+    assert {e["platform"] for e in guests} == PLATFORMS
+    all_login = [orjson.loads(r) for r in stream(base.model_copy(update={"anonymous_share": 1.0, "login_share": 1.0}))]
+    seen = check_identity(all_login)
+    assert not seen["guest_buyers"] and len(seen["logged_in"]) > 0.6 * len(seen["anonymous"])
+    for bad in ({"anonymous_share": -0.1}, {"login_share": 1.5}):
+        with pytest.raises(pydantic.ValidationError):
+            SimulatorConfig(**bad)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    anonymous=st.floats(0.0, 1.0),
+    login=st.floats(0.0, 1.0),
+    parts=st.integers(1, 3),
+)
+def test_the_identity_story_holds_for_any_shares(seed: int, anonymous: float, login: float, parts: int) -> None:
+    cfg = SimulatorConfig(users=30, events=1500, partitions=parts, seed=seed, start_ms=START,
+                          anonymous_share=anonymous, login_share=login)
+    for events in partitions(cfg):
+        seen = check_identity(events)
+        if login == 0.0:
+            assert not seen["logged_in"]
+        if anonymous == 0.0:
+            assert not seen["anonymous"]
 
 
 # -- funnels -----------------------------------------------------------------
@@ -179,11 +312,12 @@ def test_good_records_pass_the_engine_parser() -> None:
 def test_orders_match_carts_and_some_carts_are_abandoned() -> None:
     cfg = SimulatorConfig(users=400, events=30_000, seed=2, start_ms=START)
     events = partitions(cfg)[0]
+    linked = links(events)  # an anonymous shopper's cart is theirs after the login
     carts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     by_session: dict[str, set[str]] = collections.defaultdict(set)
     order_ids = set()
     for e in events:
-        p, cart = e["props"], carts[e["user_id"]]
+        p, cart = e["props"], carts[shopper(e, linked)]
         by_session[e["session_id"]].add(e["type"])
         if e["type"] == "add_to_cart":
             cart[p["item_id"]] += p["quantity"]
@@ -230,10 +364,11 @@ def test_purchase_depends_on_observable_behaviour() -> None:
 
     # event level: "orders within 24 h" from trailing features, scored by a fixed hand-made score
     hour = 3_600_000
+    linked = links(events)
     orders = collections.defaultdict(list)
     for e in events:
         if e["type"] == "order":
-            orders[e["user_id"]].append(e["ts"])
+            orders[shopper(e, linked)].append(e["ts"])
     state: dict[str, tuple[collections.deque[int], collections.deque[int], dict[str, float]]] = (
         collections.defaultdict(lambda: (collections.deque(), collections.deque(), {}))
     )
@@ -241,7 +376,8 @@ def test_purchase_depends_on_observable_behaviour() -> None:
     labels: list[int] = []
     features: list[dict[str, float]] = []
     for e in events:
-        v, c, cart = state[e["user_id"]]
+        who = shopper(e, linked)
+        v, c, cart = state[who]
         t, typ, p = e["ts"], e["type"], e["props"]
         if typ == "browse":
             v.append(t)
@@ -257,7 +393,7 @@ def test_purchase_depends_on_observable_behaviour() -> None:
             v.popleft()
         while c and c[0] <= t - hour:
             c.popleft()
-        future = orders.get(e["user_id"], [])
+        future = orders.get(who, [])
         k = bisect.bisect_right(future, t)
         labels.append(int(k < len(future) and future[k] <= t + 24 * hour))
         x = {
@@ -307,9 +443,10 @@ def classify(raw: bytes, prev: bytes | None) -> str:
         d = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return "malformed_json"
-    if not all(k in d for k in REQUIRED):
+    ids = [d[k] for k in ("user_id", *ANON_PLATFORM) if k in d]
+    if not all(k in d for k in REQUIRED) or not ids:
         return "missing_field"
-    if type(d["ts"]) is not int or type(d["user_id"]) is not str:
+    if type(d["ts"]) is not int or any(type(i) is not str for i in ids):
         return "mistyped_field"
     if d["type"] == "teleport":
         return "unknown_type"

@@ -16,4 +16,5 @@ TTL_COLUMNS: dict[str, str] = {
     "decisions_per_minute": "minute",
     "fire_latency_per_minute": "minute",
     "dlq_per_minute": "minute",
+    "identity_links": "ts",
 }

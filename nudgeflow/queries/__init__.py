@@ -9,7 +9,7 @@ by clickhouse-connect (``parameters=``), never formatted into the SQL, so the fi
 they are in ``clickhouse-client --param_since=… --param_until=…``.
 
 >>> sorted(QUERIES)[:3]
-['attribution', 'dau', 'feedback']
+['attribution', 'cross_platform', 'dau']
 >>> QUERIES["uplift"].params[0].name, QUERIES["uplift"].params[0].default
 ('window', '7d')
 """

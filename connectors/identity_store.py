@@ -1,0 +1,168 @@
+"""The identity graph's Redis side: its mirror, its merge history, and hand-overs of merged users' state.
+
+Keys (``<p>`` is the deployment's key prefix):
+
+- ``<p>:id:canon``: a hash, linked id -> canonical id, for every id that resolves to another one. The
+  shop's services resolve through it (``FeatureReader``), and a restart without recovery rebuilds the graph
+  from it (:func:`load_graph`).
+- ``<p>:id:seq``: the number of the newest merge written.
+- ``<p>:id:history``: a stream, one entry per merge (seq, ts, src, dst, canonical, kind, moved), with entry id
+  ``<seq>-1``: a replay after a crash writes the same merges again, and Redis refuses the entries it already
+  has, so each merge is in the history once.
+- ``<p>:handoff:<step>:<seq>``: one step's released state of merge ``seq``, waiting for the process that
+  absorbs it (:class:`RedisHandoff`), kept ``identity.handoff_ttl``.
+
+Bytewax state is the source of truth and Redis its mirror. A replay rewrites merges already written, in
+order: ids may resolve to an older canonical in between, and the end state is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import redis
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from connectors.redis_retry import until_redis_answers
+from nudgeflow.events import Link
+from nudgeflow.settings import IdentityConfig
+from operators.identity import IdentityGraph
+
+log = logging.getLogger(__name__)
+
+
+def canon_key(prefix: str) -> str:
+    """The hash of linked id -> canonical id.
+
+    >>> canon_key("nf")
+    'nf:id:canon'
+    """
+    return f"{prefix}:id:canon"
+
+
+def seq_key(prefix: str) -> str:
+    """The number of the newest merge written."""
+    return f"{prefix}:id:seq"
+
+
+def history_key(prefix: str) -> str:
+    """The stream of merges, one entry per ``seq``."""
+    return f"{prefix}:id:history"
+
+
+def _replayed(result: object) -> bool:
+    """Whether a pipeline result is Redis refusing a history entry it already has."""
+    return isinstance(result, redis.ResponseError) and "equal or smaller" in str(result)
+
+
+class _IdentityPartition(StatelessSinkPartition[Link]):
+    def __init__(self, sink: IdentitySink, client: redis.Redis):
+        self.sink = sink
+        self.client = client
+        self.canon = canon_key(sink.prefix)
+        self.seq = seq_key(sink.prefix)
+        self.history = history_key(sink.prefix)
+
+    def write_batch(self, items: list[Link]) -> None:
+        merged = [link for link in items if link.outcome == "merged"]
+        if not merged:
+            return
+        canon: dict[str, str] = {}
+        for link in merged:  # in merge order: a later merge re-points what an earlier one moved
+            canon.update(dict.fromkeys(link.moved, link.canonical))
+        entries = [
+            (f"{link.seq}-1", {
+                "seq": link.seq, "ts": link.ts, "src": link.src, "dst": link.dst, "canonical": link.canonical,
+                "kind": link.kind, "moved": orjson.dumps(link.moved),
+            })
+            for link in merged
+        ]
+
+        def write() -> list[object]:  # a pipeline forgets its commands when a send fails: each try builds its own
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(self.canon, mapping=canon)
+            for entry_id, fields in entries:
+                pipe.xadd(self.history, fields, id=entry_id)
+            pipe.set(self.seq, max(link.seq for link in merged))
+            return pipe.execute(raise_on_error=False)
+
+        def counted() -> None:
+            self.sink.failures += 1
+
+        results = until_redis_answers(f"identity write of {len(merged)} merges", write, counted)
+        errors = [r for r in results if isinstance(r, Exception) and not _replayed(r)]
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class IdentitySink(DynamicSink[Link]):
+    """Mirrors merged links into Redis, one pipeline per batch; repeats and rejections write nothing."""
+
+    def __init__(self, url: str, prefix: str):
+        self.url = url
+        self.prefix = prefix
+        #: failed writes of its partitions (each retried until Redis answers)
+        self.failures = 0
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _IdentityPartition:
+        return _IdentityPartition(self, redis.Redis.from_url(self.url))
+
+
+def load_graph(url: str, prefix: str, cfg: IdentityConfig | None = None) -> IdentityGraph:
+    """The graph the Redis mirror describes: what a restart without recovery resolves with."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+
+    def read() -> tuple[dict[str, str], int]:
+        canon = dict(client.hscan_iter(canon_key(prefix), count=10_000))
+        return canon, int(client.get(seq_key(prefix)) or 0)
+
+    try:
+        canon, seq = until_redis_answers("identity graph load", read)
+    finally:
+        client.close()
+    log.info("identity graph loaded from Redis: %d linked ids, %d merges", len(canon), seq)
+    return IdentityGraph.from_canon(canon, seq, cfg)
+
+
+class RedisHandoff:
+    """Hands a merged user's released state from the process that held it to the one that absorbs it.
+
+    Read with GET, not GETDEL: a replay after a crash must find the hand-over again; the TTL cleans up.
+    """
+
+    def __init__(self, url: str, prefix: str, ttl_s: float):
+        self.client = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self.ttl_ms = int(ttl_s * 1000)
+        #: failed round trips to Redis (each retried until Redis answers)
+        self.failures = 0
+
+    def key(self, step: str, seq: int) -> str:
+        """The key of step ``step``'s hand-over of merge ``seq``."""
+        return f"{self.prefix}:handoff:{step}:{seq}"
+
+    def put_many(self, step: str, parts: list[tuple[int, bytes]]) -> None:
+        """A batch's hand-overs, one round trip."""
+
+        def put() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for seq, blob in parts:
+                pipe.set(self.key(step, seq), blob, px=self.ttl_ms)
+            pipe.execute()
+
+        until_redis_answers(f"{len(parts)} hand-overs of {step}", put, self._counted)
+
+    def get_many(self, step: str, seqs: list[int]) -> list[bytes | None]:
+        """The hand-overs of merges ``seqs`` (None where not put yet), one round trip."""
+        keys = [self.key(step, seq) for seq in seqs]
+        return until_redis_answers(f"{len(keys)} hand-overs of {step}", lambda: self.client.mget(keys), self._counted)
+
+    def _counted(self) -> None:
+        self.failures += 1
+
+    def close(self) -> None:
+        self.client.close()
