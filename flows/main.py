@@ -32,7 +32,7 @@ from flows.common import (
 from nudgeflow.configload import Deployment, TriggerSource, trigger_features
 from nudgeflow.events import Merge
 from nudgeflow.settings import TriggersFile
-from operators.features import Enriched, UserFeatures
+from operators.features import GONE_TS, Enriched, UserFeatures
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
 from operators.guards import StateGuards
 from operators.merge import Handoff
@@ -46,14 +46,20 @@ def needed_features(dep: Deployment, triggers: TriggersFile | None = None) -> se
 
 def score_fields(batch: list[tuple[str, Enriched | Merge]]) -> list[UserFeatures]:
     """Each user's newest scores in a batch, as fields of their Redis hash (Bytewax ``flat_map_batch``:
-    one item per user rather than one per scored event)."""
+    one item per user rather than one per scored event). A shopper merged into another (identity) gets
+    its hash deleted here too, after its last scores: this sink must not bring the hash back."""
     newest: dict[str, Enriched] = {}
+    gone: list[UserFeatures] = []
     for _, en in batch:
-        if type(en) is Enriched and en.scores:
-            prev = newest.get(en.event.user_id)
-            if prev is None or en.event.ts >= prev.event.ts:
-                newest[en.event.user_id] = en
-    return [
+        if type(en) is Enriched:
+            if en.scores:
+                prev = newest.get(en.event.user_id)
+                if prev is None or en.event.ts >= prev.event.ts:
+                    newest[en.event.user_id] = en
+        elif en.side != "absorb":
+            newest.pop(en.src, None)
+            gone.append(UserFeatures(en.src, GONE_TS, {}, gone=True))
+    return gone + [
         UserFeatures(uid, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
         for uid, en in newest.items()
     ]

@@ -719,8 +719,8 @@ class FeatureEngine:
             del top[self.aff_top:]
 
     def release(self, st: ShardState, uid: str) -> UserState | None:
-        """Take a shopper out of the shard, whole, to be :meth:`absorb`\ ed by the user it is now (None when
-        the shard knows nothing of it). It is not published again: its Redis features age out by TTL."""
+        """Take a shopper out of the shard, whole, to be absorbed by the user it now is (None when the shard
+        knows nothing of it); it is not published again."""
         st.changed.discard(uid)
         return st.users.pop(uid, None)
 

@@ -42,6 +42,8 @@ class SnapshotSampler:
         with self._lock:
             slots = self._slots
             for uf in batch:
+                if uf.gone:  # a shopper merged into another (identity): nothing to snapshot
+                    continue
                 slot = uf.ts // every
                 if slot > slots.get(uf.user_id, -1):
                     slots[uf.user_id] = slot

@@ -18,7 +18,11 @@ def test_two_processes_give_the_features_of_one(kafka: TansuBroker, redis_url: s
                                                 topic_prefix: str, tmp_path: Path) -> None:
     prefix = topic_prefix + "cluster"
     create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=4)  # Kafka partitions: the unit of parallelism
-    records = list(user_keyed(iter_records(SimulatorConfig(users=300, events=12_000, partitions=2, seed=5))))
+    # known shoppers only: a shopper's anonymous and known events lie in different partitions, read at
+    # different speeds by one and two processes, so what a merge finds (and what is too late after it) would
+    # differ by timing; identity across shards and batches is property-tested in test_identity_property.py
+    sim = SimulatorConfig(users=300, events=12_000, partitions=2, seed=5, anonymous_share=0)
+    records = list(user_keyed(iter_records(sim)))
     produce(kafka.bootstrap, f"{prefix}.events", records)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
 

@@ -77,7 +77,9 @@ def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, d
                                                            topic_prefix: str, tmp_path: Path) -> None:
     prefix = topic_prefix + "faults"
     create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=2)
-    records = list(user_keyed(iter_records(SimulatorConfig(users=200, events=8_000, partitions=2, seed=3))))
+    # known shoppers only: anonymous and known events of one shopper lie in different partitions, so in a
+    # replay what a merge finds depends on read timing (identity under interleavings: test_identity_property)
+    records = list(user_keyed(iter_records(SimulatorConfig(users=200, events=8_000, partitions=2, seed=3, anonymous_share=0))))
     half = len(records) // 2
     r = redis.Redis.from_url(durable_redis.url, decode_responses=True)
 

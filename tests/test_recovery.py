@@ -20,7 +20,9 @@ def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_features(
     prefix = topic_prefix + "rec"
     topic = f"{prefix}.events"
     create_topics(kafka.bootstrap, [topic], partitions=3)
-    records = list(user_keyed(iter_records(SimulatorConfig(users=400, events=24_000, partitions=3, seed=11))))
+    # known shoppers only: anonymous and known events of one shopper lie in different partitions, so in a
+    # replay what a merge finds depends on read timing (identity under interleavings: test_identity_property)
+    records = list(user_keyed(iter_records(SimulatorConfig(users=400, events=24_000, partitions=3, seed=11, anonymous_share=0))))
     half = len(records) // 2
     r = redis.Redis.from_url(redis_url, decode_responses=True)
 
