@@ -203,7 +203,7 @@ def build_identity(ctx: StageContext) -> Built:
     parsed = op.flat_map_batch("parse", op.input("kafka_in", flow, kafka.source(ctx.kafka_config())), parse)
     resolved, links = identity_step(parsed, dep, ctx.redis_url)
     op.output("count", resolved, sink)
-    op.output("merges", op.filter("merged", resolved, lambda x: type(x) is Merge), merges)
+    op.output("merges", op.flat_map_batch("merged", resolved, lambda b: [x for x in b if type(x) is Merge]), merges)
     return Built(
         flow, lambda: read.n, report=lambda: {"out": sink.n, "merges": merges.n, **_marks(read)},
         cleanup=lambda: _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*"),

@@ -254,11 +254,14 @@ def identity_step(
     engine = IdentityEngine(s.identity)
     recover = s.recovery is not None
     load = lambda: load_graph(url, s.redis.key_prefix, s.identity)  # noqa: E731
-    keyed = op.flat_map_batch("identity_key", parsed, lambda b: [("ids", x) for x in b])
+    # one item per upstream batch, into and out of the step (see IdentityLogic)
+    keyed = op.flat_map_batch("identity_key", parsed, lambda b: [("ids", b)])
     out = op.stateful_batch("identity", keyed, lambda resume: IdentityLogic(engine, resume, load, recover))
-    links = by_type("links", out, Link)
+    links = op.flat_map_batch("links", out, lambda b: [x for kv in b for x in kv[1] if type(x) is Link])
     op.output("identity_redis", links, IdentitySink(url, s.redis.key_prefix))
-    resolved = op.flat_map_batch("identity_resolved", out, lambda b: [kv[1] for kv in b if type(kv[1]) is not Link])
+    resolved = op.flat_map_batch(
+        "identity_resolved", out, lambda b: [x for kv in b for x in kv[1] if type(x) is not Link]
+    )
     return resolved, links
 
 
@@ -300,8 +303,13 @@ def feature_step(
         handoff = RedisHandoff(url, s.redis.key_prefix, s.identity.handoff_ttl)
 
         def key(b: list[Event | DeadLetter | Merge]) -> list[tuple[str, Event | Merge]]:
+            for x in b:
+                if type(x) is Merge:
+                    break
+            else:  # no merge in the batch, the common case
+                return [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]
             out: list[tuple[str, Event | Merge]] = []
-            for x in b:  # one pass: a merge keeps its place among the events of its shards
+            for x in b:  # a merge keeps its place among the events of its shards
                 t = type(x)
                 if t is Event:
                     out.append((shard_of(x.user_id, shards), x))

@@ -921,6 +921,11 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
     def on_batch(self, values: list[Event | Merge]) -> tuple[list[FeatureOut | Merge], bool]:
         eng, st, desk = self.engine, self.state, self.desk
         eng.refresh()
+        for v in values:
+            if type(v) is Merge:
+                break
+        else:  # no merge in the batch, the common case
+            desk = None
         if desk is None:
             out: list[FeatureOut | Merge] = eng.apply_batch(st, values)  # type: ignore[arg-type]
         else:
@@ -934,8 +939,9 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
                     if eng.enrich:
                         out.append(v)
                     start = i + 1
-            out.extend(eng.apply_batch(st, values[start:] if start else values))  # type: ignore[arg-type]
-            out.extend(desk.settle(eng, st))
+            out.extend(eng.apply_batch(st, values[start:]))  # type: ignore[arg-type]
+        if self.desk is not None:
+            out.extend(self.desk.settle(eng, st))
         if time.monotonic() >= self.next_publish:
             out.extend(self._publish())
         return out, StatefulBatchLogic.RETAIN

@@ -218,8 +218,11 @@ def _report(link: Link, ev: Event, out: list[IdentityOut]) -> None:
         out.append(DeadLetter(link.reason, detail, ev.raw, ev.position, ev.ingest_ms))
 
 
-class IdentityLogic(StatefulBatchLogic[Event | DeadLetter, IdentityOut, bytes]):
+class IdentityLogic(StatefulBatchLogic[list[Event | DeadLetter], list[IdentityOut], bytes]):
     """Bytewax adapter of the single-key identity step: holds the graph.
+
+    Items are whole upstream batches, and each call answers with one list: Bytewax routes and calls
+    back per item, which for a step every event passes would cost more than resolving it.
 
     Without a snapshot to resume from, the graph is ``load()``-ed (the Redis mirror), so a restart without
     recovery resolves ids as before. ``recover``: whether recovery is on (see ``FeatureLogic``).
@@ -232,8 +235,9 @@ class IdentityLogic(StatefulBatchLogic[Event | DeadLetter, IdentityOut, bytes]):
         self.graph = pickle.loads(resume) if resume is not None else load()
         self.recover = recover
 
-    def on_batch(self, values: list[Event | DeadLetter]) -> tuple[list[IdentityOut], bool]:
-        return self.engine.apply_batch(self.graph, values), StatefulBatchLogic.RETAIN
+    def on_batch(self, values: list[list[Event | DeadLetter]]) -> tuple[list[list[IdentityOut]], bool]:
+        items = values[0] if len(values) == 1 else [x for batch in values for x in batch]
+        return [self.engine.apply_batch(self.graph, items)], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.graph, protocol=pickle.HIGHEST_PROTOCOL) if self.recover else b""

@@ -10,7 +10,9 @@ import pytest
 import redis
 
 from connectors.embedded import ensure_redis
+from connectors.guard_store import RedisGuards
 from connectors.tansu import TansuBroker
+from nudgeflow.settings import TriggersFile
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +79,22 @@ def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ch_database() -> str:
     """A fresh database name per test inside the shared chDB folder."""
     return f"nftest_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def guards_of(redis_url: str) -> Iterator:
+    """Makes RedisGuards under fresh key prefixes, deleting the keys afterwards."""
+    prefixes: list[str] = []
+
+    def make(tf: TriggersFile, prefix: str | None = None) -> RedisGuards:
+        if prefix is None:
+            prefix = f"nftest{uuid.uuid4().hex[:12]}"
+            prefixes.append(prefix)
+        return RedisGuards(tf, redis_url, prefix)
+
+    yield make
+    r = redis.Redis.from_url(redis_url)
+    for p in prefixes:
+        keys = list(r.scan_iter(match=f"{p}*", count=1000))
+        if keys:
+            r.delete(*keys)

@@ -3,12 +3,8 @@ idempotency across restarts; and the in-state guards (consent, quiet hours, hold
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 
-import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,25 +29,6 @@ def triggers(**file: object) -> TriggersFile:
         "triggers": [{"id": f"t{p}", "kind": "event", "on": ["browse"], "priority": p} for p in range(4)],
     }
     return TriggersFile.model_validate(base | file)
-
-
-@pytest.fixture
-def guards_of(redis_url: str) -> Iterator:
-    """Makes RedisGuards under fresh key prefixes, deleting the keys afterwards."""
-    prefixes: list[str] = []
-
-    def make(tf: TriggersFile, prefix: str | None = None) -> RedisGuards:
-        if prefix is None:
-            prefix = f"nftest{uuid.uuid4().hex[:12]}"
-            prefixes.append(prefix)
-        return RedisGuards(tf, redis_url, prefix)
-
-    yield make
-    r = redis.Redis.from_url(redis_url)
-    for p in prefixes:
-        keys = list(r.scan_iter(match=f"{p}*", count=1000))
-        if keys:
-            r.delete(*keys)
 
 
 candidates = st.lists(

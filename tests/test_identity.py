@@ -182,13 +182,13 @@ def test_logic_loads_without_a_snapshot_and_resumes_from_one_with_the_running_li
 
     logic = IdentityLogic(IdentityEngine(IdentityConfig()), None, load)
     assert loads == [1]
-    out, _ = logic.on_batch([ev("anon:c"), ev("u2", "device:d", eid="e2")])
+    [out], _ = logic.on_batch([[ev("anon:c")], [ev("u2", "device:d", eid="e2")]])  # two upstream batches
     assert out[0].user_id == "u1" and out[2].seq == 5
     snap = logic.snapshot()
     strict = IdentityEngine(IdentityConfig(max_cluster_ids=2))
     resumed = IdentityLogic(strict, snap, load)
     assert loads == [1] and resumed.graph.resolve("device:d") == "u2" and resumed.graph.seq == 5
-    out, _ = resumed.on_batch([ev("u2", "anon:x", eid="e3")])
+    [out], _ = resumed.on_batch([[ev("u2", "anon:x", eid="e3")]])
     assert out[0].reason == "cluster_too_big"  # the limits are the running config's, not the snapshot's
     assert IdentityLogic(strict, None, load, recover=False).snapshot() == b""
 

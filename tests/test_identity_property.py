@@ -207,3 +207,27 @@ def test_any_interleaving_of_logins_ends_as_if_the_customer_id_was_there_from_th
     assert {seen.graph.resolve(i) for i in ("device:d1", "anon:c1", "account:m1")} == {"u1"}
     assert not [u for lg in seen.flogic.values() for u in lg.state.users if u not in ("u1", "u2")]
     assert all(not lg.desk.waiting for lg in [*seen.flogic.values(), *seen.tlogic.values()])
+
+
+def test_an_awaited_hand_over_survives_a_restart_and_is_taken_once(redis_url: str, key_prefix: str) -> None:
+    """Recovery: the absorbing shard snapshots what it still awaits; restored, it takes the hand-over once."""
+    engine = TriggerEngine(TRIGGERS, 60_000, 86_400_000, now_ms=lambda: T0, guards=StateGuards(TRIGGERS, "UTC"))
+    handoff = RedisHandoff(redis_url, key_prefix, 600)
+    cart = Event("e1", "anon:c1", "add_to_cart", T0, platform="web")
+    src = TriggerLogic(engine, None, handoff)
+    src.on_batch([Enriched(cart, {})])
+    dst = TriggerLogic(engine, None, handoff)
+    dst.on_batch([Merge("anon:c1", "u1", 1, T0 + MIN, "absorb")])  # the release has not happened yet
+    restored = TriggerLogic(engine, dst.snapshot(), handoff)  # a crash and a restart from the snapshot
+    assert restored.desk is not None and [m.seq for m in restored.desk.waiting] == [1]
+    assert restored.notify_at() is not None  # it will look again soon, without a new batch
+    out, _ = src.on_batch([Merge("anon:c1", "u1", 1, T0 + MIN, "release")])
+    assert [type(x) for x in out] == [Merge]  # passed on for the guards step; the timer left the shard
+    restored.on_notify()
+    late = Event("e2", "u1", "browse", T0 + 60 * MIN, platform="web")
+    fired, _ = restored.on_batch([Enriched(late, {})])
+    fired += restored.on_eof()[0]
+    assert [(a.trigger_id, a.user_id, a.occurrence, a.origin_id) for a in fired if type(a) is Action] == [
+        ("cart", "u1", "e1", "anon:c1")
+    ]
+    assert src.on_eof()[0] == []  # nothing fires for the cookie

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import pickle
 import random
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -286,23 +284,14 @@ def test_a_label_the_user_already_had_settles_the_cookies_example_at_once() -> N
 # -- guard counters in Redis
 
 @pytest.fixture
-def guards(redis_url: str) -> Iterator:
-    prefixes: list[str] = []
-
+def guards(guards_of) -> Callable[..., RedisGuards]:
     def make(**file: object) -> RedisGuards:
-        prefixes.append(f"nftest{uuid.uuid4().hex[:12]}")
-        tf = TriggersFile.model_validate({"defaults": {"cooldown": 0}, "triggers": [
+        return guards_of(TriggersFile.model_validate({"defaults": {"cooldown": 0}, "triggers": [
             {"id": "t0", "kind": "event", "on": ["browse"]},
             {"id": "t1", "kind": "event", "on": ["browse"], "guards": {"cooldown": "1d"}},
-        ]} | file)
-        return RedisGuards(tf, redis_url, prefixes[-1])
+        ]} | file))
 
-    yield make
-    r = redis.Redis.from_url(redis_url)
-    for p in prefixes:
-        keys = list(r.scan_iter(match=f"{p}*", count=1000))
-        if keys:
-            r.delete(*keys)
+    return make
 
 
 DAY = 20_000 * DAY_MS
