@@ -72,6 +72,7 @@ def model_steps(
     """Score every event with the published models, resolve labels in event time, learn, publish
     (``handoff``: where the label step hands merged shoppers' pending examples over)."""
     s = dep.settings
+    recover = s.recovery is not None
     store = RedisModelStore(url, s.redis.key_prefix)
     scorer = Scorer(dep.models, store.fetch)
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
@@ -81,7 +82,9 @@ def model_steps(
     if metrics is not None:
         metrics.scorer = scorer
         metrics.watch("redis_scores", scores_sink)
-    resolved = op.map("resolved", op.stateful_batch("labels", scored, lambda resume: LabelLogic(labels, resume, handoff=handoff)), lambda kv: kv[1])
+    resolved = op.map("resolved", op.stateful_batch(
+        "labels", scored, lambda resume: LabelLogic(labels, resume, handoff=handoff, recover=recover)
+    ), lambda kv: kv[1])
     by_model = op.key_on("by_model", resolved, lambda r: r.model)
     learned = op.map("learned", op.stateful_batch(
         "learn", by_model, lambda resume: LearnerLogic(dep.models, resume, lambda name: store.fetch(name))
@@ -132,7 +135,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     if fs.links is not None:
         op.output("links_ch", fs.links, ClickHouseSink(writer, "identity_links", LINK_COLUMNS, partial(link_row, pii=pii)))
     scored = model_steps(dep, fs.ordered, writer, url, pii, rt.metrics, fs.handoff) if dep.models.models else fs.ordered
-    fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume, fs.handoff))
+    fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume, fs.handoff, s.recovery is not None))
     decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
     op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, partial(decision_row, pii=pii)))
     actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)

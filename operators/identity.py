@@ -15,7 +15,9 @@ without an anonymous prefix (``anon:``, ``device:``, ``account:``).
 
 - ``self_alias`` (rejected): ``src`` is ``dst``.
 - ``repeat``: ``src`` already resolves to ``dst``'s canonical and is not that canonical itself. Nothing
-  happens and nothing is reported: every post-login event repeats its link.
+  happens and nothing is reported: every post-login event repeats its link. A ``conflict`` or
+  ``cluster_too_big`` refusal of the same link again within ``identity.storm_window`` is a repeat too
+  (the second customer of a shared device sends it with every event): reported once per window.
 - ``cycle`` (rejected): ``src`` is the root of ``dst``'s own cluster (alias A->B, then B->A).
 - ``alias_storm`` (rejected): ``src`` has attempted links to ``identity.max_links_per_id`` other distinct ids
   within ``identity.storm_window`` of event time (a shared kiosk, a bot). Repeats are not attempts; every
@@ -135,14 +137,18 @@ class IdentityGraph:
         rs, rd = self.resolve(src), self.resolve(dst)
         if rs == rd:
             return Link(ts, src, dst, kind, "rejected", "cycle")
+        prior = self.attempts.get(src)
+        again = prior is not None and prior.get(dst, ts - self.cfg.storm_window * 1000) > ts - self.cfg.storm_window * 1000
         if not self._attempt(src, dst, ts):
             return Link(ts, src, dst, kind, "rejected", "alias_storm")
         ks, kd = is_known(rs), is_known(rd)
+        # a refusal repeated within the storm window (every event of a shared device's second customer) is
+        # reported once: outcome ``repeat``, with the reason
         if ks and kd and kind != "alias":
-            return Link(ts, src, dst, kind, "rejected", "conflict")
+            return Link(ts, src, dst, kind, "repeat" if again else "rejected", "conflict")
         winner, loser = (rs, rd) if ks and not kd else (rd, rs)
         if len(self.members.get(winner, ())) + len(self.members.get(loser, ())) + 2 > self.cfg.max_cluster_ids:
-            return Link(ts, src, dst, kind, "rejected", "cluster_too_big")
+            return Link(ts, src, dst, kind, "repeat" if again else "rejected", "cluster_too_big")
         moved = (loser, *self.members.pop(loser, ()))
         for uid in moved:
             self.canon[uid] = winner
@@ -199,7 +205,9 @@ class IdentityEngine:
             uid = x.user_id
             for alias in x.aliases:
                 if not graph.repeat(alias, uid):
-                    _report(graph.link(alias, uid, _KINDS.get(x.type, "implicit"), x.ts), x, out)
+                    link = graph.link(alias, uid, _KINDS.get(x.type, "implicit"), x.ts)
+                    if link.outcome != "repeat":
+                        _report(link, x, out)
             c = canon.get(uid)
             out.append(x if c is None else replace(x, user_id=c, origin_id=uid))
         return out

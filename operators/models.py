@@ -575,13 +575,15 @@ class LabelLogic(StatefulBatchLogic[Enriched | Merge, Resolved, bytes]):
     """Bytewax adapter: one shard's pending examples; wakes once a second while any are open.
 
     ``handoff``: where merged shoppers' pending examples travel between shards (:mod:`operators.merge`).
+    ``recover``: whether recovery is on (see ``FeatureLogic``).
     """
 
     def __init__(
         self, engine: LabelEngine, resume: bytes | None, now_ms: Callable[[], int] = wall_ms,
-        handoff: Handoff | None = None,
+        handoff: Handoff | None = None, recover: bool = True,
     ):
         self.engine = engine
+        self.recover = recover
         self.now_ms = now_ms
         self.state, waiting = restore(resume, engine.new_state)
         self.desk = MergeDesk("labels", handoff, waiting) if handoff is not None else None
@@ -616,7 +618,7 @@ class LabelLogic(StatefulBatchLogic[Enriched | Merge, Resolved, bytes]):
         return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:
-        return snapshot(self.state, self.desk)
+        return snapshot(self.state, self.desk) if self.recover else b""
 
 
 LearnerOut = MetricRow | PredictionRow | Snapshot

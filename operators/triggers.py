@@ -808,11 +808,14 @@ class TriggerLogic(StatefulBatchLogic[Enriched | Merge, TriggerOut, bytes]):
     """Bytewax adapter: one shard's timers; wakes once a second while timers or holds are open.
 
     ``handoff``: where merged shoppers' timers travel between shards (:mod:`operators.merge`; None: the
-    flow has no identity step and sends no merges).
+    flow has no identity step and sends no merges). ``recover``: whether recovery is on (see ``FeatureLogic``).
     """
 
-    def __init__(self, engine: TriggerEngine, resume: bytes | None, handoff: Handoff | None = None):
+    def __init__(
+        self, engine: TriggerEngine, resume: bytes | None, handoff: Handoff | None = None, recover: bool = True
+    ):
         self.engine = engine
+        self.recover = recover
         self.state, waiting = restore(resume, engine.new_state)
         self.desk = MergeDesk("triggers", handoff, waiting) if handoff is not None else None
 
@@ -855,4 +858,4 @@ class TriggerLogic(StatefulBatchLogic[Enriched | Merge, TriggerOut, bytes]):
         return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:
-        return snapshot(self.state, self.desk)
+        return snapshot(self.state, self.desk) if self.recover else b""

@@ -72,9 +72,11 @@ def test_cycle_self_alias_and_conflict_are_rejected_without_a_change() -> None:
     assert g.link("u2", "u1", "alias", 2).reason == "cycle"
     assert g.link("anon:c", "anon:c", "implicit", 2).reason == "self_alias"
     g.link("device:d1", "u3", "implicit", 3)
+    outcomes = []
     for kind in ("implicit", "identify"):  # a shared device: the second customer is no merge
         r = g.link("device:d1", "u4", kind, 4)
-        assert (r.outcome, r.reason) == ("rejected", "conflict")
+        outcomes.append((r.outcome, r.reason))
+    assert outcomes == [("rejected", "conflict"), ("repeat", "conflict")]  # refused again: reported once
     assert (g.resolve("device:d1"), g.resolve("u4"), g.resolve("u1")) == ("u3", "u4", "u2")
     assert g.link("u3", "u4", "alias", 5).canonical == "u4"  # only the shop's alias merges two customers
 
@@ -346,6 +348,8 @@ def test_handoff_put_get_and_ttl(redis_url: str, key_prefix: str) -> None:
     blob = pickle.dumps({"cart": {"i1": [2, 9.5]}})
     h.put_many("features", [(7, blob), (9, b"")])
     assert h.get_many("features", [7, 7]) == [blob, blob]  # a replay finds it again
+    other = RedisHandoff(redis_url, key_prefix, ttl_s=60)  # another process: from Redis
+    assert other.local == {} and other.get_many("features", [7]) == [blob]
     assert h.get_many("features", [8, 9]) == [None, b""] and h.get_many("triggers", [7]) == [None]
     ttl = redis.Redis.from_url(redis_url).pttl(f"{key_prefix}:handoff:features:7")
     assert 2 * HOUR_MS - 60_000 < ttl <= 2 * HOUR_MS
@@ -364,3 +368,14 @@ def test_feature_reader_resolves_any_id_to_the_canonical_features(redis_url: str
     many = reader.get_many(["device:d1", "u2", "anon:nobody"])
     assert (many["device:d1"]["views_1h"], many["u2"]["views_1h"], many["anon:nobody"]) == (3, 5, {})
     assert reader.get_many([]) == {}
+
+
+def test_a_shared_device_conflict_is_reported_once_per_storm_window() -> None:
+    eng, g = IdentityEngine(IdentityConfig(storm_window="1h")), IdentityGraph()
+    eng.apply_batch(g, [ev("u1", "device:d", ts=0)])
+    reasons = []
+    for ts in (1_000, 2_000, 3_000, 3_700_000):  # u2 on u1's device, event after event, then an hour later
+        out = eng.apply_batch(g, [ev("u2", "device:d", eid=f"e{ts}", ts=ts)])
+        reasons.append([x.reason for x in out if isinstance(x, DeadLetter)])
+        assert out[-1].user_id == "u2"  # the event itself always goes on, as u2's
+    assert reasons == [["conflict"], [], [], ["conflict"]] and g.resolve("device:d") == "u1"

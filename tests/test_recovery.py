@@ -33,14 +33,16 @@ def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_features(
     produce(kafka.bootstrap, topic, records[:half])
     worker = nudgeflow("run", "--config", str(rec), "--no-summary", tail=True, wait=False)
     deadline = time.time() + 120
-    while total_events(r, key_prefix + "r") < half and time.time() < deadline:
-        assert worker.poll() is None, worker.communicate()[0][-3000:]
-        time.sleep(0.2)
-    assert total_events(r, key_prefix + "r") == half
-    produce(kafka.bootstrap, topic, records[half:])
-    time.sleep(0.5)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=30)
+    try:  # the worker is killed whatever happens: a failed check must not leave it running
+        while total_events(r, key_prefix + "r") < half and time.time() < deadline:
+            assert worker.poll() is None, worker.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert total_events(r, key_prefix + "r") == half
+        produce(kafka.bootstrap, topic, records[half:])
+        time.sleep(0.5)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
     mid = total_events(r, key_prefix + "r")
     assert half <= mid < len(records), "the kill should land mid-stream"
 
