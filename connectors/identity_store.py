@@ -19,6 +19,7 @@ order: ids may resolve to an older canonical in between, and the end state is th
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 import redis
@@ -129,12 +130,18 @@ def load_graph(url: str, prefix: str, cfg: IdentityConfig | None = None) -> Iden
 
 
 class RedisHandoff:
-    """Hands a merged user's released state from the process that held it to the one that absorbs it.
+    """Hands a merged user's released state from the shard that held it to the one that absorbs it.
 
-    Read with GET, not GETDEL: a replay after a crash must find the hand-over again; the TTL cleans up.
-    A hand-over between two shards of this process is also kept in memory and taken from there (once:
-    a shard absorbs each merge once), so waiting for it costs no round trip; Redis serves the others.
+    Within this process a hand-over is kept in memory and taken from there (once: a shard absorbs each
+    merge once), so no shard waits on a round trip for a neighbour. For shards in other processes the
+    hand-overs also go to Redis, gathered from every step and shard of the process into one pipeline at
+    most every ``FLUSH_S`` (and whenever a logic wakes or ends with some unsent): a cross-process absorb
+    waits that much longer, no batch pays a round trip of its own. Redis is read with GET, not GETDEL,
+    and the TTL cleans up. A crash loses nothing: unsent hand-overs are of releases after the last
+    snapshot, which the restarted flow replays, putting them again.
     """
+
+    FLUSH_S = 0.05
 
     def __init__(self, url: str, prefix: str, ttl_s: float):
         self.client = redis.Redis.from_url(url)
@@ -142,6 +149,9 @@ class RedisHandoff:
         self.ttl_ms = int(ttl_s * 1000)
         #: this process's hand-overs not taken yet: key -> blob
         self.local: dict[str, bytes] = {}
+        #: hand-overs not yet written to Redis
+        self.unsent: list[tuple[str, bytes]] = []
+        self.next_flush = 0.0
         #: failed round trips to Redis (each retried until Redis answers)
         self.failures = 0
 
@@ -150,21 +160,36 @@ class RedisHandoff:
         return f"{self.prefix}:handoff:{step}:{seq}"
 
     def put_many(self, step: str, parts: list[tuple[int, bytes]]) -> None:
-        """A batch's hand-overs, one round trip."""
-
+        """A batch's hand-overs: at once for this process, with the next flush for Redis."""
         for seq, blob in parts:
-            self.local[self.key(step, seq)] = blob
+            key = self.key(step, seq)
+            self.local[key] = blob
+            self.unsent.append((key, blob))
+        self.flush(due_only=True)
+
+    def flush(self, due_only: bool = False) -> None:
+        """Write the unsent hand-overs to Redis (``due_only``: only if ``FLUSH_S`` has passed since the last)."""
+        now = time.monotonic()
+        if not self.unsent or (due_only and now < self.next_flush):
+            return
+        parts, self.unsent = self.unsent, []
+        self.next_flush = now + self.FLUSH_S
 
         def put() -> None:
             pipe = self.client.pipeline(transaction=False)
-            for seq, blob in parts:
-                pipe.set(self.key(step, seq), blob, px=self.ttl_ms)
+            for key, blob in parts:
+                pipe.set(key, blob, px=self.ttl_ms)
             pipe.execute()
 
-        until_redis_answers(f"{len(parts)} hand-overs of {step}", put, self._counted)
+        until_redis_answers(f"{len(parts)} hand-overs", put, self._counted)
+
+    def pending(self) -> bool:
+        """Whether some hand-overs still wait for a flush (a logic should wake for it)."""
+        return bool(self.unsent)
 
     def get_many(self, step: str, seqs: list[int]) -> list[bytes | None]:
-        """The hand-overs of merges ``seqs`` (None where not put yet), one round trip."""
+        """The hand-overs of merges ``seqs`` (None where not put yet): from memory, else one round trip."""
+        self.flush(due_only=True)
         keys = [self.key(step, seq) for seq in seqs]
         found = [self.local.pop(k, None) for k in keys]
         missing = [k for k, blob in zip(keys, found) if blob is None]

@@ -53,11 +53,16 @@ def pop_user(d: dict[tuple[str, str], Any], names: Iterable[str], uid: str) -> d
 
 
 class Handoff(Protocol):
-    """Where released parts wait for their absorbing shard (``connectors.identity_store.RedisHandoff``)."""
+    """Where released parts wait for their absorbing shard (``connectors.identity_store.RedisHandoff``):
+    ``put_many`` may hold parts back until ``flush``; ``pending`` says it does."""
 
     def put_many(self, step: str, parts: list[tuple[int, bytes]]) -> None: ...
 
     def get_many(self, step: str, seqs: list[int]) -> list[bytes | None]: ...
+
+    def flush(self, due_only: bool = False) -> None: ...
+
+    def pending(self) -> bool: ...
 
 
 class Mergeable(Protocol[S, O]):
@@ -79,6 +84,8 @@ class MergeDesk(Generic[S, O]):
     ...     def __init__(self): self.d = {}
     ...     def put_many(self, step, parts): self.d.update({(step, s): b for s, b in parts})
     ...     def get_many(self, step, seqs): return [self.d.get((step, s)) for s in seqs]
+    ...     def flush(self, due_only=False): pass
+    ...     def pending(self): return False
     >>> box, eng = Box(), Shelf()
     >>> a, b = {"anon:1": 2}, {"u1": 5}
     >>> da, db = MergeDesk("counts", box), MergeDesk("counts", box)
@@ -117,12 +124,14 @@ class MergeDesk(Generic[S, O]):
         return []
 
     def settle(self, engine: Mergeable[S, O], st: S) -> list[O]:
-        """Write this batch's releases, then absorb every part that has arrived."""
+        """Hand over this batch's releases, then absorb every part that has arrived."""
         if self.handoff is None:
             return []
         if self._puts:
             self.handoff.put_many(self.step, self._puts)
             self._puts = []
+        else:
+            self.handoff.flush(due_only=True)
         out: list[O] = []
         looking, self.waiting = self.waiting, []
         while looking:  # a part may carry absorbs its user was waiting for: look for those at once
@@ -145,6 +154,8 @@ class MergeDesk(Generic[S, O]):
         """``settle`` at the end of a bounded input: every release was sent, but another worker may not have
         written its hand-over yet, so wait for it (at most ``timeout_s``)."""
         out = self.settle(engine, st)
+        if self.handoff is not None:
+            self.handoff.flush()  # shards of other processes may wait for this process's releases
         deadline = time.monotonic() + timeout_s
         while self.waiting and time.monotonic() < deadline:
             time.sleep(RETRY_S)
@@ -152,8 +163,8 @@ class MergeDesk(Generic[S, O]):
         return out
 
     def wake(self, at: datetime | None) -> datetime | None:
-        """A logic's ``notify_at``, brought forward while a hand-over is awaited."""
-        if not self.waiting:
+        """A logic's ``notify_at``, brought forward while a hand-over is awaited or waits to be sent."""
+        if not self.waiting and not (self.handoff is not None and self.handoff.pending()):
             return at
         soon = datetime.now(timezone.utc) + timedelta(seconds=RETRY_S)
         return soon if at is None or soon < at else at
