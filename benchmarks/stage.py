@@ -361,16 +361,17 @@ def build_features(ctx: StageContext, recovery_s: float | None = None, identity:
     )
 
 
-def build_full(ctx: StageContext) -> Built:
+def build_full(ctx: StageContext, identity: bool = True) -> Built:
     """The main job of ``flows/main.py`` as shipped (features, the models of ``config/models.yaml``, the
-    triggers of ``config/triggers.yaml``, guards) in Kafka mode; ``rt.close()`` (final ClickHouse flush) timed."""
+    triggers of ``config/triggers.yaml``, guards) in Kafka mode; ``rt.close()`` (final ClickHouse flush) timed;
+    ``identity=False``: without the identity step (what it costs the whole job)."""
     import redis
 
     from connectors.clickhouse import connect
     from flows.common import clickhouse_dsn
     from flows.main import build
 
-    dep = _deployment(ctx, "bench_full")
+    dep = _deployment(ctx, "bench_full", identity=identity)
     s, database = dep.settings, dep.settings.clickhouse.database
     flow, rt = build(dep)
     counts: dict[str, int] = {}
@@ -414,6 +415,7 @@ STAGES: dict[str, Callable[[StageContext], Built]] = {
     "features_rec1s": lambda ctx: build_features(ctx, recovery_s=1.0),
     "features_rec10s": lambda ctx: build_features(ctx, recovery_s=10.0),
     "full": build_full,
+    "full_noid": lambda ctx: build_full(ctx, identity=False),
 }
 
 

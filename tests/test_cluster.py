@@ -43,3 +43,27 @@ def test_a_cluster_of_the_main_flow_needs_a_clickhouse_server(kafka: TansuBroker
     proc = subprocess.run([sys.executable, "-m", "nudgeflow.cli", "run", "--config", str(cfg), "--processes", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs a ClickHouse server" in " ".join(proc.stderr.split())
+
+
+def test_two_processes_merge_shoppers_across_processes(kafka: TansuBroker, redis_url: str, key_prefix: str,
+                                                       topic_prefix: str, tmp_path: Path) -> None:
+    """Multi-platform shoppers on two processes: merges hand state over between processes (through Redis),
+    and every event ends counted once, under the shopper it belongs to.
+
+    The allowed lateness is long: a shopper's anonymous and known events lie in different partitions,
+    which the processes read at different speeds, and nothing here may be refused as too late.
+    """
+    prefix = topic_prefix + "clusterid"
+    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=4)
+    sim = SimulatorConfig(users=300, events=12_000, partitions=2, seed=7, anonymous_share=0.6)
+    records = list(user_keyed(iter_records(sim)))
+    produce(kafka.bootstrap, f"{prefix}.events", records)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    cfg = write_config(tmp_path, kafka, prefix, redis_url, key_prefix, "", lateness="30d")
+    drain(cfg, r, key_prefix, len(records), "--flow", "features", "--processes", "2")
+
+    canon = r.hgetall(f"{key_prefix}:id:canon")
+    assert len(canon) > 50  # shoppers were merged
+    hashes = {k.split(":u:", 1)[1] for k in r.scan_iter(match=f"{key_prefix}:u:*", count=1000)}
+    assert not hashes & canon.keys()  # no merged-away id keeps a hash of its own
+    assert set(canon.values()) <= hashes
