@@ -22,16 +22,19 @@ from nudgeflow.settings import Settings
 
 MIN = 60_000
 
-#: a cart reminder (absence) and an order over 100 (event + condition)
-CART_AND_BIG_SPENDER = """
-triggers:
+#: a cart reminder: add_to_cart and no order within 30 minutes (a trigger-file list item)
+CART_ABANDONMENT = """
   - id: cart_abandonment
     kind: absence
     after: [add_to_cart]
     unless: [order]
     within: 30m
-    channel: email
-    payload: {template: cart_reminder}
+    channel: email"""
+
+#: a cart reminder (absence) and an order over 100 (event + condition)
+CART_AND_BIG_SPENDER = f"""
+triggers:{CART_ABANDONMENT}
+    payload: {{template: cart_reminder}}
   - id: big_spender
     kind: event
     on: [order]

@@ -14,20 +14,15 @@ import redis
 
 from nudgeflow.backtest import CLICKHOUSE, backtest, parse_time
 from nudgeflow.configload import load_deployment
+from tests.helpers import CART_ABANDONMENT
 
 CONFIG = Path(__file__).parents[1] / "config"
 T0 = int(datetime(2026, 1, 5, 10, tzinfo=timezone.utc).timestamp() * 1000)
 MIN = 60_000
 
-TRIGGERS = """
-defaults: {cooldown: 1h, consent: opt_out}
-triggers:
-  - id: cart_abandonment
-    kind: absence
-    after: [add_to_cart]
-    unless: [order]
-    within: 30m
-    channel: email
+TRIGGERS = f"""
+defaults: {{cooldown: 1h, consent: opt_out}}
+triggers:{CART_ABANDONMENT}
   - id: keen_searcher
     kind: event
     on: [search]

@@ -22,25 +22,19 @@ from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
-from tests.helpers import MIN, kafka_settings
+from tests.helpers import CART_ABANDONMENT, MIN, kafka_settings
 
-TRIGGERS = """
-defaults: {cooldown: 0, consent: opt_out, holdout: 0}
+TRIGGERS = f"""
+defaults: {{cooldown: 0, consent: opt_out, holdout: 0}}
 control_group: 0
-frequency_cap: {per_day: 2}
+frequency_cap: {{per_day: 2}}
 triggers:
   - id: app_welcome
     kind: event
     on: [browse]
     condition: 'event.props.item_id == "i0"'
-    channel: push
-  - id: cart_abandonment
-    kind: absence
-    after: [add_to_cart]
-    unless: [order]
-    within: 30m
-    channel: email
-    payload: {template: cart_reminder, items: "${features.cart_items}"}
+    channel: push{CART_ABANDONMENT}
+    payload: {{template: cart_reminder, items: "${{features.cart_items}}"}}
 """
 
 
