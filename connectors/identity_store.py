@@ -169,8 +169,10 @@ class RedisHandoff:
 
     def flush(self, due_only: bool = False) -> None:
         """Write the unsent hand-overs to Redis (``due_only``: only if ``FLUSH_S`` has passed since the last)."""
+        if not self.unsent:  # the common case: every shard of every step asks once per batch
+            return
         now = time.monotonic()
-        if not self.unsent or (due_only and now < self.next_flush):
+        if due_only and now < self.next_flush:
             return
         parts, self.unsent = self.unsent, []
         self.next_flush = now + self.FLUSH_S

@@ -6,15 +6,15 @@ possibly in different processes. Bytewax has no way to send an item from one key
 of a step back into another key of the same step, so the state travels beside
 the dataflow: the identity step emits the merge twice, ``release`` to the source
 user's shard and ``absorb`` to the canonical user's shard. The releasing shard
-puts the source user's part into a :class:`Handoff` (Redis) under the merge's
-``seq``; the absorbing shard waits for it, trying again on every batch and on a
+puts the source user's part into a :class:`Handoff` under the merge's ``seq``
+(memory within a process, Redis across processes); the absorbing shard waits for it, trying again on every batch and on a
 short timer, and merges it. Merges within one shard (``local``) need no handoff.
 
 Exactly once: a shard releases a user once (it then forgets it); the absorbing
 shard takes each ``seq`` once, and what it is still waiting for is part of its
 snapshot. After a crash both shards resume from the same epoch: the release runs
-again and puts the same part again (the handoff is read, never deleted, and
-expires by TTL), the absorb finds it. Merges commute with events wherever the
+again and puts the same part again (Redis copies are read, never deleted, and
+expire by TTL), the absorb finds it. Merges commute with events wherever the
 engines' ``absorb`` is exact (see each engine), so events the canonical user
 receives while its part is still on its way are not lost, only briefly scored
 without the other part.
@@ -37,8 +37,8 @@ S = TypeVar("S")
 O = TypeVar("O")
 
 RETRY_S = 0.02
-"""How soon a shard waiting for a hand-over looks again when no batch comes (the releasing shard writes
-it at the end of the batch that carried the release)."""
+"""How soon a shard waiting for a hand-over looks again when no batch comes (the releasing shard hands it
+over at the end of the batch that carried the release)."""
 
 
 def pop_user(d: dict[tuple[str, str], Any], names: Iterable[str], uid: str) -> dict[str, Any]:
