@@ -4,6 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# moto's S3 server for the broker-restart test (tansu's s3:// storage), in a venv of its own:
+# moto needs botocore, which pins python-dateutil below the project's
+MOTO   := $(VENV)/moto/bin/moto_server
 
 .PHONY: install demo test bench bench-clickhouse bench-latency bench-models tools schema clean
 
@@ -14,6 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(MOTO): | $(STAMP)
+	$(PYTHON) -m venv $(VENV)/moto
+	$(VENV)/moto/bin/pip install -q "moto[server]==5.2.5"
 
 ## the main job on the embedded default: simulator -> flow -> embedded Redis, chDB, files
 demo: install
@@ -31,7 +38,7 @@ tools:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	  || echo "could not install chromium: tests/test_report.py will say so"; }
 
-test: install tools
+test: install tools $(MOTO)
 	$(BIN)/pytest -q
 
 bench: install

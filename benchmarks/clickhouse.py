@@ -26,6 +26,7 @@ from connectors.clickhouse import (
     ClickHouseWriter,
     connect,
     event_row,
+    insert_batch,
     migrate,
 )
 from connectors.embedded import DEFAULT_REDIS_URL, ensure_redis, ping
@@ -39,6 +40,16 @@ CONFIG = HERE.parent / "config"
 POLICIES = [(100, 1.0), (1000, 1.0), (10_000, 1.0), (1000, 0.1)]
 #: rows handed to the writer per put, like a Bytewax source batch
 PUT_ROWS = 1000
+#: rows per insert measured one insert at a time (what ``batch_rows`` makes of a flow's trickle of rows)
+INSERT_SIZES = [1000, 5000, 10_000]
+INSERT_ROWS = 60_000
+INSERT_HEADING = "## ClickHouse insert size (benchmarks/clickhouse.py)"
+INSERT_PREAMBLE = """
+**rows/s n=…**: the first 60,000 simulated `events` rows inserted into a fresh chDB table (with its rollup)
+by `insert_batch` in inserts of n rows, one after another on one thread, as the writer does when a flow's
+rows trickle in and each insert is `batch_rows` (or one `flush_interval`) of them. In the writer rows of
+the table above, puts come faster than inserts, so inserts grow whatever `batch_rows` says.
+"""
 HEADING = "## ClickHouse sink (benchmarks/clickhouse.py)"
 PREAMBLE = """
 Rows of `python -m benchmarks.clickhouse` (`make bench-clickhouse`), one per run; every run is also one
@@ -107,6 +118,18 @@ def writer_rate(dsn: str, database: str, rows: list[list[Any]], batch_rows: int,
             "rows_per_s": len(rows) / wall, "parts": parts}
 
 
+def insert_rate(dsn: str, database: str, rows: list[list[Any]], size: int) -> dict[str, Any]:
+    """rows/s of inserts of ``size`` rows each into a fresh ``events`` table (a part per insert and rollup)."""
+    client = connect(dsn)
+    migrate(client, database)
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), size):
+        insert_batch(client, database, "events", EVENT_COLUMNS, rows[i:i + size], f"{database}:{i}")
+    wall = time.perf_counter() - t0
+    client.close()
+    return {"insert_rows": size, "rows": len(rows), "wall_s": wall, "rows_per_s": len(rows) / wall}
+
+
 def flow_time(cfg_path: Path, discard: bool) -> float:
     """Wall seconds of the main flow on the config's bounded simulator, final flush included."""
     from bytewax.testing import run_main
@@ -130,21 +153,35 @@ def flow_time(cfg_path: Path, discard: bool) -> float:
 
 
 def record(run: dict[str, Any], out_dir: Path) -> None:
-    """Append a row under this benchmark's heading at the end of RESULTS.md (the heading once) and the JSON."""
+    """Append this run's rows under the benchmark's headings at the end of RESULTS.md (each heading and
+    header once, and again whenever its columns change) and the JSON."""
     with (out_dir / "clickhouse.jsonl").open("a") as f:
         f.write(json.dumps(run) + "\n")
-    results = out_dir / "RESULTS.md"
+    e, fl = run["env"], run["flow"]
+    machine = [e["utc"], f"`{e['rev']}`", e["machine"], e["cpu"], str(e["nproc"]), str(e["load1"])]
+    head = ["utc", "rev", "machine", "cpu", "nproc", "load1"]
+    append_row(out_dir / "RESULTS.md", HEADING, PREAMBLE, [
+        *head, "rows", *(f"rows/s b={p['batch_rows']} f={p['flush_interval']:g}" for p in run["writer"]),
+        "flow events", "flow ev/s", "flow ev/s discard", "sink share",
+    ], [
+        *machine, f"{run['rows']:,}", *(f"{p['rows_per_s']:,.0f}" for p in run["writer"]), f"{fl['events']:,}",
+        f"{fl['eps_real']:,.0f}", f"{fl['eps_discard']:,.0f}", f"{fl['sink_share']:.3f}",
+    ])  # fmt: skip
+    append_row(out_dir / "RESULTS.md", INSERT_HEADING, INSERT_PREAMBLE,
+               [*head, *(f"rows/s n={p['insert_rows']:,}" for p in run["inserts"])],
+               [*machine, *(f"{p['rows_per_s']:,.0f}" for p in run["inserts"])])
+
+
+def append_row(results: Path, heading: str, preamble: str, header: list[str], row: list[str]) -> None:
+    """A table row at the end of ``results``, after the heading, its preamble and the header when the last
+    table under that heading has other columns (or there is none)."""
     text = results.read_text() if results.exists() else ""
-    e, w, fl = run["env"], {f"{p['batch_rows']}/{p['flush_interval']:g}": p for p in run["writer"]}, run["flow"]
-    cols = [f"rows/s b={p['batch_rows']} f={p['flush_interval']:g}" for p in run["writer"]]
-    row = [e["utc"], f"`{e['rev']}`", e["machine"], e["cpu"], str(e["nproc"]), str(e["load1"]), f"{run['rows']:,}",
-           *(f"{p['rows_per_s']:,.0f}" for p in w.values()), f"{fl['events']:,}",
-           f"{fl['eps_real']:,.0f}", f"{fl['eps_discard']:,.0f}", f"{fl['sink_share']:.3f}"]
-    add = ""
-    if HEADING not in text:
-        header = ["utc", "rev", "machine", "cpu", "nproc", "load1", "rows", *cols, "flow events", "flow ev/s",
-                  "flow ev/s discard", "sink share"]
-        add = (f"\n{HEADING}\n{PREAMBLE}\n| {' | '.join(header)} |\n|{' --- |' * len(header)}\n")
+    line = f"| {' | '.join(header)} |"
+    section = text[text.rfind("\n## ") + 1:]  # rows go at the end: the last section must be this table's
+    headers = [h for h in section.splitlines() if h.startswith("| utc |")]
+    add = "" if section.startswith(heading) and headers and headers[-1] == line else (
+        f"\n{heading}\n{preamble}\n{line}\n|{' --- |' * len(header)}\n"
+    )
     with results.open("a") as f:
         f.write(("" if text.endswith("\n") or not text else "\n") + add + f"| {' | '.join(row)} |\n")
 
@@ -167,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dsn = f"chdb://{work / 'chdb'}"
         rows = event_rows(a.rows, max(1, a.rows // 10), a.seed)
+        inserts = []
+        for n in INSERT_SIZES:
+            r = insert_rate(dsn, f"ibench{n}", rows[:INSERT_ROWS], n)
+            inserts.append(r)
+            log(f"  inserts of {n:<6,} rows {r['rows_per_s']:>10,.0f} rows/s  ({r['rows']:,} rows in {r['wall_s']:.2f}s)")
         writer = []
         for i, (b, f) in enumerate(POLICIES):
             r = writer_rate(dsn, f"wbench{i}", rows, b, f)
@@ -190,11 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     flow = {"events": a.flow_events, "real_s": times["real"], "discard_s": times["discard"],
             "eps_real": a.flow_events / times["real"], "eps_discard": a.flow_events / times["discard"],
             "sink_share": 1 - times["discard"] / times["real"]}
-    run = {"env": env, "rows": len(rows), "seed": a.seed, "put_rows": PUT_ROWS, "writer": writer, "flow": flow}
+    run = {"env": env, "rows": len(rows), "seed": a.seed, "put_rows": PUT_ROWS, "inserts": inserts, "writer": writer,
+           "flow": flow}
     if not a.no_record:
         record(run, HERE)
         log(f"recorded in {HERE / 'RESULTS.md'} and {HERE / 'clickhouse.jsonl'}")
-    rates = " ".join(f"rows_s_b{p['batch_rows']}_f{p['flush_interval']:g}={p['rows_per_s']:.0f}" for p in writer)
+    rates = " ".join([*(f"rows_s_n{p['insert_rows']}={p['rows_per_s']:.0f}" for p in inserts),
+                      *(f"rows_s_b{p['batch_rows']}_f{p['flush_interval']:g}={p['rows_per_s']:.0f}" for p in writer)])
     log(f"BENCH_CLICKHOUSE {rates} flow_eps={flow['eps_real']:.0f} flow_eps_discard={flow['eps_discard']:.0f} "
         f"sink_share={flow['sink_share']:.4f}")
     return 0

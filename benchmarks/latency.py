@@ -56,9 +56,11 @@ from benchmarks.run import (
     user_key,
 )
 from benchmarks.stage import TRIGGERS, StageContext
+from connectors.kafka import SOURCE_DEFAULTS
 from connectors.simulator import ShopperSimulator, SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 from nudgeflow.configload import Deployment, load_deployment, load_triggers
+from nudgeflow.events import Consent
 from nudgeflow.settings import KafkaConfig, TriggersFile
 from nudgeflow.yamlconf import load_yaml
 
@@ -74,10 +76,10 @@ DRAIN_IDLE_S = 3.0
 DRAIN_MAX_S = 20.0
 #: the pacer may send this much of a second's worth of events at once (sleep granularity)
 BURST_S = 0.005
-#: the benchmark's own clients. The producer batches for up to 5 ms (librdkafka's default; with 0, tansu got
-#: one tiny batch per event, used 0.7 cores and the flow's consumer fell seconds behind); the reader fetches
-#: at once, so the figure is the flow's latency rather than the reader's
-PRODUCER_CONFIG = {"linger.ms": "5"}
+#: the benchmark's own clients. The producer batches for up to 5 ms by default (librdkafka's default; with 0,
+#: tansu got one tiny batch per event, used 0.7 cores and the flow's consumer fell seconds behind;
+#: ``--linger-ms``); the reader fetches at once, so the figure is the flow's latency rather than the reader's
+LINGER_MS = 5.0
 READER_CONFIG = {"fetch.wait.max.ms": "5", "fetch.min.bytes": "1"}
 
 PROBE = "latency_probe"
@@ -186,7 +188,7 @@ def serve(ctx: LiveContext) -> None:
     from benchmarks.stage import _deployment
     from flows.main import build
 
-    dep = _deployment(ctx, "bench_latency", models=True)
+    dep = _deployment(ctx, "bench_latency")
     path = ctx.workdir / "triggers.yaml"
     dep.triggers = trigger_file(probe_file_data(), path, dep)
     dep.settings = dep.settings.model_copy(update={"triggers": str(path)})
@@ -266,12 +268,13 @@ class Sent:
 
 def produce_steady(
     bootstrap: str, topic: str, cfg: SimulatorConfig, warmup_s: float, seconds: float, on_window: Callable[[], None],
+    linger_ms: float = LINGER_MS,
 ) -> Sent:
     """Live simulated shoppers (event time = the wall clock) at ``cfg.rate`` for warm-up + ``seconds``;
     ``on_window`` is called once when the warm-up ends."""
     assert cfg.rate is not None
     sim = ShopperSimulator(cfg)
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_CONFIG})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": str(linger_ms)})
     bucket = TokenBucket(cfg.rate, cfg.rate * BURST_S)
     sent = Sent(start_ns=time.time_ns())
     sent.window_ns = sent.start_ns + int(warmup_s * 1e9)
@@ -443,7 +446,8 @@ def run_latency(a: argparse.Namespace, broker: TansuBroker, redis_url: str, pref
         cpu0: dict[str, float | None] = {}
         cfg = SimulatorConfig(users=USERS, events=None, seed=a.seed, rate=rate)
         sent = produce_steady(
-            broker.bootstrap, topic, cfg, WARMUP_S, a.seconds, lambda: cpu0.update({k: _proc_cpu_s(p) for k, p in pids.items()})
+            broker.bootstrap, topic, cfg, WARMUP_S, a.seconds, lambda: cpu0.update({k: _proc_cpu_s(p) for k, p in pids.items()}),
+            a.linger_ms,
         )
         window_s = (sent.end_ns - sent.window_ns) / 1e9
         # cores each process kept busy during the steady window (bench: this process, the producer and the reader)
@@ -458,7 +462,8 @@ def run_latency(a: argparse.Namespace, broker: TansuBroker, redis_url: str, pref
         shutil.rmtree(workdir, ignore_errors=True)
     return latency_figures(sent, reader) | {
         "rate": rate, "warmup_s": WARMUP_S, "build_s": build_s, "cores": cores, "other_actions": dict(reader.others),
-        "source": {"batch_size": a.batch_size, "add_config": a.add_config},
+        "source": {"batch_size": a.batch_size, "add_config": a.add_config, "consumer": SOURCE_DEFAULTS | a.add_config},
+        "producer_linger_ms": a.linger_ms,
     }
 
 
@@ -538,7 +543,7 @@ def eval_cost(dep: Deployment, tf: TriggersFile, events: int, users: int, seed: 
             best = min(best, time.process_time() - c0)
         us[str(n)] = best / n_events * 1e6
         if n == max(EVAL_COUNTS):
-            candidates = Counter(getattr(o, "action", o).trigger_id for o in outs)
+            candidates = Counter(getattr(o, "action", o).trigger_id for o in outs if type(o) is not Consent)
     top = max(EVAL_COUNTS)
     return {
         "events": n_events, "users": users, "us_per_event": us,
@@ -632,6 +637,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=KafkaConfig().batch_size, help="the flow's Kafka source batch size")
     p.add_argument("--add-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="librdkafka setting for the flow's Kafka clients (kafka.add_config), repeatable")
+    p.add_argument("--linger-ms", type=float, default=LINGER_MS,
+                   help=f"the benchmark producer's linger.ms (default {LINGER_MS:g}): on tansu, the broker's CPU per fetch "
+                        "grows with the record batches a partition holds")
     p.add_argument("--only", choices=("latency", "eval"), default=None, help="run one of the two measurements")
     p.add_argument("--eval-events", type=int, default=EVAL_EVENTS, help=f"events for the trigger cost (default {EVAL_EVENTS:,})")
     p.add_argument("--seed", type=int, default=42)
@@ -670,7 +678,8 @@ def report(res: dict[str, Any]) -> str:
     lat, ev = res.get("latency"), res.get("eval")
     if lat:
         lines.append(f"latency at {lat['rate']:,.0f} events/s offered ({res['rate_from']}; sent {lat['offered_eps']:,.0f}/s "
-                     f"in a {lat['window_s']:.1f} s window after {lat['warmup_s']:.0f} s warm-up), source {_source_label(lat['source'])}:")
+                     f"in a {lat['window_s']:.1f} s window after {lat['warmup_s']:.0f} s warm-up), source {_source_label(lat['source'])}, "
+                     f"producer linger {lat.get('producer_linger_ms', LINGER_MS):g} ms:")
         lines.append(f"  {'ms':<24} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'mean':>8}")
         for k, name in (("e2e_ms", "event → action"), ("kafka_in_ms", "  send → parsed"),
                         ("flow_ms", "  parsed → fired"), ("out_ms", "  fired → read")):

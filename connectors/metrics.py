@@ -34,6 +34,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from connectors.redis_client import Client, redis_client
 from connectors.webhook import REASON as WEBHOOK_FAILED
 from nudgeflow.events import Action, DeadLetter, Decision, Event
 from nudgeflow.logs import tag_worker
@@ -139,7 +140,7 @@ class FlowMetrics:
         self.newest_ts = 0
         self._webhook_failures = 0
         self._lock = threading.Lock()
-        self._redis: redis.Redis | None = None
+        self._redis: Client | None = None
         self.server: WSGIServer | None = None
 
     # -- counting, once per batch
@@ -226,7 +227,7 @@ class FlowMetrics:
         out = []
         try:
             if self._redis is None:
-                self._redis = redis.Redis.from_url(self.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+                self._redis = redis_client(self.redis_url, wait=False, socket_timeout=1.0, socket_connect_timeout=1.0)
             self._redis.ping()
         except redis.RedisError as e:
             out.append(f"redis: {type(e).__name__}")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 
-import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from connectors.redis_retry import until_redis_answers
+from connectors.redis_client import redis_client
+from connectors.redis_retry import TRANSIENT, until_redis_answers
 from operators.models import Snapshot
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class RedisModelStore:
     """Publish and fetch :class:`Snapshot` objects."""
 
     def __init__(self, url: str, prefix: str):
-        self.client = redis.Redis.from_url(url)
+        self.client = redis_client(url)
         self.prefix = prefix
 
     def publish(self, snap: Snapshot) -> None:
@@ -50,7 +50,7 @@ class RedisModelStore:
             if version is None or int(version) <= newer_than:
                 return None
             h = self.client.hgetall(key)
-        except redis.ConnectionError as e:  # scoring goes on with the model it has
+        except TRANSIENT as e:  # scoring goes on with the model it has
             log.warning("cannot fetch model %s: %s", name, e)
             return None
         return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"])

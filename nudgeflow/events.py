@@ -102,6 +102,21 @@ class Merge(msgspec.Struct, gc=False, frozen=True):
     side: str
 
 
+class Consent(msgspec.Struct, gc=False, frozen=True):
+    """A shopper's consent statement for a channel, made at event time ``ts``: the trigger step passes it on
+    where it stands in the user's stream, and the guards step writes it to the Redis consent store
+    (``connectors.consent_store``) before deciding the candidates that follow it.
+
+    >>> Consent("u1", "email", False, 1_700_000_000_000).granted
+    False
+    """
+
+    user_id: str
+    channel: str
+    granted: bool
+    ts: int
+
+
 #: event fields that carry a not-yet-known shopper's id, and the prefix that namespaces each in ``user_id``
 #: (a cookie can never collide with a customer id)
 ID_FIELDS = {"anonymous_id": "anon:", "device_id": "device:", "account_id": "account:"}

@@ -19,6 +19,7 @@ from pydantic import (
 
 from connectors.csvlog import CsvSourceConfig
 from connectors.migrations import TTL_COLUMNS
+from connectors.redis_client import is_cluster
 from connectors.simulator import SimulatorConfig
 from nudgeflow.events import PLATFORM_ALIASES
 from nudgeflow.yamlconf import load_yaml, validate
@@ -81,8 +82,10 @@ class KafkaConfig(Strict):
     #: keep reading at the end of the topics (a service) or stop there (a replay)
     tail: bool = True
     starting_offset: Literal["beginning", "end"] = "beginning"
-    #: passed to librdkafka as is: security.protocol, sasl.mechanism, ssl.ca.location …
+    #: passed to librdkafka as is: security.protocol, sasl.mechanism, ssl.ca.location …; also overrides the
+    #: latency defaults of the source (``fetch.wait.max.ms`` 20 …) and sinks (``linger.ms`` 1), ``connectors/kafka.py``
     add_config: dict[str, str] = {}
+    #: most records a source partition hands the flow at once; a trickle comes in smaller batches, never waited for
     batch_size: int = Field(1000, ge=1)
 
     @property
@@ -286,7 +289,9 @@ class FeatureDefs(Strict):
 
 
 class RedisConfig(Strict):
-    #: empty with ``embedded``: start a fresh local server for the run
+    #: one server (``redis://``, ``rediss://``) or a Redis Cluster through any of its nodes
+    #: (``redis+cluster://host:port``, ``rediss+cluster://``); empty with ``embedded``: start a fresh local
+    #: server for the run
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "nf"
     ttl: Duration = 30 * 86400.0
@@ -296,6 +301,14 @@ class RedisConfig(Strict):
     #: benchmarks/RESULTS.md); ``fields``: one hash field per feature, for services that HGET single ones
     layout: Literal["fields", "json"] = "json"
 
+    @model_validator(mode="after")
+    def _embedded_is_one_server(self) -> RedisConfig:
+        """An embedded Redis is one server: standing in for a cluster that does not answer would change
+        the key layout under the flow's feet."""
+        if self.embedded and is_cluster(self.url):
+            raise ValueError("embedded starts a single server: a redis+cluster:// url must name a running cluster")
+        return self
+
 
 class ClickHouseConfig(Strict):
     #: a server, ``http(s)://user:password@host:8123``; unset means the embedded chDB engine
@@ -303,7 +316,10 @@ class ClickHouseConfig(Strict):
     #: chDB's data folder when ``dsn`` is unset, relative to the config file
     chdb_path: str = ".nudgeflow/chdb"
     database: str = "nudgeflow"
-    batch_rows: int = Field(1000, ge=1)
+    #: a table's rows are inserted when this many wait or the oldest has waited ``flush_interval``. Each insert
+    #: makes a part in the table and in each of its rollups: ~15 ms in chDB whatever its size, so 1,000-row
+    #: inserts cost ~18 µs a row and 5,000-row ones ~5.6 (``benchmarks/README.md``, ClickHouse sink)
+    batch_rows: int = Field(10_000, ge=1)
     flush_interval: Duration = 1.0
     #: rows buffered before the flow is held back (backpressure)
     max_buffer_rows: int = Field(100_000, ge=1)
@@ -690,11 +706,21 @@ class FrequencyCap(Strict):
     per_week: int | None = Field(10, ge=0)
 
 
-class ChannelLimit(Strict):
-    """A token bucket per channel: ``rate`` messages a second, bursts up to ``burst``."""
+class ChannelDef(Strict):
+    """A channel's own guards: a token bucket (``rate`` messages a second, bursts up to ``burst``) and the
+    consent it needs."""
 
-    rate: float = Field(gt=0)
-    burst: int = Field(ge=1)
+    rate: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+    #: ``opt_in``: every trigger on this channel needs a grant, whatever its own ``consent`` says (the
+    #: stricter rule wins); ``opt_out``: each trigger's ``consent`` decides
+    consent: Literal["opt_in", "opt_out"] = "opt_out"
+
+    @model_validator(mode="after")
+    def _bucket(self) -> ChannelDef:
+        if (self.rate is None) != (self.burst is None):
+            raise ValueError("a rate limit needs both rate and burst")
+        return self
 
 
 class TriggersFile(Strict):
@@ -705,7 +731,8 @@ class TriggersFile(Strict):
     frequency_cap: FrequencyCap = FrequencyCap()
     #: the share of all users (0-100) who get no message from any trigger: the global control group
     control_group: float = Field(0.0, ge=0, le=100)
-    channels: dict[str, ChannelLimit] = {}
+    #: per channel: a rate limit, and whether every trigger on it needs a consent grant
+    channels: dict[str, ChannelDef] = {}
     #: idempotency keys are kept this long: a replay within it never delivers twice
     idempotency_ttl: Duration = 7 * 86400.0
     triggers: list[TriggerDef] = []

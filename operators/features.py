@@ -44,9 +44,11 @@ import math
 import pickle
 import time
 import zlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from operator import itemgetter
 from typing import Any, NamedTuple, get_args
 
 from bytewax.operators import StatefulBatchLogic
@@ -55,12 +57,16 @@ from nudgeflow.events import DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
 from operators.merge import Handoff, MergeDesk, restore, snapshot
-from operators.windows import SLOT_BITS, PackedWindow, bias, slot, unpacker
+from operators.windows import SLOT_BITS, PackedWindow, unpacker
 
 EVICT_EVERY = 4096
 """Events between scans for idle users (a scan is O(users in the shard))."""
 
-Getter = Callable[["UserState", int], Any]
+Totals = list[tuple[int, ...]]
+"""Per window, the slots a read needs as of its time (unpacked once per read; windows not needed are left empty)."""
+
+Getter = Callable[["UserState", int, Totals], Any]
+"""A feature of a user as of a time, given the window totals of that read."""
 
 PLATFORMS = frozenset(get_args(Platform))
 """The platforms features know; the parser passes others through, and features treat them as none."""
@@ -116,13 +122,21 @@ GONE_TS = 1 << 62
 
 
 def _score_up(value: float, thresholds: list[float]) -> int:
-    """1 below the first threshold … 5 at or above the last."""
-    return 1 + sum(1 for t in thresholds if value >= t)
+    """1 below the first threshold … 5 at or above the last (thresholds ascend).
+
+    >>> [_score_up(v, [1, 2, 4, 8]) for v in (0, 1, 3, 8, 9)]
+    [1, 2, 3, 5, 5]
+    """
+    return 1 + bisect_right(thresholds, value)
 
 
 def _score_down(value: float, thresholds: list[float]) -> int:
-    """5 at or below the first threshold … 1 above the last (smaller is better)."""
-    return 5 - sum(1 for t in thresholds if value > t)
+    """5 at or below the first threshold … 1 above the last (smaller is better).
+
+    >>> [_score_down(v, [7, 14, 30, 60]) for v in (0, 7, 8, 60, 61)]
+    [5, 5, 4, 2, 1]
+    """
+    return 5 - bisect_left(thresholds, value)
 
 
 class CartLine:
@@ -227,14 +241,21 @@ class UserState:
 class Recipe(NamedTuple):
     """The updates one event type makes."""
 
-    #: per window: (window index, packed delta of the slots counting 1, (shift, field) of the slots summing a
-    #: value, (packed 1, field) of the slots counting the events whose field is a number)
-    windows: tuple[tuple[int, int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]], ...]
+    #: per window whose slots the event only counts: (window index, packed delta)
+    counts: tuple[tuple[int, int], ...]
+    #: per window with a slot summing a value: (window index, packed delta of the slots counting 1, (shift,
+    #: field) of the slots summing a value, (packed 1, field) of the slots counting the events whose field is a
+    #: number)
+    valued: tuple[tuple[int, int, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]], ...]
     recency: tuple[int, ...]
     #: (distinct index, prop whose value is counted or None, else the value itself (the platform), max values)
     distinct: tuple[tuple[int, str | None, str | None, int], ...]
     #: the event's platform if features know it, else None
     platform: str | None
+
+
+_NO_RECIPES: dict[str, Recipe] = {}
+"""The recipes of a platform features do not know (``FeaturePlan.recipe`` takes it for none)."""
 
 
 CART_TYPES = frozenset({"add_to_cart", "remove_from_cart", "order"})
@@ -259,12 +280,14 @@ class FeaturePlan:
     def __init__(self, defs: FeatureDefs):
         self.defs = defs
         self.getters: dict[str, Getter] = {}
+        #: the window slots (window, slot) each getter reads from the totals
+        self.slots_of: dict[str, tuple[tuple[int, int], ...]] = {}
         self._widths: list[int] = []
         self._slots: list[list[str]] = []
         #: (window index, slot, types or None for any, mode, field, platform or None for any)
         self._feeds: list[tuple[int, int, frozenset[str] | None, int, str, str | None]] = []
-        #: platform (None: none, or one features do not know) -> event type -> recipe
-        self._recipes: dict[str | None, dict[str, Recipe]] = {p: {} for p in (None, *PLATFORMS)}
+        #: platform (None: none, or one features do not know) -> event type -> recipe, filled by ``recipe``
+        self.recipes: dict[str | None, dict[str, Recipe]] = {p: {} for p in (None, *PLATFORMS)}
         #: (name, window, slot, scaled) of every plain window feature, for ``values``
         self._window_values: list[tuple[str, int, int, bool]] = []
 
@@ -283,9 +306,9 @@ class FeaturePlan:
                 self.recency.append(("__order", [order_type]))
                 self.recency_types.append(frozenset([order_type]))
                 self.order_group = len(self.recency) - 1
-        self.getters["first_seen_ts"] = lambda u, at: u.first_ts
-        self.getters["user_age_s"] = lambda u, at: (at - u.first_ts) // 1000
-        self.getters["last_platform"] = lambda u, at: u.platform
+        self.getters["first_seen_ts"] = lambda u, at, t: u.first_ts
+        self.getters["user_age_s"] = lambda u, at, t: (at - u.first_ts) // 1000
+        self.getters["last_platform"] = lambda u, at, t: u.platform
 
         for c in defs.counts:
             types = None if c.types == "any" else frozenset(c.types)
@@ -297,18 +320,20 @@ class FeaturePlan:
                 wi, si = self._window_feature(f"{sd.name}_{label}", w, frozenset(sd.types), VALUE, sd.field)
                 if sd.average:
                     _, ni = self._window_feature(f"{sd.name}_{label}__n", w, frozenset(sd.types), PRESENT, sd.field)
-                    del self.getters[f"{sd.name}_{label}__n"]
+                    del self.getters[f"{sd.name}_{label}__n"], self.slots_of[f"{sd.name}_{label}__n"]
                     self.getters[f"{sd.average}_{label}"] = _average(wi, si, ni)
+                    self.slots_of[f"{sd.average}_{label}"] = ((wi, si), (wi, ni))
         self.session_slots: list[tuple[int, int]] = []
         if defs.session:
             for w in defs.session.windows:
                 self.session_slots.append(self._slot(w, f"sessions_{window_label(w)}"))
                 wi, si = self.session_slots[-1]
                 self.getters[f"sessions_{window_label(w)}"] = _window_getter(wi, si)
-            self.getters["session_id"] = lambda u, at: u.session[0] if u.session else ""
-            self.getters["session_events"] = lambda u, at: u.session[3] if u.session else 0
-            self.getters["session_pages"] = lambda u, at: u.session[4] if u.session else 0
-            self.getters["session_duration_s"] = lambda u, at: (u.session[2] - u.session[1]) // 1000 if u.session else 0
+                self.slots_of[f"sessions_{window_label(w)}"] = ((wi, si),)
+            self.getters["session_id"] = lambda u, at, t: u.session[0] if u.session else ""
+            self.getters["session_events"] = lambda u, at, t: u.session[3] if u.session else 0
+            self.getters["session_pages"] = lambda u, at, t: u.session[4] if u.session else 0
+            self.getters["session_duration_s"] = lambda u, at, t: (u.session[2] - u.session[1]) // 1000 if u.session else 0
         if defs.rfm:
             self._rfm()
         if defs.lifecycle:
@@ -324,19 +349,15 @@ class FeaturePlan:
             for w in d.windows:
                 self.getters[f"{d.name}_{window_label(w)}"] = _distinct_getter(di, int(w * 1000))
         if defs.cart:
-            self.getters["cart_items"] = lambda u, at: (u.cart_totals or _cart_totals(u))[0]
-            self.getters["cart_quantity"] = lambda u, at: (u.cart_totals or _cart_totals(u))[1]
-            self.getters["cart_value"] = lambda u, at: (u.cart_totals or _cart_totals(u))[2]
+            self.getters["cart_items"] = lambda u, at, t: (u.cart_totals or _cart_totals(u))[0]
+            self.getters["cart_quantity"] = lambda u, at, t: (u.cart_totals or _cart_totals(u))[1]
+            self.getters["cart_value"] = lambda u, at, t: (u.cart_totals or _cart_totals(u))[2]
         if defs.affinity:
-            half = defs.affinity.half_life * 1000
-            self.getters["top_categories"] = lambda u, at: list(u.top)
-            self.getters["category_affinity"] = lambda u, at: {
-                c: round(u.aff[c] * 2.0 ** (-(at - u.ref_ts) / half), 3) for c in u.top
-            }
+            self.getters["top_categories"] = lambda u, at, t: list(u.top)
+            self.getters["category_affinity"] = _affinity_getter(defs.affinity.half_life * 1000)
 
         n = defs.buckets_per_window
         self.window_shapes = [(w, max(1, w // n)) for w in self._widths]
-        #: per window, the reader of every slot of a packed total
         distinct_ms = [int(w * 1000) for d in self.distinct for w in d.windows]
         gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
         self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
@@ -365,6 +386,7 @@ class FeaturePlan:
         wi, si = self._slot(window_s, name)
         self._feeds.append((wi, si, types, mode, fld, platform))
         self.getters[name] = _sum_getter(wi, si) if mode == VALUE else _window_getter(wi, si)
+        self.slots_of[name] = ((wi, si),)
         self._window_values.append((name, wi, si, mode == VALUE))
         return wi, si
 
@@ -373,26 +395,41 @@ class FeaturePlan:
         return self.reader(None)(u, at)
 
     def reader(self, names: Iterable[str] | None) -> Callable[[UserState, int], dict[str, Any]]:
-        """A function computing the named features (all when None), each window's totals read once."""
+        """A function computing the named features (all when None): each window a feature reads is totalled
+        and unpacked once per read, up to the last slot any of them needs, and the other getters share it."""
         wanted = set(self.names if names is None else names)
         unknown = wanted - set(self.getters)
         if unknown:
             raise ValueError(f"unknown features: {sorted(unknown)}")
-        by_window = []
+        upto: dict[int, int] = {}
+        for name in wanted:
+            for wi, si in self.slots_of.get(name, ()):
+                upto[wi] = max(upto.get(wi, 0), si + 1)
+        unpack = [(wi, unpacker(n, len(self._slots[wi]))) for wi, n in sorted(upto.items())]
+        counts: list[tuple[int, tuple[str, ...], Callable[[tuple[int, ...]], tuple[int, ...]]]] = []
+        sums: list[tuple[str, int, int]] = []
         for wi, entries in self._by_window:
-            mine = [(name, si, scaled) for name, si, scaled in entries if name in wanted]
-            if mine:  # read the window's slots up to the last one wanted
-                by_window.append((wi, unpacker(max(si for _, si, _ in mine) + 1, len(self._slots[wi])), mine))
+            mine = [(name, si) for name, si, scaled in entries if name in wanted and not scaled]
+            if mine:  # picked and named in C: one itemgetter and one zip per window
+                idx = [si for _, si in mine] * (2 if len(mine) == 1 else 1)  # (a 1-item getter gives no tuple)
+                counts.append((wi, tuple(name for name, _ in mine), itemgetter(*idx)))
+            sums += [(name, wi, si) for name, si, scaled in entries if name in wanted and scaled]
         other = [(n, g) for n, g in self._other if n in wanted]
+        empty: tuple[int, ...] = ()
+        nwin = len(self._widths)
 
         def read(u: UserState, at: int) -> dict[str, Any]:
+            t = [empty] * nwin
+            wins = u.wins
+            for wi, up in unpack:
+                t[wi] = up(wins[wi].total(at))
             out: dict[str, Any] = {}
-            for wi, unpack, entries in by_window:
-                vals = unpack(u.wins[wi].total(at))
-                for name, si, scaled in entries:
-                    out[name] = round(vals[si] / SCALE, 2) if scaled else vals[si]
+            for wi, names, pick in counts:
+                out.update(zip(names, pick(t[wi])))
+            for name, wi, si in sums:
+                out[name] = round(t[wi][si] / SCALE, 2)
             for name, get in other:
-                out[name] = get(u, at)
+                out[name] = get(u, at, t)
             return out
 
         return read
@@ -401,7 +438,7 @@ class FeaturePlan:
         """What an event of a type and platform updates, worked out once per pair (the per-event path only
         follows it). A platform features do not know is taken for none (and not kept as a key: any string
         may come)."""
-        by_type = self._recipes.get(platform)
+        by_type = self.recipes.get(platform)
         if by_type is None:
             return self.recipe(etype, None)
         r = by_type.get(etype)
@@ -415,8 +452,10 @@ class FeaturePlan:
                         ones.append(1 << shift)
                     else:
                         (values if mode == VALUE else present).append((shift if mode == VALUE else 1 << shift, fld))
+            windows = sorted(by_window.items())
             r = by_type[etype] = Recipe(
-                tuple((wi, sum(o), tuple(v), tuple(p)) for wi, (o, v, p) in sorted(by_window.items())),
+                tuple((wi, sum(o)) for wi, (o, v, p) in windows if not v and not p),
+                tuple((wi, sum(o), tuple(v), tuple(p)) for wi, (o, v, p) in windows if v or p),
                 tuple(gi for gi, t in enumerate(self.recency_types) if t is None or etype in t),
                 tuple(
                     (di, d.field, None if d.field is not None else platform, d.max_values)
@@ -440,14 +479,15 @@ class FeaturePlan:
             ts = u.last[og]
             return (at - ts) / 86_400_000 if ts >= 0 else -1.0
 
-        g["rfm_recency_days"] = lambda u, at: round(days(u, at), 2)
-        g["rfm_r"] = lambda u, at: 1 if (d := days(u, at)) < 0 else _score_down(d, r.recency_days)
-        orders, revenue = _window_getter(wi, oi), _window_getter(wi, mi)
-        g["rfm_f"] = lambda u, at: _score_up(orders(u, at), r.frequency)
-        g["rfm_m"] = lambda u, at: _score_up(revenue(u, at) / SCALE, r.monetary)
-        g["rfm_segment"] = lambda u, at: f"{g['rfm_r'](u, at)}{g['rfm_f'](u, at)}{g['rfm_m'](u, at)}"
+        g["rfm_recency_days"] = lambda u, at, t: round(days(u, at), 2)
+        g["rfm_r"] = lambda u, at, t: 1 if (d := days(u, at)) < 0 else _score_down(d, r.recency_days)
+        g["rfm_f"] = lambda u, at, t: _score_up(t[wi][oi], r.frequency)
+        g["rfm_m"] = lambda u, at, t: _score_up(t[wi][mi] / SCALE, r.monetary)
+        g["rfm_segment"] = lambda u, at, t: f"{g['rfm_r'](u, at, t)}{g['rfm_f'](u, at, t)}{g['rfm_m'](u, at, t)}"
         repeat = self.defs.lifecycle.repeat_orders if self.defs.lifecycle else 2
-        g["repeat_buyer"] = lambda u, at: orders(u, at) >= repeat
+        g["repeat_buyer"] = lambda u, at, t: t[wi][oi] >= repeat
+        for name in ("rfm_f", "rfm_m", "rfm_segment", "repeat_buyer"):
+            self.slots_of[name] = ((wi, oi), (wi, mi))
 
     def _lifecycle(self) -> None:
         lc = self.defs.lifecycle
@@ -456,7 +496,7 @@ class FeaturePlan:
         at_risk_ms, dormant_ms = lc.at_risk_within * 1000, lc.dormant_within * 1000
         og = self.order_group
 
-        def stage(u: UserState, at: int) -> str:
+        def stage(u: UserState, at: int, t: Totals) -> str:
             """The stage the user was in when this event came: a returning dormant user says so."""
             if at - u.first_ts <= new_ms and u.last[og] < 0:
                 return "new"
@@ -472,33 +512,38 @@ class FeaturePlan:
         self.getters["lifecycle_stage"] = stage
 
 
-def _window_getter(wi: int, si: int) -> Callable[[UserState, int], int]:
-    """Slot ``si`` of window ``wi`` as of ``at`` (reading slot ``si`` needs the bias of slots 0 … ``si`` only)."""
-    b = bias(si + 1)
-    return lambda u, at: slot(u.wins[wi].total(at) + b, si)
+def _window_getter(wi: int, si: int) -> Getter:
+    return lambda u, at, t: t[wi][si]
 
 
 def _sum_getter(wi: int, si: int) -> Getter:
-    read = _window_getter(wi, si)
-    return lambda u, at: round(read(u, at) / SCALE, 2)
+    return lambda u, at, t: round(t[wi][si] / SCALE, 2)
 
 
 def _average(wi: int, si: int, ni: int) -> Getter:
-    total, count = _window_getter(wi, si), _window_getter(wi, ni)
-
-    def avg(u: UserState, at: int) -> float:
-        n = count(u, at)
-        return round(total(u, at) / SCALE / n, 2) if n else 0.0
+    def avg(u: UserState, at: int, t: Totals) -> float:
+        n = t[wi][ni]
+        return round(t[wi][si] / SCALE / n, 2) if n else 0.0
 
     return avg
 
 
+def _affinity_getter(half_ms: float) -> Getter:
+    """The top categories' interest decayed to ``at`` (every score shares one factor, see ``_affinity``)."""
+
+    def affinity(u: UserState, at: int, t: Totals) -> dict[str, float]:
+        decay, aff = 2.0 ** (-(at - u.ref_ts) / half_ms), u.aff
+        return {c: round(aff[c] * decay, 3) for c in u.top}
+
+    return affinity
+
+
 def _last_getter(gi: int) -> Getter:
-    return lambda u, at: u.last[gi]
+    return lambda u, at, t: u.last[gi]
 
 
 def _since_getter(gi: int) -> Getter:
-    def since(u: UserState, at: int) -> int:
+    def since(u: UserState, at: int, t: Totals) -> int:
         ts = u.prev[gi] if u.last[gi] == at else u.last[gi]
         return (at - ts) // 1000 if ts >= 0 else -1
 
@@ -506,7 +551,8 @@ def _since_getter(gi: int) -> Getter:
 
 
 def _distinct_getter(di: int, window_ms: int) -> Getter:
-    return lambda u, at: sum(1 for ts in u.distinct[di].values() if at - window_ms < ts <= at)
+    """Values seen within the window; a read is as of the user's newest event, so none is seen after ``at``."""
+    return lambda u, at, t: sum(map((at - window_ms).__lt__, u.distinct[di].values()))
 
 
 class ShardState:
@@ -567,6 +613,8 @@ class FeatureEngine:
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
         self.idle_ms = plan.retention_ms + self.lateness_ms
+        #: per distinct feature, its longest window: older values are never counted again (see ``evict``)
+        self.distinct_ms = [int(max(d.windows) * 1000) for d in plan.distinct]
         self.read_needed = plan.reader(needed)
         self.read_all = plan.reader(None)
         d = defs
@@ -604,13 +652,13 @@ class FeatureEngine:
 
     def apply(self, st: ShardState, ev: Event) -> Enriched | DeadLetter | None:
         """One event: its Enriched (None when not enriching), or a refusal."""
-        ts = ev.ts
-        if ev.event_id in st.dedup:
+        ts, seen = ev.ts, st.dedup.ids  # the Deduper's dict, read and written here without two calls an event
+        if ev.event_id in seen:
             return _refuse(ev, "duplicate", f"event_id {ev.event_id[:60]!r} seen within events.dedup_window")
         user = st.users.get(ev.user_id)
         if user is not None and ts < user.last_ts - self.lateness_ms:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
-        st.dedup.add(ev.event_id, ts)
+        seen[ev.event_id] = ts
         if user is None or ts - user.last_ts > self.idle_ms:
             # a user back after the longest retention starts afresh, evicted yet or not: results never
             # depend on when the eviction scan ran
@@ -633,9 +681,17 @@ class FeatureEngine:
 
     def _update(self, u: UserState, ev: Event) -> None:
         ts, etype, props = ev.ts, ev.type, ev.props
-        r = self.plan.recipe(etype, ev.platform)
+        r = self.plan.recipes.get(ev.platform, _NO_RECIPES).get(etype) or self.plan.recipe(etype, ev.platform)
         wins = u.wins
-        for wi, d, values, present in r.windows:
+        for wi, d in r.counts:  # PackedWindow.add, inlined: the hottest lines of the feature step
+            w = wins[wi]
+            b = ts // w.bucket_ms
+            buckets = w.buckets
+            buckets[b] = buckets.get(b, 0) + d
+            w.tot += d
+            if b < w.lo:
+                w.lo = b
+        for wi, d, values, present in r.valued:
             for shift, fld in values:
                 v = props.get(fld)
                 if (type(v) is int or type(v) is float) and -MAX_VALUE <= v <= MAX_VALUE:
@@ -826,13 +882,22 @@ class FeatureEngine:
         return out
 
     def evict(self, st: ShardState) -> None:
-        """Drop users idle past every window and ids past the dedup window."""
+        """Drop users idle past every window, ids past the dedup window, and distinct values past their
+        feature's longest window (features are read at the user's newest time, which only moves on: such
+        a value is never counted again; without this a busy shopper keeps ``max_values`` of them)."""
         st.since_evict = 0
         horizon = st.max_ts - self.idle_ms
         idle = [uid for uid, u in st.users.items() if u.last_ts < horizon]
         for uid in idle:
             del st.users[uid]
         st.dedup.expire(st.max_ts - self.lateness_ms)
+        for u in st.users.values():
+            distinct = u.distinct
+            for di, keep_ms in enumerate(self.distinct_ms):
+                seen = distinct[di]
+                cut = u.last_ts - keep_ms
+                if seen and next(iter(seen.values())) <= cut:  # the oldest first (recency order)
+                    distinct[di] = {v: ts for v, ts in seen.items() if ts > cut}
 
 
 def _cart(u: UserState, etype: str, ts: int, props: dict[str, Any]) -> None:

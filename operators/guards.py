@@ -6,8 +6,12 @@ of the user is seen in order (so an opt-out is never overtaken by a message):
 
 - the **global control group** and per-trigger **holdout**, by a stable hash of
   the user (and trigger): held-out users are logged as "would have fired";
-- **consent** per channel, from ``consent`` events (``opt_in`` triggers need a
-  grant, ``opt_out`` ones only the absence of a refusal);
+- **consent** per channel, from ``consent`` events (``opt_in`` triggers, and every
+  trigger on an ``opt_in`` channel, need a grant; ``opt_out`` ones only the absence
+  of a refusal). The statement made last in event time wins, at equal times a
+  refusal: the rule of the Redis consent store (:mod:`connectors.consent_store`),
+  which the guards step checks again, so that both agree whatever order the
+  statements arrive in;
 - **quiet hours** in the user's time zone (from ``identify``): dropped, or
   held until the window opens (in event time).
 
@@ -80,24 +84,51 @@ def effective(trigger: TriggerDef, defaults: Guards) -> Guards:
 
 class Profile:
     """What a user told us about themselves: consent per channel (``consent`` events) and attributes
-    (``identify``: time zone, locale, birthday, tier …), which conditions read as ``user``."""
+    (``identify``: time zone, locale, birthday, tier …), which conditions read as ``user``.
 
-    __slots__ = ("consent", "attrs")
+    >>> p = Profile()
+    >>> p.state("email", True, 20), p.state("email", False, 10), p.state("email", False, 20), p.consent
+    (True, False, True, {'email': False})
+    """
+
+    __slots__ = ("consent", "attrs", "said")
 
     def __init__(self) -> None:
         self.consent: dict[str, bool] = {}
         self.attrs: dict[str, Any] = {}
+        #: the event time of each channel's statement
+        self.said: dict[str, int] = {}
+
+    def state(self, channel: str, granted: bool, ts: int) -> bool:
+        """Take a consent statement made at ``ts`` unless a newer one is known (at equal times a refusal
+        stays); whether it was taken."""
+        before = self.said.get(channel)
+        if before is not None and (ts < before or (ts == before and (granted or not self.consent[channel]))):
+            return False
+        self.consent[channel] = granted
+        self.said[channel] = ts
+        return True
+
+    def take_consent(self, other: Profile) -> None:
+        """Fold another profile's statements in (an identity merge), channel by channel by the same rule."""
+        for channel, granted in other.consent.items():
+            self.state(channel, granted, other.said.get(channel, _LONG_AGO))
 
     @property
     def tz(self) -> str | None:
         tz = self.attrs.get("timezone")
         return tz if isinstance(tz, str) else None
 
-    def __getstate__(self) -> tuple[dict[str, bool], dict[str, Any]]:
-        return (self.consent, self.attrs)
+    def __getstate__(self) -> tuple[dict[str, bool], dict[str, Any], dict[str, int]]:
+        return (self.consent, self.attrs, self.said)
 
-    def __setstate__(self, s: tuple[dict[str, bool], dict[str, Any]]) -> None:
-        self.consent, self.attrs = s
+    def __setstate__(self, s: tuple[Any, ...]) -> None:
+        # a snapshot from before statements had times: what it knew counts as said long ago
+        self.consent, self.attrs = s[0], s[1]
+        self.said = s[2] if len(s) > 2 else dict.fromkeys(self.consent, _LONG_AGO)
+
+
+_LONG_AGO = -(1 << 62)
 
 
 class StateGuards:
@@ -107,6 +138,8 @@ class StateGuards:
         self.control = tf.control_group
         self.defaults = tf.defaults
         self.guards = {t.id: effective(t, tf.defaults) for t in tf.triggers}
+        #: channels every trigger needs a grant for
+        self.opt_in = {name for name, c in tf.channels.items() if c.consent == "opt_in"}
         self.default_tz = default_tz
 
     def check(self, a: Action, profile: Profile | None, at: int) -> tuple[Decision | None, int | None]:
@@ -120,7 +153,7 @@ class StateGuards:
         if g.holdout and bucket(a.user_id, a.trigger_id) < g.holdout:
             return Decision(a, "holdout", "holdout"), None
         granted = profile.consent.get(a.channel) if profile else None
-        if granted is False or (g.consent == "opt_in" and granted is not True):
+        if granted is False or ((g.consent == "opt_in" or a.channel in self.opt_in) and granted is not True):
             return Decision(a, "suppressed", "no_consent"), None
         if g.quiet_hours is not None:
             tz = (profile.tz if profile else None) or self.default_tz

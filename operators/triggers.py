@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 import cel
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import Action, Decision, Event, Merge
+from nudgeflow.events import Action, Consent, Decision, Event, Merge
 from nudgeflow.settings import (
     AbsenceTrigger, CrossingTrigger, DateTrigger, EventTrigger, Reloadable, SequenceTrigger, TriggerDef, TriggersFile,
 )
@@ -231,6 +231,44 @@ def resolve_absence(
     return fired, afters[i:]
 
 
+def drop_settled(afters: list[After], unless: list[int], within: int, final: int) -> list[After]:
+    """The ``after`` events of one (trigger, user) that can still change what :func:`resolve_absence`
+    decides, once every event before ``final`` (the watermark) is known; both lists sorted.
+
+    An episode with a known ``unless`` before ``final`` is cancelled whatever still arrives, and an
+    ``after`` event before ``final`` inside the open episode only joins it (an ``unless`` that would
+    make it open the next one would have to be older than ``final``). What is left is the open
+    episode's first event and the events from ``final`` on: a browse held an hour by browse
+    abandonment no longer keeps every later browse of that hour.
+
+    >>> A = [After(0, "a0", 0, {}), After(10, "a1", 0, {}), After(20, "a2", 0, {}), After(50, "a3", 0, {})]
+    >>> [a.event_id for a in drop_settled(A, unless=[], within=30, final=40)]  # a1, a2 join a0's episode
+    ['a0', 'a3']
+    >>> [a.event_id for a in drop_settled(A, unless=[15], within=30, final=40)]  # cancelled at 15: a2 opens
+    ['a2', 'a3']
+    >>> [a.event_id for a in drop_settled(A, unless=[15], within=30, final=12)]  # only a1 is settled yet
+    ['a0', 'a2', 'a3']
+    """
+    i, n = 0, len(afters)
+    while i < n:
+        a = afters[i]
+        j = bisect.bisect_left(unless, a.ts)
+        if j < len(unless) and unless[j] < min(a.ts + within, final):
+            b = unless[j]
+            while i < n and afters[i].ts <= b:
+                i += 1
+            continue
+        break
+    if i >= n:
+        return []
+    head = afters[i]
+    end = min(head.ts + within, final)
+    k = i + 1
+    while k < n and afters[k].ts < end:
+        k += 1
+    return [head, *afters[k:]] if i or k > 1 else afters
+
+
 class Timers:
     """The undecided ``after`` events and recent ``unless`` times of one (trigger, user)."""
 
@@ -322,6 +360,8 @@ class TriggerState:
         #: profiles of users an identity merge released while actions of theirs were held: the holds end
         #: with the consent and time zone their user had (dropped with the user's last held action)
         self.departed: dict[str, Profile] = {}
+        #: ``after`` and ``unless`` times added to timers since the last sweep (see ``TriggerEngine._sweep``)
+        self.added = 0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]  # a snapshot from before a kind existed lacks its fields
@@ -448,11 +488,11 @@ class TriggerEngine:
     def new_state(self) -> TriggerState:
         return TriggerState()
 
-    def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action | Decision]:
+    def on_event(self, st: TriggerState, en: Enriched, now: int) -> list[Action | Decision | Consent]:
         """Evaluate one enriched event: condition, crossing and sequence triggers fire now, timers are fed.
 
         ``now`` is the batch's wall-clock reading. Timers fire in :meth:`advance`.
-        Out come candidate actions, and decisions the in-state guards took.
+        Out come candidate actions, decisions the in-state guards took, and a consent event's statement.
         """
         ev = en.event
         ts = ev.ts
@@ -460,9 +500,11 @@ class TriggerEngine:
         st.clock.see(ev.position, ts, now)
         if ts > self.max_ts:
             self.max_ts = ts
+        out: list[Action | Decision | Consent] = []
         if ev.type in _PROFILE_TYPES:
             self._profile(st, ev)
-        out: list[Action | Decision] = []
+            if ev.type == "consent":  # for the Redis consent store, before anything it decides
+                out.append(Consent(uid, ev.props["channel"], ev.props["granted"], ts))
         for t, cond in self.by_type.get(ev.type, ()):
             if self._holds(st, cond, en):
                 self._fire(st, out, t, uid, ev.event_id, ts, ev.ingest_ms, en.features, en.scores, ev.origin_id)
@@ -482,6 +524,7 @@ class TriggerEngine:
                 tm = st.timers[key] = Timers()
                 heapq.heappush(st.heap, (ts + self.lateness_ms + 1, t.id, uid))
             bisect.insort(tm.unless, ts)
+            st.added += 1
         for t, opens in self.after.get(ev.type, ()):
             if opens is not None and not self._holds(st, opens, en):
                 continue
@@ -493,6 +536,7 @@ class TriggerEngine:
             bisect.insort(tm.afters, a)
             if tm.afters[0] is a:
                 heapq.heappush(st.heap, (ts + self.within_ms[t.id], t.id, uid))
+            st.added += 1
         return out
 
     def _keep(self, tid: str, feats: dict[str, Any]) -> dict[str, Any]:
@@ -562,6 +606,8 @@ class TriggerEngine:
                 del st.departed[a.user_id]
         if st.heap:
             self._advance_absence(st, out, watermark)
+        if st.added > len(st.timers) + SWEEP_AFTER:
+            self._sweep(st, watermark)
         if st.sequence_heap:
             self._advance_sequences(st, watermark)
         if st.date_heap:
@@ -598,6 +644,28 @@ class TriggerEngine:
                     heapq.heappush(heap, (tm.unless[0] + lateness + 1, tid, uid))
                 else:
                     del st.timers[key]
+
+    def _sweep(self, st: TriggerState, watermark: int) -> None:
+        """Forget the ``after`` events the watermark has settled (:func:`drop_settled`) and the ``unless``
+        times older than what is left, in every timer with an open episode. Run once as many times were
+        added as there are timers (O(1) an event, amortised), so an open episode holds its first event
+        and those of the lateness, not every event of its window. Timers of ``unless`` times alone are
+        pruned by their own heap entries."""
+        st.added = 0
+        lateness = self.lateness_ms
+        for (tid, uid), tm in st.timers.items():
+            within = self.within_ms.get(tid)
+            if within is None or not tm.afters:
+                continue
+            head = tm.afters[0]
+            tm.afters = drop_settled(tm.afters, tm.unless, within, watermark)
+            keep_from = min(tm.afters[0].ts if tm.afters else watermark, watermark - lateness)
+            tm.unless = tm.unless[bisect.bisect_left(tm.unless, keep_from):]
+            if tm.afters:
+                if tm.afters[0] is not head:  # cancelled: the next episode's deadline gets an entry
+                    heapq.heappush(st.heap, (tm.afters[0].ts + within, tid, uid))
+            elif tm.unless:  # cancelled, nothing left open: its unless times are pruned as those of no episode
+                heapq.heappush(st.heap, (tm.unless[0] + lateness + 1, tid, uid))
 
     def _advance_sequences(self, st: TriggerState, watermark: int) -> None:
         """Forget ``first`` times no later ``then`` can match and ``then`` events no late ``first`` can reach."""
@@ -639,7 +707,7 @@ class TriggerEngine:
         if p is None:
             p = st.profiles[ev.user_id] = Profile()
         if ev.type == "consent":
-            p.consent[ev.props["channel"]] = ev.props["granted"]
+            p.state(ev.props["channel"], ev.props["granted"], ev.ts)
         elif ev.type == "identify":
             p.attrs.update(ev.props)
             for attr in ev.props.keys() & self.dated.keys():
@@ -695,8 +763,9 @@ class TriggerEngine:
         when the merge arrived: an episode whose deadline passed, an ``unless`` time past ``ts + lateness``
         that no open episode of its own id still needed, a ``first`` past ``ts + within``, a waiting
         ``then`` past its own time (each as far as that shard's watermark goes). Rules: a crossing fired by either id stays fired (the merged shopper re-arms
-        once the value falls below ``reset_below``, so one rise is not messaged twice); consent and
-        attributes: ``uid``'s own values win, the released ones fill the gaps; a date schedule follows
+        once the value falls below ``reset_below``, so one rise is not messaged twice); consent: per
+        channel the newer statement (at equal times the refusal); attributes: ``uid``'s own values win,
+        the released ones fill the gaps; a date schedule follows
         its attribute (the released schedule only where ``uid`` had no such attribute). Features that
         pending events kept are those of the id they carried. Triggers a reload removed meanwhile drop
         their part.
@@ -744,7 +813,7 @@ class TriggerEngine:
             if own is None:
                 st.profiles[uid] = part.profile
             else:
-                own.consent = {**part.profile.consent, **own.consent}
+                own.take_consent(part.profile)
                 own.attrs = {**part.profile.attrs, **own.attrs}
         return out
 
@@ -793,10 +862,13 @@ class TriggerEngine:
 
 _PROFILE_TYPES = frozenset({"consent", "identify"})
 _NO_FEATURES: dict[str, Any] = {}  # shared by every pending event that keeps none: nothing writes to it
+#: times added to a shard's timers, beyond one per timer, before a sweep (a small shard sweeps rarely)
+SWEEP_AFTER = 1024
 
 
-TriggerOut = Action | Decision | Merge
-"""Candidates, decisions taken in state, and merges passed on (the guards step moves counters there)."""
+TriggerOut = Action | Decision | Merge | Consent
+"""Candidates, decisions taken in state, merges passed on (the guards step moves counters there) and consent
+statements (the guards step writes them to the Redis consent store)."""
 
 
 def _open(st: TriggerState) -> bool:

@@ -2,8 +2,9 @@
 
 A window of width ``W`` is kept as sums per bucket of width ``B`` (``W/B``
 buckets, 120 by default). "As of time t" the window holds the buckets
-``t//B - W/B + 1 … t//B``: every event of the last ``W`` is in, and events up
-to ``B`` older may be too. That is the whole error: at most one bucket at the
+``t//B - W/B … t//B`` (one more than ``W/B``: the oldest is partly outside, and
+with one bucket fewer an event just inside ``W`` could be left out): every event
+of the last ``W`` is in, and events up to ``B`` older may be too. That is the whole error: at most one bucket at the
 old edge, a relative error in time of ``B/W`` (1/120 = 0.83 %).
 
 One window serves every feature of the same width (views, carts, revenue …):
@@ -112,7 +113,7 @@ class PackedWindow:
 
     def total(self, at_ts: int) -> int:
         """The packed sums as of event time ``at_ts`` (no event after ``at_ts`` may have been added)."""
-        oldest = at_ts // self.bucket_ms - self.n + 1
+        oldest = at_ts // self.bucket_ms - self.n
         if self.lo < oldest:
             buckets = self.buckets
             for b in [b for b in buckets if b < oldest]:

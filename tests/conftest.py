@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from connectors.embedded import ensure_redis
+from connectors.embedded import ensure_redis, start_redis_cluster
 from connectors.guard_store import RedisGuards
 from connectors.tansu import TansuBroker
 from nudgeflow.settings import TriggersFile
+from tests.helpers import delete_keys
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,22 @@ def redis_url() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A live Redis Cluster of three primaries, started for the session (``redis+cluster://`` URL)."""
+    cluster = start_redis_cluster()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["server", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """One Redis server, then a Redis Cluster: a test that takes it must pass on both."""
+    return request.getfixturevalue("redis_url" if request.param == "server" else "redis_cluster_url")
+
+
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
@@ -35,22 +52,13 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def key_prefix(redis_url: str) -> Iterator[str]:
-    """A unique key prefix; keys under it are deleted afterwards (the server may be shared)."""
+def key_prefix(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    """A unique key prefix; keys under it are deleted afterwards (the server may be shared), on the cluster
+    when the test runs there."""
     prefix = f"nftest{uuid.uuid4().hex[:12]}"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                client.delete(*batch)
-                batch.clear()
-        if batch:
-            client.delete(*batch)
-    finally:
-        client.close()
+    delete_keys(request.getfixturevalue("any_redis_url") if "any_redis_url" in request.fixturenames else redis_url,
+                prefix)
 
 
 @pytest.fixture(scope="session")
@@ -82,19 +90,16 @@ def ch_database() -> str:
 
 
 @pytest.fixture
-def guards_of(redis_url: str) -> Iterator:
-    """Makes RedisGuards under fresh key prefixes, deleting the keys afterwards."""
+def guards_of(any_redis_url: str) -> Iterator:
+    """Makes RedisGuards under fresh key prefixes, deleting the keys afterwards; on one server and on a cluster."""
     prefixes: list[str] = []
 
     def make(tf: TriggersFile, prefix: str | None = None) -> RedisGuards:
         if prefix is None:
             prefix = f"nftest{uuid.uuid4().hex[:12]}"
             prefixes.append(prefix)
-        return RedisGuards(tf, redis_url, prefix)
+        return RedisGuards(tf, any_redis_url, prefix)
 
     yield make
-    r = redis.Redis.from_url(redis_url)
     for p in prefixes:
-        keys = list(r.scan_iter(match=f"{p}*", count=1000))
-        if keys:
-            r.delete(*keys)
+        delete_keys(any_redis_url, p)

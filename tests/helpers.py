@@ -13,11 +13,14 @@ from typing import Any, TextIO
 
 import httpx
 import orjson
-import redis
+from redis.cluster import RedisCluster
 from prometheus_client.parser import text_string_to_metric_families
 
+from connectors.clickhouse import connect
+from connectors.redis_client import Client, redis_client
 from connectors.redis_store import FeatureReader
 from connectors.tansu import TansuBroker, create_topics
+from flows.common import clickhouse_dsn
 from nudgeflow.settings import Settings
 
 MIN = 60_000
@@ -56,8 +59,8 @@ kafka: {{brokers: ["{bootstrap}"], topic_prefix: "{prefix}", tail: "${{NF_TAIL:-
 features: {{definitions: {config_dir}/features.yaml, allowed_lateness: {lateness}}}
 redis: {{url: "{redis_url}", key_prefix: "{key_prefix}"}}
 clickhouse: {{chdb_path: ch}}
-actions: {{kind: file, path: out/actions.jsonl}}
-dlq: {{kind: file, path: out/dlq.jsonl}}
+actions: {actions}
+dlq: {dlq}
 triggers: {config_dir}/triggers.yaml
 models: {config_dir}/models.yaml
 shards: 16
@@ -66,12 +69,16 @@ shards: 16
 
 
 def write_config(path: Path, kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: str, extra: str,
-                 lateness: str = "5m") -> Path:
-    """The e2e config in ``path``, with ``extra`` YAML sections (recovery, metrics …) appended."""
+                 lateness: str = "5m", sinks: str = "file", config_dir: Path = CONFIG_DIR) -> Path:
+    """The e2e config in ``path``, with ``extra`` YAML sections (recovery, metrics …) appended; actions and dead
+    letters go to ``sinks``: ``file`` (``out/actions.jsonl``, ``out/dlq.jsonl``) or ``kafka`` (``<prefix>.actions``,
+    ``<prefix>.dlq``). ``config_dir`` holds the features, triggers and models files (the shipped ones)."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = path / "nf.yaml"
-    cfg.write_text(CONFIG.format(bootstrap=kafka.bootstrap, prefix=prefix, config_dir=CONFIG_DIR, redis_url=redis_url,
-                                 key_prefix=key_prefix, lateness=lateness, extra=extra))
+    out = {name: "{kind: kafka}" if sinks == "kafka" else f"{{kind: file, path: out/{name}.jsonl}}"
+           for name in ("actions", "dlq")}
+    cfg.write_text(CONFIG.format(bootstrap=kafka.bootstrap, prefix=prefix, config_dir=config_dir, redis_url=redis_url,
+                                 key_prefix=key_prefix, lateness=lateness, extra=extra, **out))
     return cfg
 
 
@@ -102,15 +109,35 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-def features(r: redis.Redis, prefix: str) -> dict[str, dict[str, Any]]:
+def url_of(r: Client) -> str:
+    """The URL a client was made for (a Redis Cluster's through the node it asks first)."""
+    if isinstance(r, RedisCluster):
+        node = r.get_default_node()
+        return f"redis+cluster://{node.host}:{node.port}"
+    return "redis://{host}:{port}/{db}".format(**r.connection_pool.connection_kwargs)
+
+
+def delete_keys(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (on a cluster, on every node)."""
+    client = redis_client(url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            pipe.delete(key)
+        pipe.execute()
+    finally:
+        client.close()
+
+
+def features(r: Client, prefix: str) -> dict[str, dict[str, Any]]:
     users = sorted(k.split(":u:", 1)[1] for k in r.scan_iter(match=f"{prefix}:u:*", count=1000))
-    url = "redis://{host}:{port}/{db}".format(**r.connection_pool.connection_kwargs)
+    url = url_of(r)
     # scores are left out: models publish snapshots on a wall-clock cadence, so scores depend on timing
     return {u: {k: v for k, v in h.items() if not k.startswith("score_")}
             for u, h in FeatureReader(url, prefix).get_many(users).items()}
 
 
-def total_events(r: redis.Redis, prefix: str) -> int:
+def total_events(r: Client, prefix: str) -> int:
     return sum(int(h.get("events_30d", 0)) for h in features(r, prefix).values())
 
 
@@ -123,7 +150,7 @@ def stop(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
         proc.kill()
 
 
-def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str, attempts: int = 3,
+def drain(config: Path, r: Client, prefix: str, events: int, *options: str, attempts: int = 3,
           timeout: float = 100.0) -> None:
     """Run the flow as a service (``tail: true``) until Redis holds every event, then stop it.
 
@@ -149,6 +176,15 @@ def drain(config: Path, r: redis.Redis, prefix: str, events: int, *options: str,
         if total_events(r, prefix) == events:
             return
     raise AssertionError(f"{total_events(r, prefix)} of {events} events after {attempts} runs; last log:\n{logs[-1]}")
+
+
+def query(s: Settings, base: Path, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one ClickHouse query on the flow's database (``{db}`` in ``sql``)."""
+    ch = connect(clickhouse_dsn(s, base))
+    try:
+        return ch.query(sql.format(db=s.clickhouse.database)).result_rows
+    finally:
+        ch.close()
 
 
 def kafka_settings(kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: str, chdb_path: Path, database: str,

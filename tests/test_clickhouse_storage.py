@@ -170,6 +170,12 @@ def test_every_table_with_a_ttl_column_exists(client: Client, ch_database: str) 
     assert set(TTL_COLUMNS) <= tables
 
 
+def test_every_table_cleans_up_replaced_parts_within_30_s(client: Client, ch_database: str) -> None:
+    """Else replaced parts pile up for five minutes between cleanups, in the flow's memory (009)."""
+    tables = schema(client, ch_database)
+    assert [t for t in TTL_COLUMNS if "max_cleanup_delay_period = 30" not in tables[t]] == []
+
+
 # -- rollups
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import redis
 
 from connectors.kafka import user_keyed
+from connectors.redis_client import redis_client
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 from tests.helpers import drain, features, write_config
@@ -45,10 +46,10 @@ def test_a_cluster_of_the_main_flow_needs_a_clickhouse_server(kafka: TansuBroker
     assert proc.returncode == 2 and "needs a ClickHouse server" in " ".join(proc.stderr.split())
 
 
-def test_two_processes_merge_shoppers_across_processes(kafka: TansuBroker, redis_url: str, key_prefix: str,
+def test_two_processes_merge_shoppers_across_processes(kafka: TansuBroker, any_redis_url: str, key_prefix: str,
                                                        topic_prefix: str, tmp_path: Path) -> None:
-    """Multi-platform shoppers on two processes: merges hand state over between processes (through Redis),
-    and every event ends counted once, under the shopper it belongs to.
+    """Multi-platform shoppers on two processes: merges hand state over between processes (through Redis: one
+    server, then a Redis Cluster), and every event ends counted once, under the shopper it belongs to.
 
     The allowed lateness is long: a shopper's anonymous and known events lie in different partitions,
     which the processes read at different speeds, and nothing here may be refused as too late.
@@ -58,8 +59,8 @@ def test_two_processes_merge_shoppers_across_processes(kafka: TansuBroker, redis
     sim = SimulatorConfig(users=300, events=12_000, partitions=2, seed=7, anonymous_share=0.6)
     records = list(user_keyed(iter_records(sim)))
     produce(kafka.bootstrap, f"{prefix}.events", records)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    cfg = write_config(tmp_path, kafka, prefix, redis_url, key_prefix, "", lateness="30d")
+    r = redis_client(any_redis_url, decode_responses=True)
+    cfg = write_config(tmp_path, kafka, prefix, any_redis_url, key_prefix, "", lateness="30d")
     drain(cfg, r, key_prefix, len(records), "--flow", "features", "--processes", "2")
 
     canon = r.hgetall(f"{key_prefix}:id:canon")

@@ -44,6 +44,7 @@ def test_the_repo_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     ("name: x\nsource:\n  kind: carrier_pigeon\n", ":3: source.kind: Input should be"),
     ("name: x\nname: y\n", ":2: name: duplicate key"),
     ("name: [x\n", "invalid YAML"),
+    ("name: x\nredis:\n  url: redis+cluster://h:7000\n  embedded: true\n", ":3: redis: Value error, embedded starts"),
 ])
 def test_errors_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
@@ -115,6 +116,8 @@ def test_trigger_file_checks(tmp_path: Path) -> None:
     assert "used twice" in trigger_error(tmp_path, twice)
     bad_within = "triggers:\n  - id: c\n    kind: absence\n    after: [add_to_cart]\n    unless: [order]\n    within: soon\n"
     assert ":6: triggers.0.within: Value error, expected a duration" in trigger_error(tmp_path, bad_within)
+    channels = "channels:\n  push: {consent: opt_in}\n  sms: {rate: 5}\ntriggers: []\n"
+    assert ":3: channels.sms: Value error, a rate limit needs both rate and burst" in trigger_error(tmp_path, channels)
 
 
 def test_validate_command(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """A scripted shopper journey on real Kafka, Redis and chDB: exactly the expected actions, and a decision
-row for every matched trigger with each suppression reason; a replay of the same input delivers nothing twice."""
+row for every matched trigger with each suppression reason; a replay of the same input delivers nothing twice.
+On one Redis server and on a Redis Cluster: the same decisions."""
 
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ triggers:
 
 
 @pytest.fixture
-def settings(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
+def settings(kafka: TansuBroker, any_redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
              ch_database: str, tmp_path: Path) -> Settings:
     (tmp_path / "triggers.yaml").write_text(TRIGGERS)
     # one partition: the journey is read in the order it is written
-    return kafka_settings(kafka, topic_prefix + "journey", redis_url, key_prefix, chdb_path, ch_database,
+    return kafka_settings(kafka, topic_prefix + "journey", any_redis_url, key_prefix, chdb_path, ch_database,
                           tmp_path / "triggers.yaml", partitions=1)
 
 

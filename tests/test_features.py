@@ -41,7 +41,7 @@ WINDOW_FEATURES = {  # name -> (window ms, predicate on an event, value of an ev
 def bucketed(events: list[Event], at: int, window: int, pred, value) -> float:
     """The window as the buckets define it: bucket-aligned at the old edge."""
     b = window // 120
-    return sum(value(e) for e in events if pred(e) and at // b - 120 < e.ts // b <= at // b)
+    return sum(value(e) for e in events if pred(e) and at // b - 120 <= e.ts // b <= at // b)
 
 
 BOUND = int(MAX_VALUE * SCALE)
@@ -60,7 +60,7 @@ def test_packed_window_is_exact_to_one_bucket_and_slots_never_carry(adds: list[t
     for ts, v in adds:
         w.add(ts, delta({0: 1, 1: v, 2: 1}))
     count, total, again = unpack(w.total(at), 3)
-    kept = [(ts, v) for ts, v in adds if at // 30_000 - 120 < ts // 30_000 <= at // 30_000]
+    kept = [(ts, v) for ts, v in adds if at // 30_000 - 120 <= ts // 30_000 <= at // 30_000]
     assert (count, total, again) == (len(kept), sum(v for _, v in kept), len(kept))
     # the stated error bound: between the exact window and the window one bucket longer
     exact = sum(1 for ts, _ in adds if at - HOUR < ts <= at)
@@ -172,13 +172,14 @@ def test_flush_publishes_each_changed_user_once_with_every_feature() -> None:
     assert all(set(p.features) == set(eng.names) for p in published)
     assert {p.user_id: p.ts for p in published} == {"u0": 9 * MIN, "u1": 7 * MIN, "u2": 8 * MIN}
     assert eng.flush(s) == []
-    # the batch path (each window read once) gives what the per-feature getters give
+    # every feature read alone (its windows unpacked only as far as it needs) is what reading all gives
     _, shopped = shopper(eng.plan.defs)
     st2 = eng.new_state()
     for o in shopped:
         eng.apply(st2, o.event)
     user = st2.users["u"]
-    assert eng.plan.values(user, user.last_ts) == {n: g(user, user.last_ts) for n, g in eng.plan.getters.items()}
+    at = user.last_ts
+    assert eng.plan.values(user, at) == {n: eng.plan.reader([n])(user, at)[n] for n in eng.plan.getters}
 
 
 def test_idle_users_and_old_ids_are_evicted() -> None:
@@ -191,6 +192,21 @@ def test_idle_users_and_old_ids_are_evicted() -> None:
         eng.apply(s, Event(f"e{i}", f"u{i}", "browse", i * 1000))
     assert eng.idle_ms == HOUR + LATENESS
     assert len(s.users) <= (eng.idle_ms // 1000) + EVICT_EVERY and len(s.dedup.ids) < n
+
+
+def test_distinct_values_past_the_longest_window_are_forgotten_and_counts_stay_exact() -> None:
+    defs = FeatureDefs.model_validate({
+        "distinct": [{"name": "items", "types": ["browse"], "field": "item_id", "windows": ["1m", "10m"],
+                      "max_values": 100_000}],
+        "session": None, "rfm": None, "lifecycle": None, "affinity": None,
+    })
+    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig())
+    s = eng.new_state()
+    n = EVICT_EVERY * 3
+    for i in range(n):  # a busy shopper: a new item every second
+        en = eng.apply(s, Event(f"e{i}", "u", "browse", i * 1000, props={"item_id": f"i{i}"}))
+    assert len(s.users["u"].distinct[0]) <= 600 + EVICT_EVERY  # the last 10 minutes, and what came since the sweep
+    assert isinstance(en, Enriched) and (en.features["items_1m"], en.features["items_10m"]) == (60, 600)
 
 
 def test_state_survives_a_snapshot_round_trip() -> None:

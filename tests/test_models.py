@@ -144,8 +144,8 @@ def test_snapshot_from_another_river_is_refused() -> None:
         snap.load()
 
 
-def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(redis_url: str, key_prefix: str) -> None:
-    store = RedisModelStore(redis_url, key_prefix)
+def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(any_redis_url: str, key_prefix: str) -> None:
+    store = RedisModelStore(any_redis_url, key_prefix)
     clock = [0]
     scorer = Scorer(CFG, store.fetch, now_ms=lambda: clock[0])
     d = CFG.models[0]

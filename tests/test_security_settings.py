@@ -11,7 +11,6 @@ from typing import Any
 import clickhouse_connect.driver
 import pytest
 import redis
-from bytewax.connectors import kafka as bw_kafka
 
 from connectors import kafka
 from connectors.clickhouse import connect
@@ -69,10 +68,10 @@ def recording(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[d
 def test_kafka_sasl_and_tls_reach_librdkafka_in_source_and_sinks(secure: tuple[Settings, Path],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     s, _ = secure
-    consumers, producers = recording(monkeypatch, bw_kafka, "Consumer"), recording(monkeypatch, bw_kafka, "Producer")
+    consumers, producers = recording(monkeypatch, kafka, "Consumer"), recording(monkeypatch, kafka, "_Producer")
     part = kafka.source(s.kafka, stats_interval=10.0).build_part("in", f"0-{s.kafka.input_topics[0]}", None)
     part.close()
-    kafka.sink(s.kafka, "nudgeflow.actions").build("out", 0, 1)
+    kafka.KafkaOut(s.kafka, "nudgeflow.actions", s.shards).producer()
     assert picked(consumers[0], SASL | {"statistics.interval.ms": "10000"}) == SASL | {"statistics.interval.ms": "10000"}
     assert picked(producers[0], SASL) == SASL
 

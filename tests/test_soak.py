@@ -1,26 +1,34 @@
 """Soak: the main flow as a service (``nudgeflow run`` on tansu Kafka, tail mode) fed simulated shoppers
 at a steady rate for minutes, scraped over ``/metrics``: every event is read, lag stays bounded and
-memory grows no more than a stated budget per event after the warm-up.
+memory is flat after the warm-up.
 
 The rate is a tenth of the full flow's measured capacity on this machine (``benchmarks/RESULTS.md``,
-~8k events/s), so lag should be only batching. The user population is bounded and the dedup window
-short, so features and dedup memory stop growing early. RSS still grows, about 0.7 KB per event
-(0.5 MB/s here): state that lives longer than any soak in CI does — pending ``after`` events of
-absence triggers (up to 1 h of event time; they once kept every enriched feature, ~1 KB per
-event held, now only what their payloads read), pending model examples (a day), and chDB's
-in-process caches, which grow with the rows inserted (not separated here; README.md, Operating).
-So memory is held to a budget per event, which catches a leak on top of that, not asserted flat.
-``NUDGEFLOW_SOAK_SECONDS`` (default 180) sets how long the producer sends.
+~8k events/s), so lag should be only batching. The shoppers are bounded (2,000) and so are the windows:
+``tests/soak/`` holds the kinds of features, triggers and models the shipped files use, with windows and
+horizons of at most 30 s and no cart (it keeps a line per item ever carted), so every piece of state
+reaches its size within the warm-up. The shipped files keep state by design for as long as their
+windows (30 days of features, a day of label horizon, an hour of browse abandonment): sized in
+README.md, Operating. After the warm-up RSS moves by ±12 MB from one scrape to the next (batches in
+flight, chDB's merges and cleanups), so the medians of the first and last thirds of the samples are
+compared: +9, +11 and +12 MB in three runs of 240 s (RSS ~560-590 MB). The same setup before the state below
+was bounded grew ~15 MB a minute after the warm-up, +25 MB between the thirds: chDB kept the parts its
+merges replaced for up to 5 minutes (~20 MB), and distinct features kept up to 200 values per shopper
+beyond their window. (Absence triggers kept every ``after`` event of their window: with 30 s windows that
+is little, with the shipped hour of browse abandonment ~65 MB after 4 minutes; README.md, Soak.)
+``NUDGEFLOW_SOAK_SECONDS`` (default 240) sets how long the producer sends.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
 
 from connectors.embedded import free_port
@@ -29,17 +37,27 @@ from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics
 from tests.helpers import Samples, nudgeflow, scrape, stop, value, write_config
 
-SECONDS = int(os.environ.get("NUDGEFLOW_SOAK_SECONDS", "180"))
+SECONDS = int(os.environ.get("NUDGEFLOW_SOAK_SECONDS", "240"))
 RATE = 800  # events/s
 USERS = 2_000
 PARTITIONS = 2
-WARMUP = min(30, SECONDS // 3)  # start-up, every user seen, the dedup window full, allocator pools grown
+#: the features, triggers and models of the shipped files, with windows and horizons of at most 30 s
+SOAK_CONFIG = Path(__file__).parent / "soak"
+#: start-up, every shopper seen (the simulator brings its 2,000 in over ~2 minutes), every window, pending
+#: event and example at its steady size, chDB's first cleanups, allocator pools grown
+WARMUP = min(120, SECONDS // 2)
 EVERY = 5.0  # seconds between scrapes
-#: RSS growth allowed after the warm-up per event sent since (observed ~0.7 KB in two runs, 0.8-1.4 KB
-#: before pending events stopped keeping every feature)
-RSS_GROWTH_KB_PER_EVENT = 1.5
+#: how much the median RSS of the last third of the samples after the warm-up may exceed that of the
+#: first third (a minute and a half apart by default; +9, +11 and +12 MB in three test runs, up to +14 MB in
+#: runs on a loaded machine; +25 MB before the state was bounded, see the module docstring)
+RSS_GROWTH_MB = 20.0
 MAX_EVENT_LAG_S = 10.0
 MAX_CONSUMER_LAG = RATE * 5  # five seconds of input
+#: the shop's producer batches for 50 ms (40 events a batch at this rate). tansu's memory engine goes through a
+#: partition's stored record batches on every fetch, so with 5 ms (4 events a batch, ~100 batches a second per
+#: partition) the broker reached a full core after ~3 minutes and stopped answering the flow's fetches in time:
+#: the consumer lag then grew by the whole input rate. A real Kafka finds an offset by its index.
+LINGER_MS = 50
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,7 @@ def events_parsed(m: Samples) -> float:
 
 def produce_steadily(bootstrap: str, topic: str, cfg: SimulatorConfig, sent: list[int]) -> None:
     """Send the simulator's live records (event time = now, paced to ``cfg.rate``) keyed by user; count in ``sent``."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": LINGER_MS})
     for key, raw in user_keyed(iter_records(cfg)):
         producer.produce(topic, raw, key)
         producer.poll(0)
@@ -80,15 +98,22 @@ def produce_steadily(bootstrap: str, topic: str, cfg: SimulatorConfig, sent: lis
     assert producer.flush(30) == 0, "undelivered records"
 
 
-def test_steady_rate_keeps_lag_bounded_and_memory_in_budget(kafka: TansuBroker, redis_url: str, key_prefix: str,
-                                                            topic_prefix: str, tmp_path: Path) -> None:
-    prefix = topic_prefix + "soak"
+@pytest.fixture
+def own_kafka(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A broker of the soak's own: the session's holds the topics of every test before it."""
+    with TansuBroker(log_path=tmp_path / "tansu.log") as broker:
+        yield broker
+
+
+def test_steady_rate_keeps_lag_bounded_and_memory_flat(own_kafka: TansuBroker, redis_url: str, key_prefix: str,
+                                                       topic_prefix: str, tmp_path: Path) -> None:
+    kafka, prefix = own_kafka, topic_prefix + "soak"
     topic = f"{prefix}.events"
     create_topics(kafka.bootstrap, [topic], partitions=PARTITIONS)
     port = free_port()
     cfg = write_config(tmp_path, kafka, prefix, redis_url, key_prefix,
                        f"metrics: {{port: {port}, host: 127.0.0.1, kafka_lag_interval: 1s}}\n"
-                       "events: {dedup_window: 20s}", lateness="10s")
+                       "events: {dedup_window: 20s}", lateness="10s", config_dir=SOAK_CONFIG)
     sim = SimulatorConfig(users=USERS, events=RATE * SECONDS, rate=RATE, partitions=PARTITIONS, seed=5)
     sent = [0]
     producer = threading.Thread(target=produce_steadily, args=(kafka.bootstrap, topic, sim, sent), daemon=True)
@@ -117,9 +142,10 @@ def test_steady_rate_keeps_lag_bounded_and_memory_in_budget(kafka: TansuBroker, 
     print(f"\nsoak: {sent[0]} events at {RATE}/s, {USERS} users, {SECONDS} s\n{curve}")  # pytest -s shows it
     assert parsed == sent[0] == RATE * SECONDS, f"parsed {parsed} of {sent[0]}"
     steady = [s for s in samples if s.t >= WARMUP]
-    assert len(steady) >= 2, curve
-    growth = max(s.rss_mb for s in steady) - steady[0].rss_mb
-    budget = RSS_GROWTH_KB_PER_EVENT * RATE * (steady[-1].t - steady[0].t) / 1024
-    assert growth < budget, f"RSS grew {growth:.1f} MB after the warm-up (budget {budget:.1f} MB)\n{curve}"
+    third = len(steady) // 3
+    assert third >= 3, curve
+    # medians: batches in flight, merges and cleanups in chDB move RSS by ±10 MB from one scrape to the next
+    growth = statistics.median(s.rss_mb for s in steady[-third:]) - statistics.median(s.rss_mb for s in steady[:third])
+    assert growth < RSS_GROWTH_MB, f"RSS grew {growth:.1f} MB after the warm-up (at most {RSS_GROWTH_MB} MB)\n{curve}"
     assert all(s.event_lag_s is not None and s.event_lag_s < MAX_EVENT_LAG_S for s in steady), curve
     assert all(s.consumer_lag is not None and s.consumer_lag < MAX_CONSUMER_LAG for s in steady), curve

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pickle
 import random
+from collections.abc import Callable
+from typing import Any
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nudgeflow.events import Event
 from nudgeflow.settings import TriggersFile
+from operators import triggers
 from operators.features import Enriched
-from operators.triggers import After, TriggerEngine, resolve_absence
+from operators.triggers import After, TriggerEngine, drop_settled, resolve_absence
 
 W = 30 * 60_000
 LATENESS = 5 * 60_000
@@ -58,6 +62,26 @@ def test_resolve_absence_matches_brute_force(evs: list[tuple[int, str]], wm: int
     assert all(a.ts + W > wm * 60_000 for a in left[:1])
 
 
+@settings(max_examples=400, deadline=None)
+@given(times, times, st.integers(0, 300))
+def test_dropping_settled_afters_changes_no_firing(seen: list[tuple[int, str]], later: list[tuple[int, str]],
+                                                   final_min: int) -> None:
+    """Whatever arrives after the watermark reached ``final`` (nothing older than it), the episodes fire alike
+    from everything or from what :func:`drop_settled` kept of what was seen before."""
+    final = final_min * 60_000
+    events = [(ts * 60_000, kind, f"s{i}") for i, (ts, kind) in enumerate(seen)]
+    events += [(final + ts * 60_000, kind, f"l{i}") for i, (ts, kind) in enumerate(later)]
+    ts_of = {eid: ts for ts, _, eid in events}
+    afters = lambda evs: sorted(After(ts, eid, 0, {}) for ts, kind, eid in evs if kind == "after")  # noqa: E731
+    unless = sorted(ts for ts, kind, _ in events if kind == "unless")
+    kept = drop_settled(afters(events[:len(seen)]), sorted(ts for ts, k, _ in events[:len(seen)] if k == "unless"),
+                        W, final)
+    for wm in (final, final + 150 * 60_000, 10**9):
+        everything = resolve_absence(afters(events), unless, W, wm)[0]
+        pruned = resolve_absence(sorted(kept + afters(events[len(seen):])), unless, W, wm)[0]
+        assert [ts_of[a.event_id] for a in pruned] == [ts_of[a.event_id] for a in everything]
+
+
 def shuffle_within(stream: list[Event], lateness: int, rnd: random.Random) -> list[Event]:
     """Arrival order where no event arrives after one more than ``lateness`` newer than it."""
     return sorted(stream, key=lambda e: e.ts + rnd.uniform(0, lateness))
@@ -86,9 +110,9 @@ user_streams = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(user_streams, st.integers(0, 2**32), st.integers(1, 7), st.booleans())
+@given(user_streams, st.integers(0, 2**32), st.integers(1, 7), st.booleans(), st.booleans())
 def test_absence_fires_as_the_model_says_whatever_the_arrival_order(
-    per_user: list[list[tuple[int, str]]], seed: int, batch: int, restart: bool
+    per_user: list[list[tuple[int, str]]], seed: int, batch: int, restart: bool, sweep: bool
 ) -> None:
     rnd = random.Random(seed)
     stream: list[Event] = []
@@ -96,7 +120,9 @@ def test_absence_fires_as_the_model_says_whatever_the_arrival_order(
         for i, (minute, etype) in enumerate(evs):
             stream.append(Event(f"u{u}-{i}", f"u{u}", etype, minute * 60_000 + u, position=f"t:{u % 2}:{i}"))
     engine = TriggerEngine(TRIGGERS, lateness_ms=LATENESS, idle_ms=10**12, now_ms=lambda: 0)
-    got = run(engine, shuffle_within(stream, LATENESS, rnd), batch, restart_at=len(stream) // 2 if restart else None)
+    # sweep: settled events are forgotten on every advance (a real shard sweeps after ~1,000 of them)
+    with patch.object(triggers, "SWEEP_AFTER", -(10**9) if sweep else triggers.SWEEP_AFTER):
+        got = run(engine, shuffle_within(stream, LATENESS, rnd), batch, restart_at=len(stream) // 2 if restart else None)
     # the same run in event-time order gives the same firings: arrival order does not matter
     assert got == run(engine, sorted(stream, key=lambda e: e.ts), batch)
     expected = []
@@ -157,6 +183,45 @@ def test_state_is_bounded_after_resolution() -> None:
         engine.advance(s, engine.watermark(s, 0))
     engine.advance(s, s.clock.max_ts + LATENESS + W + 1)
     assert s.timers == {} and len(s.heap) <= 50
+
+
+def two_hours_of_browse_abandonment(
+    etype: Callable[[int], str], held: Callable[[Any], int]
+) -> tuple[TriggerEngine, Any, list[int]]:
+    """50 shoppers with an event every 10 s for 2 h (``etype`` of the step) under a 3 h browse abandonment:
+    the engine, its state and, after each step, what ``held`` counts over the open timers."""
+    tf = TriggersFile.model_validate({"triggers": [
+        {"id": "browse", "kind": "absence", "after": ["browse"], "unless": ["order"], "within": "3h"},
+    ]})
+    engine = TriggerEngine(tf, lateness_ms=60_000, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    out = []
+    for i in range(720):
+        for u in range(50):
+            engine.on_event(s, Enriched(Event(f"e{i}-{u}", f"u{u}", etype(i), i * 10_000, position="t:0:0"), {}), 0)
+        engine.advance(s, engine.watermark(s, 0))
+        out.append(sum(held(tm) for tm in s.timers.values()))
+    return engine, s, out
+
+
+def test_an_open_episode_holds_its_first_event_and_the_lateness_not_its_window() -> None:
+    """Shoppers who only browse: without sweeps every browse (36,000) would wait; what is held stays near
+    one sweep's worth, and each shopper still fires once."""
+    engine, s, held = two_hours_of_browse_abandonment(lambda i: "browse", lambda tm: len(tm.afters))
+    # a sweep's backlog (its threshold: SWEEP_AFTER and one time per timer, plus a batch), and per shopper
+    # the first browse and the 7 of the last minute (the lateness: not settled yet)
+    assert max(held) <= triggers.SWEEP_AFTER + 50 + 50 + 50 * (1 + 7)
+    fired = engine.advance(s, 4 * 3_600_000)
+    assert sorted(a.occurrence for a in fired) == sorted(f"e0-{u}" for u in range(50))
+
+
+def test_a_cancelled_episode_does_not_keep_the_unless_times_that_follow() -> None:
+    """A browse, then an order every 10 s: the first order cancels the episode, and the orders after it are
+    kept for the lateness only, not until the 3 h deadline of the cancelled browse."""
+    engine, s, held = two_hours_of_browse_abandonment(lambda i: "browse" if i == 0 else "order",
+                                                      lambda tm: len(tm.unless))
+    assert max(held) <= triggers.SWEEP_AFTER + 50 + 50 + 50 * 8  # as above: a sweep's backlog, the lateness
+    assert engine.advance(s, 4 * 3_600_000) == []
 
 
 SEQ = TriggersFile.model_validate({"triggers": [

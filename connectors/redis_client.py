@@ -1,0 +1,121 @@
+"""The one place Redis clients are made: a single server or a Redis Cluster, chosen by the URL.
+
+``redis://`` (or ``rediss://``) is one server, ``redis+cluster://host:port`` (``rediss+cluster://``) a
+Redis Cluster reached through any of its nodes: redis-py's ``RedisCluster`` finds the others and routes
+each command to the node holding its key's hash slot. Every connector takes its client from
+:func:`redis_client`, so the choice is configuration only.
+
+What differs under a cluster is kept here too: a Lua script may only touch keys of one slot (callers
+hash-tag them, ``{user}``), a multi-key read is split by slot (:func:`mget`), and scripts sent in a
+cluster pipeline are loaded on every node beforehand (:class:`Scripts`), because the cluster
+pipeline does not load them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import redis
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError, RedisClusterException
+
+from connectors.redis_retry import until_redis_answers
+
+log = logging.getLogger(__name__)
+
+Client: TypeAlias = "redis.Redis | RedisCluster"
+Pipeline: TypeAlias = "redis.client.Pipeline | redis.cluster.ClusterPipeline"
+
+CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
+
+
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster.
+
+    >>> is_cluster("redis+cluster://10.0.0.5:7000"), is_cluster("redis://127.0.0.1:6379/0")
+    (True, False)
+    """
+    return url.startswith(tuple(CLUSTER_SCHEMES))
+
+
+def _cluster(url: str, **kwargs: Any) -> RedisCluster:
+    for scheme, plain in CLUSTER_SCHEMES.items():
+        if url.startswith(scheme):
+            url = plain + url[len(scheme):]
+    try:
+        return RedisCluster.from_url(url, **kwargs)
+    except RedisClusterException as e:  # no node answered: the same as a lost connection
+        raise redis.ConnectionError(str(e)) from e
+
+
+def redis_client(url: str, wait: bool = True, **kwargs: Any) -> Client:
+    """A client for ``url`` (``kwargs`` go to redis-py: ``decode_responses``, timeouts …).
+
+    A single server's client connects on first use; a cluster's asks a node for the slot map at once,
+    and (``wait``) waits for the cluster to answer as every Redis write does (:mod:`connectors.redis_retry`).
+    """
+    if not is_cluster(url):
+        return redis.Redis.from_url(url, **kwargs)
+    if not wait:
+        return _cluster(url, **kwargs)
+    return until_redis_answers("connecting to the Redis Cluster", lambda: _cluster(url, **kwargs))
+
+
+def mget(client: Client, keys: Sequence[str]) -> list[Any]:
+    """``MGET`` of keys in any slots: one command on a single server, one per node under a cluster."""
+    if isinstance(client, RedisCluster):
+        return client.mget_nonatomic(keys)
+    return client.mget(keys)
+
+
+Call: TypeAlias = tuple[Script, Sequence[str], Sequence[Any]]
+"""A script call: the script, its keys (one slot under a cluster) and its arguments."""
+
+
+class Scripts:
+    """The Lua scripts one connector runs, and running them in pipelines.
+
+    A single server's pipeline loads missing scripts itself. A cluster pipeline does not (redis-py
+    refuses ``evalsha`` there, so the command is queued as such), so on a cluster every script is loaded
+    on every node at once, here and whenever a node answers NOSCRIPT (it restarted, a replica took over,
+    a node joined): a node then has all of them or none, and a pipeline's calls on a node without them
+    all fail, none runs, and they are sent again in their order.
+    """
+
+    def __init__(self, client: Client, *sources: str):
+        self.client = client
+        self.cluster = isinstance(client, RedisCluster)
+        self.registered = [client.register_script(source) for source in sources]
+        if self.cluster:
+            until_redis_answers("loading scripts on the Redis Cluster", self.load)
+
+    def load(self) -> None:
+        for script in self.registered:
+            self.client.script_load(script.script)
+
+    def run(self, calls: Sequence[Call]) -> list[Any]:
+        """Run script calls in one pipeline, in order (per node, under a cluster), and return their results."""
+        out = self._send(calls)
+        if self.cluster:
+            missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+            if missing:
+                log.info("a Redis Cluster node lost its scripts: loading them again")
+                self.load()
+                for i, r in zip(missing, self._send([calls[i] for i in missing])):
+                    out[i] = r
+        errors = [r for r in out if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        return out
+
+    def _send(self, calls: Sequence[Call]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            if self.cluster:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            else:
+                script(keys=keys, args=args, client=pipe)
+        return pipe.execute(raise_on_error=False)
