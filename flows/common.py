@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -77,16 +78,31 @@ def recovery_store_exists(db: Path) -> bool:
     return db.is_dir() and any(db.glob("part-*.sqlite3"))
 
 
-def init_recovery_store(s: Settings, base: Path) -> Path | None:
-    """Create the recovery store ``recovery.dir`` names; its folder, or None when it already existed."""
+def init_recovery_store(s: Settings, base: Path, share: tuple[int, int] = (0, 1)) -> Path | None:
+    """Create the recovery store ``recovery.dir`` names; its folder, or None when it already existed.
+
+    ``share`` is (this process's index, processes) for a cluster whose processes keep their stores apart
+    (containers or machines with a volume each): a process keeps the partitions whose index is its own
+    modulo the processes, so the cluster holds each partition once. Bytewax resumes when the processes
+    together have every partition (each one records the count); a process may have a partition's file
+    only once, or two copies would each miss the other's snapshots.
+    """
     from bytewax.recovery import init_db_dir
 
     assert s.recovery is not None
+    index, processes = share
+    count = s.recovery.partitions
+    if processes > count:
+        raise ValueError(f"recovery.partitions is {count}: a cluster of {processes} processes with a store each "
+                         f"needs at least {processes}, one per process")
     db = _resolve(base, s.recovery.dir)
     if recovery_store_exists(db):
         return None
     db.mkdir(parents=True, exist_ok=True)
-    init_db_dir(db, s.recovery.partitions)
+    with tempfile.TemporaryDirectory(dir=db) as tmp:
+        init_db_dir(Path(tmp), count)
+        for i in range(index, count, processes):
+            os.replace(Path(tmp) / f"part-{i}.sqlite3", db / f"part-{i}.sqlite3")
     return db
 
 

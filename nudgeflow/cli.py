@@ -54,20 +54,11 @@ def run(
 
     if flow_name not in ("main", "features"):
         _fail(ValueError(f"unknown flow {flow_name!r}: main or features"))
+    share = _share(process_id, addresses)
     if init_recovery:
-        from flows.common import init_recovery_store
-        from nudgeflow.settings import load_settings
-
-        try:
-            s, base = load_settings(config)
-        except ConfigError as e:
-            _fail(e)
-        if s.recovery is not None and init_recovery_store(s, base) is not None:
-            console.print(f"created the recovery store {s.recovery.dir}")
+        _init_recovery(config, share, existing_ok=True)
     if processes > 1:
         raise typer.Exit(_run_cluster(config, processes, workers, flow_name, redis_url))
-    if (process_id is None) != (addresses is None):
-        _fail(ValueError("--process-id and --addresses go together"))
     try:
         flow, rt = from_file(importlib.import_module(f"flows.{flow_name}").build, config, redis_url)
         options = rt.bytewax_options()
@@ -107,9 +98,20 @@ recovery_app = typer.Typer(help="Bytewax recovery store.")
 app.add_typer(recovery_app, name="recovery")
 
 
-@recovery_app.command("init")
-def recovery_init(config: ConfigOpt = Path("config/local.yaml")) -> None:
-    """Create the recovery store named by ``recovery.dir`` (once, before the first run)."""
+def _share(process_id: int | None, addresses: str | None) -> tuple[int, int]:
+    """(this process's index, processes) of a cluster started process by process; (0, 1) for one process."""
+    if (process_id is None) != (addresses is None):
+        _fail(ValueError("--process-id and --addresses go together"))
+    if process_id is None or addresses is None:
+        return 0, 1
+    processes = len(addresses.split(";"))
+    if not 0 <= process_id < processes:
+        _fail(ValueError(f"--process-id {process_id} is not one of the {processes} --addresses"))
+    return process_id, processes
+
+
+def _init_recovery(config: Path, share: tuple[int, int], existing_ok: bool) -> None:
+    """Create the config's recovery store (this process's share of it in a cluster)."""
     from flows.common import init_recovery_store
     from nudgeflow.settings import load_settings
 
@@ -118,11 +120,34 @@ def recovery_init(config: ConfigOpt = Path("config/local.yaml")) -> None:
     except ConfigError as e:
         _fail(e)
     if s.recovery is None:
-        _fail(ValueError(f"{config} has no recovery section"))
-    db = init_recovery_store(s, base)
+        if not existing_ok:
+            _fail(ValueError(f"{config} has no recovery section"))
+        return
+    try:
+        db = init_recovery_store(s, base, share)
+    except ValueError as e:
+        _fail(ValueError(f"{config}: {e}"))
     if db is None:
-        _fail(FileExistsError(f"{s.recovery.dir} already holds a recovery store; remove it to start over"))
-    console.print(f"created {s.recovery.partitions} recovery partition(s) in {db}")
+        if not existing_ok:
+            _fail(FileExistsError(f"{s.recovery.dir} already holds a recovery store; remove it to start over"))
+        return
+    index, processes = share
+    mine = len(range(index, s.recovery.partitions, processes))
+    console.print(f"created {mine} of {s.recovery.partitions} recovery partition(s) in {db}")
+
+
+@recovery_app.command("init")
+def recovery_init(
+    config: ConfigOpt = Path("config/local.yaml"),
+    process_id: Annotated[Optional[int], typer.Option("--process-id", "-i",
+                                                      help="this process's index, when each process of a cluster "
+                                                           "keeps a store of its own (with --addresses)")] = None,
+    addresses: Annotated[Optional[str], typer.Option("--addresses", "-a",
+                                                     help="host:port of every process of the cluster")] = None,
+) -> None:
+    """Create the recovery store named by ``recovery.dir`` (once, before the first run); in a cluster whose
+    processes keep stores apart, this process's partitions (those whose index is its own modulo the processes)."""
+    _init_recovery(config, _share(process_id, addresses), existing_ok=False)
 
 
 @app.command()

@@ -1,10 +1,14 @@
-"""Scale-out: ``nudgeflow run --processes 2`` (Bytewax's cluster runtime) ends with the same features as one process."""
+"""Scale-out: ``nudgeflow run --processes 2`` (Bytewax's cluster runtime) ends with the same features as one process;
+so does a cluster of processes started one by one, each with a recovery store of its own, killed and resumed."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 import redis
 
@@ -12,7 +16,8 @@ from connectors.kafka import user_keyed
 from connectors.redis_client import redis_client
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
-from tests.helpers import drain, features, write_config
+from nudgeflow.cluster import loopback_addresses
+from tests.helpers import drain, features, nudgeflow, stop, total_events, write_config
 
 
 def test_two_processes_give_the_features_of_one(kafka: TansuBroker, redis_url: str, key_prefix: str,
@@ -68,3 +73,78 @@ def test_two_processes_merge_shoppers_across_processes(kafka: TansuBroker, any_r
     hashes = {k.split(":u:", 1)[1] for k in r.scan_iter(match=f"{key_prefix}:u:*", count=1000)}
     assert not hashes & canon.keys()  # no merged-away id keeps a hash of its own
     assert set(canon.values()) <= hashes
+
+
+def test_a_cluster_with_a_recovery_store_per_process_resumes_after_both_are_killed(
+    kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Two processes started one by one (``--process-id``/``--addresses``, as on two machines or in the compose
+    ``cluster`` profile), each creating its share of the recovery store in a folder of its own, killed with
+    SIGKILL mid-stream and started again (on other ports): the features of one uninterrupted process."""
+    prefix = topic_prefix + "clusterrec"
+    topic = f"{prefix}.events"
+    create_topics(kafka.bootstrap, [topic], partitions=4)
+    # known shoppers only, as in test_recovery.py
+    records = list(user_keyed(iter_records(SimulatorConfig(users=400, events=16_000, partitions=2, seed=13,
+                                                           anonymous_share=0))))
+    half = len(records) // 2
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    rec = "recovery: {dir: store, partitions: 4, snapshot_interval: 300ms}"
+    configs = [write_config(tmp_path / f"p{i}", kafka, prefix, redis_url, key_prefix + "c", rec) for i in range(2)]
+
+    def start(log: TextIO) -> list[subprocess.Popen[str]]:
+        addresses = ";".join(loopback_addresses(2))
+        return [nudgeflow("run", "--config", str(cfg), "--flow", "features", "--no-summary", "--init-recovery",
+                          "--process-id", str(i), "--addresses", addresses, tail=True, wait=False, log=log)
+                for i, cfg in enumerate(configs)]
+
+    def until(events: int, procs: list[subprocess.Popen[str]], log: TextIO) -> None:
+        deadline = time.monotonic() + 120
+        while total_events(r, key_prefix + "c") < events and time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                log.seek(0)
+                raise AssertionError(log.read()[-3000:])
+            time.sleep(0.2)
+        assert total_events(r, key_prefix + "c") == events
+
+    produce(kafka.bootstrap, topic, records[:half])
+    with (tmp_path / "first.log").open("w+") as log:
+        procs = start(log)
+        try:  # the processes are killed whatever happens: a failed check must not leave them running
+            until(half, procs, log)
+            produce(kafka.bootstrap, topic, records[half:])
+            time.sleep(0.5)
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=30)
+    assert half <= total_events(r, key_prefix + "c") < len(records), "the kill should land mid-stream"
+    # each process created its share of the partitions, and only that
+    assert [sorted(f.name for f in (cfg.parent / "store").glob("part-*.sqlite3")) for cfg in configs] == [
+        ["part-0.sqlite3", "part-2.sqlite3"], ["part-1.sqlite3", "part-3.sqlite3"]]
+
+    with (tmp_path / "again.log").open("w+") as log:
+        procs = start(log)  # resume from the last snapshot both stores agree on
+        try:
+            until(len(records), procs, log)
+        finally:
+            for p in procs:
+                stop(p)
+
+    one = write_config(tmp_path / "one", kafka, prefix, redis_url, key_prefix + "1", "")
+    drain(one, r, key_prefix + "1", len(records), "--flow", "features")
+    got, want = features(r, key_prefix + "c"), features(r, key_prefix + "1")
+    assert len(want) == len({key for key, _ in records}) and got == want
+
+
+def test_a_store_per_process_needs_a_partition_per_process(kafka: TansuBroker, redis_url: str, key_prefix: str,
+                                                           tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, kafka, "nope", redis_url, key_prefix, "recovery: {dir: store, partitions: 1}")
+    init = [sys.executable, "-m", "nudgeflow.cli", "recovery", "init", "--config", str(cfg)]
+    proc = subprocess.run([*init, "--process-id", "0", "--addresses", "a:1;b:1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "needs at least 2, one per process" in " ".join(proc.stderr.split())
+    proc = subprocess.run([*init, "--process-id", "2", "--addresses", "a:1;b:1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--process-id 2 is not one of the 2 --addresses" in " ".join(proc.stderr.split())
+    assert not (tmp_path / "store").exists()

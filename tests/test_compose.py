@@ -55,6 +55,37 @@ def test_stack_services_and_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dep.settings.actions.kind == "kafka" and dep.settings.dlq.kind == "kafka"
 
 
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_the_cluster_profile_runs_one_cluster_of_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--profile cluster``: two workers that are the two processes of one Bytewax cluster, each with its own
+    volume (its share of the recovery store) and metrics port; without the profile, only the single worker."""
+    proc = compose("--profile", "cluster", "config")
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    workers = [services[f"worker-{i}"] for i in range(2)]
+    # (docker-compose 1.29's `config` lists every service whatever the profile: the profiles are checked)
+    assert "profiles" not in services["worker"] and all(w["profiles"] == ["cluster"] for w in workers)
+    addresses = {option(w["command"], "--addresses") for w in workers}
+    assert len(addresses) == 1  # the same cluster
+    members = addresses.pop().split(";")
+    assert [m.split(":")[0] for m in members] == ["worker-0", "worker-1"]  # each address is a worker's service
+    assert [option(w["command"], "--process-id") for w in workers] == ["0", "1"]
+    assert all(w["command"][:3] == ["run", "--config", "config/docker.yaml"] and "--init-recovery" in w["command"]
+               for w in workers)
+    assert workers[0]["environment"] == workers[1]["environment"] == services["worker"]["environment"]
+    volumes = [{v.split(":")[0] for v in w["volumes"]} for w in (*workers, services["worker"])]
+    assert volumes[0] and volumes[1] and not volumes[0] & volumes[1] and not (volumes[0] | volumes[1]) & volumes[2]
+    assert len({p["published"] for w in workers for p in w["ports"]}) == 2
+    # the store the workers share out has a partition for each of them
+    for k, v in workers[0]["environment"].items():
+        monkeypatch.setenv(k, v)
+    recovery = load_deployment(ROOT / "config" / "docker.yaml").settings.recovery
+    assert recovery is not None and recovery.partitions >= len(members)
+
+
 def test_grafana_is_provisioned_with_the_read_only_analyst(chdb_path: Path, ch_database: str) -> None:
     proc = compose("config")
     assert proc.returncode == 0, proc.stderr
