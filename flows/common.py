@@ -209,13 +209,17 @@ Builder = Callable[[Deployment], tuple[Dataflow, Runtime]]
 DEFAULT_CONFIG = "config/local.yaml"
 
 
-def from_file(build: Builder, path: str | os.PathLike[str], redis_url: str | None = None) -> tuple[Dataflow, Runtime]:
+def from_file(build: Builder, path: str | os.PathLike[str], redis_url: str | None = None,
+              metrics_port: int | None = None) -> tuple[Dataflow, Runtime]:
     """Build a flow from a deployment config file, logging as it says (the CLI and ``python -m bytewax.run``
-    both come here); ``redis_url`` replaces its Redis (a cluster's shared one)."""
+    both come here); ``redis_url`` replaces its Redis (a cluster's shared one), ``metrics_port`` its
+    ``metrics.port`` (a local cluster's process's own)."""
     dep = load_deployment(path)
     logs.configure(dep.settings)
     if redis_url:
         dep.settings.redis = dep.settings.redis.model_copy(update={"url": redis_url, "embedded": False})
+    if metrics_port is not None:
+        dep.settings.metrics = dep.settings.metrics.model_copy(update={"port": metrics_port})
     return build(dep)
 
 

@@ -40,6 +40,9 @@ def run(
     addresses: Annotated[Optional[str], typer.Option("--addresses", "-a",
                                                      help="host:port of every process of the cluster, ';'-separated")] = None,
     redis_url: Annotated[Optional[str], typer.Option("--redis-url", help="use this Redis instead of the config's")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option("--metrics-port", min=0, max=65535,
+                                                        help="serve /metrics here instead of on metrics.port (with "
+                                                             "--processes, process I uses metrics.port + I)")] = None,
     init_recovery: Annotated[bool, typer.Option("--init-recovery",
                                                 help="create the recovery store if it does not exist yet (a service's "
                                                      "first start); an existing one is resumed")] = False,
@@ -60,7 +63,7 @@ def run(
     if processes > 1:
         raise typer.Exit(_run_cluster(config, processes, workers, flow_name, redis_url))
     try:
-        flow, rt = from_file(importlib.import_module(f"flows.{flow_name}").build, config, redis_url)
+        flow, rt = from_file(importlib.import_module(f"flows.{flow_name}").build, config, redis_url, metrics_port)
         options = rt.bytewax_options()
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
@@ -88,7 +91,8 @@ def _run_cluster(config: Path, processes: int, workers: int, flow_name: str, red
                          "(clickhouse.dsn), or run the feature store alone (--flow features)"))
     embedded = ensure_redis(redis_url or s.redis.url or None) if s.redis.embedded and not redis_url else None
     try:
-        return run_processes(config, processes, workers, flow_name, redis_url or (embedded.url if embedded else s.redis.url))
+        return run_processes(config, processes, workers, flow_name, redis_url or (embedded.url if embedded else s.redis.url),
+                             s.metrics.port)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -35,18 +35,20 @@ def loopback_addresses(n: int) -> list[str]:
             s.close()
 
 
-def run_processes(config: Path, processes: int, workers: int, flow: str, redis_url: str) -> int:
+def run_processes(config: Path, processes: int, workers: int, flow: str, redis_url: str, metrics_port: int = 0) -> int:
     """Run ``processes`` local processes of one flow until all end; the first failure's exit code, else 0.
 
     SIGINT and SIGTERM are passed on to every process; when one process fails the others are stopped,
-    as a cluster missing a member cannot make progress.
+    as a cluster missing a member cannot make progress. With ``metrics_port`` (0: none) process ``i`` serves
+    its metrics on ``metrics_port + i``: each counts what it reads and decides.
     """
     addresses = ";".join(loopback_addresses(processes))
     base = [
         sys.executable, "-m", "nudgeflow.cli", "run", "--config", str(config), "--workers", str(workers),
         "--flow", flow, "--no-summary", "--addresses", addresses, "--redis-url", redis_url,
     ]  # fmt: skip
-    procs = [subprocess.Popen([*base, "--process-id", str(i)]) for i in range(processes)]
+    ports = lambda i: ["--metrics-port", str(metrics_port + i)] if metrics_port else []  # noqa: E731
+    procs = [subprocess.Popen([*base, "--process-id", str(i), *ports(i)]) for i in range(processes)]
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         for p in procs:

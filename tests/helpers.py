@@ -105,6 +105,11 @@ def scrape(port: int) -> Samples:
     }
 
 
+def events_parsed(m: Samples) -> float:
+    """Events parsed, all types: equal to the events sent once the flow has caught up."""
+    return sum(v for (name, _), v in m.items() if name == "nudgeflow_events_total")
+
+
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 

@@ -4,6 +4,7 @@ so does a cluster of processes started one by one, each with a recovery store of
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,12 +13,13 @@ from typing import TextIO
 
 import redis
 
+from connectors.embedded import free_port
 from connectors.kafka import user_keyed
 from connectors.redis_client import redis_client
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 from nudgeflow.cluster import loopback_addresses
-from tests.helpers import drain, features, nudgeflow, stop, total_events, write_config
+from tests.helpers import drain, events_parsed, features, nudgeflow, scrape, stop, total_events, write_config
 
 
 def test_two_processes_give_the_features_of_one(kafka: TansuBroker, redis_url: str, key_prefix: str,
@@ -148,3 +150,40 @@ def test_a_store_per_process_needs_a_partition_per_process(kafka: TansuBroker, r
                           timeout=120)
     assert proc.returncode == 2 and "--process-id 2 is not one of the 2 --addresses" in " ".join(proc.stderr.split())
     assert not (tmp_path / "store").exists()
+
+
+def two_free_ports() -> int:
+    """A port ``p`` with ``p + 1`` free too."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+def test_each_process_of_a_local_cluster_serves_its_own_metrics(kafka: TansuBroker, redis_url: str, key_prefix: str,
+                                                                topic_prefix: str, tmp_path: Path) -> None:
+    prefix = topic_prefix + "clustermet"
+    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=4)
+    records = list(user_keyed(iter_records(SimulatorConfig(users=100, events=4_000, partitions=2, seed=3,
+                                                           anonymous_share=0))))
+    produce(kafka.bootstrap, f"{prefix}.events", records)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    port = two_free_ports()
+    cfg = write_config(tmp_path, kafka, prefix, redis_url, key_prefix, f"metrics: {{port: {port}, host: 127.0.0.1}}")
+    with (tmp_path / "flow.log").open("w+") as log:
+        flow = nudgeflow("run", "--config", str(cfg), "--flow", "features", "--no-summary", "--processes", "2",
+                         tail=True, wait=False, log=log)
+        try:
+            deadline = time.monotonic() + 120
+            while total_events(r, key_prefix) < len(records) and time.monotonic() < deadline:
+                assert flow.poll() is None, log.read()[-3000:]
+                time.sleep(0.3)
+            parsed = [events_parsed(scrape(port + i)) for i in range(2)]
+        finally:
+            stop(flow)
+    # each process counts the partitions it reads (two of the four), and together they count every event once
+    assert sum(parsed) == len(records) and min(parsed) > 0, parsed

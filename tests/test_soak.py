@@ -35,7 +35,7 @@ from connectors.embedded import free_port
 from connectors.kafka import user_keyed
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics
-from tests.helpers import Samples, nudgeflow, scrape, stop, value, write_config
+from tests.helpers import events_parsed, nudgeflow, scrape, stop, value, write_config
 
 SECONDS = int(os.environ.get("NUDGEFLOW_SOAK_SECONDS", "240"))
 RATE = 800  # events/s
@@ -81,11 +81,6 @@ def sample(port: int, t: float, topic: str) -> Sample:
     rss = value(m, "process_resident_memory_bytes")
     assert rss is not None
     return Sample(t, rss / 2**20, value(m, "nudgeflow_event_lag_seconds"), sum(lags) if lags else None)
-
-
-def events_parsed(m: Samples) -> float:
-    """Events parsed, all types: equal to the events sent once the flow has caught up."""
-    return sum(v for (name, _), v in m.items() if name == "nudgeflow_events_total")
 
 
 def produce_steadily(bootstrap: str, topic: str, cfg: SimulatorConfig, sent: list[int]) -> None:
