@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +12,8 @@ import redis
 from connectors.embedded import ensure_redis, start_redis_cluster
 from connectors.guard_store import RedisGuards
 from connectors.tansu import TansuBroker
-from nudgeflow.settings import TriggersFile
-from tests.helpers import delete_keys
+from nudgeflow.settings import Settings, TriggersFile
+from tests.helpers import delete_keys, kafka_settings
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +87,21 @@ def chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ch_database() -> str:
     """A fresh database name per test inside the shared chDB folder."""
     return f"nftest_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def journey_settings(kafka: TansuBroker, any_redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
+                     ch_database: str, tmp_path: Path) -> Callable[[str, str], Settings]:
+    """The main flow for a scripted journey, on one Redis server and on a Redis Cluster: ``(name, triggers)``
+    writes the triggers (YAML) to a file and gives settings reading ``<topic prefix><name>.events`` from one
+    partition, so the journey is read in the order it is written."""
+
+    def make(name: str, triggers: str) -> Settings:
+        (tmp_path / "triggers.yaml").write_text(triggers)
+        return kafka_settings(kafka, topic_prefix + name, any_redis_url, key_prefix, chdb_path, ch_database,
+                              tmp_path / "triggers.yaml", partitions=1)
+
+    return make
 
 
 @pytest.fixture

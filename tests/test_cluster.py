@@ -172,7 +172,6 @@ def test_each_process_of_a_local_cluster_serves_its_own_metrics(kafka: TansuBrok
     records = list(user_keyed(iter_records(SimulatorConfig(users=100, events=4_000, partitions=2, seed=3,
                                                            anonymous_share=0))))
     produce(kafka.bootstrap, f"{prefix}.events", records)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
     port = two_free_ports()
     cfg = write_config(tmp_path, kafka, prefix, redis_url, key_prefix, f"metrics: {{port: {port}, host: 127.0.0.1}}")
     with (tmp_path / "flow.log").open("w+") as log:

@@ -6,6 +6,7 @@ it by the same rule, and keyed state and Redis agree whatever order the statemen
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 import uuid
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from nudgeflow.configload import deployment
 from nudgeflow.events import Action, Consent, Merge
 from nudgeflow.settings import Settings, TriggersFile
 from operators.guards import Profile
-from tests.helpers import MIN, ev, kafka_settings, query
+from tests.helpers import MIN, ev, query
 
 FILE = TriggersFile.model_validate({
     "defaults": {"cooldown": 0},
@@ -151,11 +152,8 @@ triggers:
 
 
 @pytest.fixture
-def flow_settings(kafka: TansuBroker, any_redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
-                  ch_database: str, tmp_path: Path) -> Settings:
-    (tmp_path / "triggers.yaml").write_text(TRIGGERS)
-    return kafka_settings(kafka, topic_prefix + "consent", any_redis_url, key_prefix, chdb_path, ch_database,
-                          tmp_path / "triggers.yaml", partitions=1)
+def flow_settings(journey_settings: Callable[[str, str], Settings]) -> Settings:
+    return journey_settings("consent", TRIGGERS)
 
 
 def test_consent_events_and_a_crm_refusal_decide_the_flows_actions(

@@ -5,6 +5,7 @@ On one Redis server and on a Redis Cluster: the same decisions."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -17,7 +18,7 @@ from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
-from tests.helpers import MIN, ev, kafka_settings
+from tests.helpers import MIN, ev
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 TRIGGERS = """
@@ -40,12 +41,8 @@ triggers:
 
 
 @pytest.fixture
-def settings(kafka: TansuBroker, any_redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
-             ch_database: str, tmp_path: Path) -> Settings:
-    (tmp_path / "triggers.yaml").write_text(TRIGGERS)
-    # one partition: the journey is read in the order it is written
-    return kafka_settings(kafka, topic_prefix + "journey", any_redis_url, key_prefix, chdb_path, ch_database,
-                          tmp_path / "triggers.yaml", partitions=1)
+def settings(journey_settings: Callable[[str, str], Settings]) -> Settings:
+    return journey_settings("journey", TRIGGERS)
 
 
 def journey(t0: int) -> list[tuple[bytes, bytes]]:

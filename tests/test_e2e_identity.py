@@ -8,6 +8,7 @@ already counts a message the anonymous device got before the login. On one Redis
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -22,7 +23,7 @@ from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
 from nudgeflow.settings import Settings
-from tests.helpers import CART_ABANDONMENT, MIN, kafka_settings
+from tests.helpers import CART_ABANDONMENT, MIN
 
 TRIGGERS = f"""
 defaults: {{cooldown: 0, consent: opt_out, holdout: 0}}
@@ -43,11 +44,8 @@ def wire(eid: str, etype: str, ts: int, platform: str, ids: dict[str, str], **pr
 
 
 @pytest.fixture
-def settings(kafka: TansuBroker, any_redis_url: str, key_prefix: str, topic_prefix: str, chdb_path: Path,
-             ch_database: str, tmp_path: Path) -> Settings:
-    (tmp_path / "triggers.yaml").write_text(TRIGGERS)
-    return kafka_settings(kafka, topic_prefix + "id", any_redis_url, key_prefix, chdb_path, ch_database,
-                          tmp_path / "triggers.yaml", partitions=1)
+def settings(journey_settings: Callable[[str, str], Settings]) -> Settings:
+    return journey_settings("id", TRIGGERS)
 
 
 def test_anonymous_app_cart_then_web_login_gets_one_reminder(
