@@ -88,14 +88,8 @@ class _SharedConsumer:
                 err = m.error()
                 if err is not None and err.code() == KafkaError._PARTITION_EOF:
                     self.ended.add(at)
-                elif at in self.ended:
-                    continue
-                elif at in self.buffers:
-                    self.buffers[at].append(m)
-                elif err is not None:  # an error of no partition (all brokers down): the partition that asked
-                    buf.append(m)
-                # else a record of a partition unassigned after it was fetched: not this reader's (its offset
-                # would land in another partition's snapshot); the partition's next reader reads it again
+                elif at not in self.ended:
+                    self.buffers.get(at, buf).append(m)
         return [buf.popleft() for _ in range(min(len(buf), self.batch_size))]
 
 
