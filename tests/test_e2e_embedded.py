@@ -63,6 +63,10 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
     assert 250 <= len(keys) <= 300
     sample = FeatureReader(redis_url, key_prefix).get(keys[0].split(":u:", 1)[1])
     assert sample["events_1h"] >= 1 and sample["_v"] == "1" and int(sample["_ts"]) > 0
+    # every shopper's newest scores, published with the features: churn_risk scores every event type
+    hashes = FeatureReader(redis_url, key_prefix).get_many(k.split(":u:", 1)[1] for k in keys).values()
+    assert all(0.0 <= float(h["score_churn_risk"]) <= 1.0 for h in hashes)
+    assert sum("score_purchase_propensity" in h for h in hashes) >= len(keys) // 2
     assert "funnel browse → cart → order by platform" in proc.stdout
     rows = dict(re.findall(r"│ (\w+)\s+│\s+(\d+) │", proc.stdout.split("rows in ClickHouse")[1]))
     assert int(rows["events"]) == accepted and int(rows["dlq"]) == dead and int(rows["actions"]) == fired
