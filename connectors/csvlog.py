@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationInfo, WithJsonSchema, field_validator
 
 from connectors.files import LineSource, Raw
 from nudgeflow.events import DeadLetter, Event
@@ -164,7 +164,10 @@ class CsvSourceConfig(BaseModel):
 
     model_config = _STRICT
     #: relative to the config file; a string is split on ``:`` (``${NUDGEFLOW_REPLAY_PATHS}``)
-    paths: Annotated[list[str], BeforeValidator(_split_paths)] = Field(min_length=1)
+    paths: Annotated[list[str], BeforeValidator(_split_paths), WithJsonSchema({"anyOf": [
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "string", "description": "paths separated by ':'"},
+    ]})] = Field(min_length=1)
     #: a mapping file (relative to the config file, like ``datasets/taobao.yaml``) or the mapping inline
     mapping: Annotated[
         Annotated[str, Tag("file")] | Annotated[CsvMapping, Tag("inline")],

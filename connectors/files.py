@@ -3,12 +3,15 @@
 The line source (shared by JSONL and the CSV replay in :mod:`connectors.csvlog`)
 reads each file as one partition and records the byte offset as its resume
 state, so a replay under Bytewax recovery continues where it stopped.
-Positions are ``path:line`` so any refused record can be found.
+Positions are ``path:line`` so any refused record can be found. With ``tail``
+it keeps reading lines as they are appended (``tail -f``), looking again every
+``tail`` seconds at the end of a file; a line is read once its newline is written.
 """
 
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,11 @@ BATCH_LINES = 1000
 class _LinePartition(StatefulSourcePartition[Raw, tuple[int, int]]):
     """One file, line by line; the state is ``(byte offset, line number)`` so a resume seeks, not rereads."""
 
-    def __init__(self, path: Path, resume: tuple[int, int] | None, skip_header: bool = False):
+    def __init__(self, path: Path, resume: tuple[int, int] | None, skip_header: bool = False, tail: float | None = None):
         self.path = path
+        #: seconds between looks at the end of a followed file (None: the file ends the partition)
+        self.tail = tail
+        self.awake: datetime | None = None
         self.f = path.open("rb")
         self.offset, self.line = resume or (0, 0)
         self.f.seek(self.offset)
@@ -38,9 +44,14 @@ class _LinePartition(StatefulSourcePartition[Raw, tuple[int, int]]):
     def next_batch(self) -> list[Raw]:
         out: list[Raw] = []
         readline = self.f.readline
+        self.awake = None
         for _ in range(BATCH_LINES):
             line = readline()
             if not line:
+                break
+            if self.tail is not None and not line.endswith(b"\n"):  # still being written: read it whole later
+                self.f.seek(self.offset)
+                line = b""
                 break
             self.line += 1
             self.offset += len(line)
@@ -48,8 +59,13 @@ class _LinePartition(StatefulSourcePartition[Raw, tuple[int, int]]):
             if line:
                 out.append((f"{self.name}:{self.line}", line))
         if not out and not line:
-            raise StopIteration
+            if self.tail is None:
+                raise StopIteration
+            self.awake = datetime.now(timezone.utc) + timedelta(seconds=self.tail)
         return out
+
+    def next_awake(self) -> datetime | None:
+        return self.awake
 
     def snapshot(self) -> tuple[int, int]:
         return (self.offset, self.line)
@@ -61,12 +77,14 @@ class _LinePartition(StatefulSourcePartition[Raw, tuple[int, int]]):
 class LineSource(FixedPartitionedSource[Raw, tuple[int, int]]):
     """Files replayed line by line as ``(path:line, bytes)``, one partition per file, resumable by byte offset.
 
-    Blank lines are skipped (their numbers still count); ``skip_header`` skips each file's first line.
+    Blank lines are skipped (their numbers still count); ``skip_header`` skips each file's first line;
+    ``tail``: follow the files, looking for new lines this often (seconds) at their end, instead of stopping.
     """
 
-    def __init__(self, paths: list[str | Path], skip_header: bool = False):
+    def __init__(self, paths: list[str | Path], skip_header: bool = False, tail: float | None = None):
         self.paths = [Path(p) for p in paths]
         self.skip_header = skip_header
+        self.tail = tail
         missing = [str(p) for p in self.paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"source files not found: {', '.join(missing)}")
@@ -75,7 +93,7 @@ class LineSource(FixedPartitionedSource[Raw, tuple[int, int]]):
         return [str(p) for p in self.paths]
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[int, int] | None) -> _LinePartition:
-        return _LinePartition(Path(for_part), resume_state, self.skip_header)
+        return _LinePartition(Path(for_part), resume_state, self.skip_header, self.tail)
 
 
 class JsonlSource(LineSource):

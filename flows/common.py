@@ -168,7 +168,7 @@ def parsed_input(flow: Dataflow, dep: Deployment, metrics: FlowMetrics | None = 
         parse = lambda b: mapper.parse_batch(parser, b)
     else:
         src = SimulatorSource(s.source.simulator) if s.source.kind == "simulator" else JsonlSource(
-            [dep.resolve(p) for p in s.source.file.paths]
+            [dep.resolve(p) for p in s.source.file.paths], tail=s.source.file.tail
         )
         msgs, parse = op.input("in", flow, src), parser.parse_batch
     counted = parse if metrics is None else metrics.counting(parse)

@@ -13,6 +13,8 @@ from rich.console import Console
 from nudgeflow.yamlconf import ConfigError
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from nudgeflow.configload import Deployment
 
 app = typer.Typer(help="nudgeflow: real-time marketing on Bytewax, Kafka, Redis and ClickHouse.", no_args_is_help=True)
@@ -349,12 +351,17 @@ def features(config: ConfigOpt = Path("config/local.yaml")) -> None:
 @app.command()
 def schema(out_dir: Annotated[Path, typer.Option(help="where to write the JSON Schemas")] = Path("config")) -> None:
     """Write JSON Schemas of the config files for editors (YAML language server)."""
-    from nudgeflow.settings import FeatureDefs, Settings, TriggersFile
+    from nudgeflow.settings import SCHEMAS
 
-    for name, model in (("settings", Settings), ("features", FeatureDefs), ("triggers", TriggersFile)):
+    for name, model in SCHEMAS.items():
         path = out_dir / f"{name}.schema.json"
-        path.write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+        path.write_text(json_schema(model))
         console.print(f"wrote {path}")
+
+
+def json_schema(model: type[BaseModel]) -> str:
+    """A config model's JSON Schema as ``nudgeflow schema`` writes it (and ``config/`` ships it)."""
+    return json.dumps(model.model_json_schema(), indent=2) + "\n"
 
 
 def main() -> None:  # pragma: no cover - console-script shim for `python -m nudgeflow.cli`

@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationInfo, WithJsonSchema, field_validator,
+    model_validator,
 )
 
 from connectors.csvlog import CsvSourceConfig
@@ -46,8 +47,16 @@ def parse_duration(value: Any) -> float:
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
+def _duration_schema(minus: str) -> WithJsonSchema:
+    """What editors accept for a duration: seconds as a number, or a string with a unit."""
+    number: dict[str, Any] = {"type": "number"} if minus else {"type": "number", "minimum": 0}
+    pattern = rf"^\s*{minus}\d+(\.\d+)?\s*(ms|s|m|h|d|w)?\s*$"
+    return WithJsonSchema({"anyOf": [number, {"type": "string", "pattern": pattern}],
+                           "description": "seconds, or a duration such as 250ms, 30s, 5m, 1h, 7d, 2w"})
+
+
 #: Seconds, written in YAML as ``30m``, ``1h`` or a number of seconds.
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[float, BeforeValidator(parse_duration), _duration_schema("")]
 
 
 def parse_signed_duration(value: Any) -> float:
@@ -64,7 +73,7 @@ def parse_signed_duration(value: Any) -> float:
 
 
 #: Seconds that may be negative (``-3d``): an offset before a date.
-SignedDuration = Annotated[float, BeforeValidator(parse_signed_duration)]
+SignedDuration = Annotated[float, BeforeValidator(parse_signed_duration), _duration_schema("-?")]
 
 
 class Strict(BaseModel):
@@ -95,6 +104,16 @@ class KafkaConfig(Strict):
 
 class FileSourceConfig(Strict):
     paths: list[str] = []
+    #: keep reading lines as they are appended (``tail -f``), looking again this often at a file's end;
+    #: the flow then runs until stopped. None (the default): a replay that ends with its files
+    tail: Duration | None = None
+
+    @field_validator("tail")
+    @classmethod
+    def _looks_again(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError("tail is how often to look for new lines: more than 0 (e.g. 10ms)")
+        return v
 
 
 class SourceConfig(Strict):
@@ -803,3 +822,9 @@ class ModelsFile(Strict):
         if len(names) != len(set(names)):
             raise ValueError("model names must be unique")
         return self
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "settings": Settings, "features": FeatureDefs, "triggers": TriggersFile, "models": ModelsFile,
+}
+"""The config files and their models: ``nudgeflow schema`` writes ``config/<name>.schema.json`` of each, for editors."""

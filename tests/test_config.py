@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,11 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from nudgeflow.configload import load_deployment, load_triggers
-from nudgeflow.settings import EventsConfig, Settings
-from nudgeflow.yamlconf import ConfigError, load_model
+from nudgeflow.settings import SCHEMAS, EventsConfig, Settings
+from nudgeflow.yamlconf import ConfigError, load_model, load_yaml
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,6 +37,37 @@ def test_the_repo_configs_load(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("local.yaml", "docker.yaml"):
         dep = load_deployment(ROOT / "config" / name)
         assert dep.triggers.triggers and dep.models.models and dep.features.counts
+
+
+def test_the_shipped_json_schemas_are_current_and_the_repo_configs_pass_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``config/<name>.schema.json`` is what ``nudgeflow schema`` writes now (``make schema`` after a settings
+    change), and every shipped config file names its schema and passes it as an editor would check it."""
+    from nudgeflow.cli import json_schema
+
+    monkeypatch.setenv("CLICKHOUSE_DSN", "http://nudgeflow:from-env@clickhouse:8123")  # as docker-compose.yml sets it
+    for name, model in SCHEMAS.items():
+        shipped = ROOT / "config" / f"{name}.schema.json"
+        assert shipped.read_text() == json_schema(model), f"{shipped} is stale: run `make schema`"
+    for path in sorted((ROOT / "config").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# yaml-language-server: $schema="), f"{path.name} names no schema"
+        schema = json.loads((ROOT / "config" / first.split("=", 1)[1]).read_text())
+        data, _lines = load_yaml(path)
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in Draft202012Validator(schema).iter_errors(data)]
+        assert errors == [], f"{path.name}: {errors}"
+
+
+def test_an_editor_schema_takes_durations_with_units_and_refuses_others() -> None:
+    schema = Draft202012Validator(json.loads(json_schema_of("settings")))
+    lateness = lambda v: {"features": {"allowed_lateness": v}}  # noqa: E731
+    assert schema.is_valid(lateness("30m")) and schema.is_valid(lateness(90)) and schema.is_valid(lateness("250ms"))
+    assert not schema.is_valid(lateness("30 minutes")) and not schema.is_valid(lateness(-1))
+
+
+def json_schema_of(name: str) -> str:
+    from nudgeflow.cli import json_schema
+
+    return json_schema(SCHEMAS[name])
 
 
 @pytest.mark.parametrize(("text", "expected"), [
