@@ -10,7 +10,11 @@ Two measurements (issue 5), both recorded in ``RESULTS.md`` and ``latency.jsonl`
    action carries the event id as ``occurrence``, so each action is matched to
    the moment its event was handed to the producer. The rate defaults to half
    the flow's maximum throughput, measured first by the harness's ``full``
-   stage on a backlog (or read from ``results.jsonl``).
+   stage on a backlog (or read from ``results.jsonl``). ``--via file`` runs the
+   same flow and the same pacing with no broker in the path: the producer
+   appends to a JSONL file the flow follows (``source.file.tail``) and the flow
+   writes its actions to a file the reader follows, so the figure is the
+   flow's own latency on cores it does not share with a broker.
 2. **Trigger cost.** 50 realistic triggers (event triggers with CEL conditions
    over features, scores and props; absence triggers) and the real
    ``TriggerLogic`` fed pre-computed enriched events in-process; CPU µs per
@@ -61,7 +65,7 @@ from connectors.simulator import ShopperSimulator, SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 from nudgeflow.configload import Deployment, load_deployment, load_triggers
 from nudgeflow.events import Consent
-from nudgeflow.settings import KafkaConfig, TriggersFile
+from nudgeflow.settings import KafkaConfig, SinkConfig, SourceConfig, TriggersFile
 from nudgeflow.yamlconf import load_yaml
 
 HERE = Path(__file__).resolve().parent
@@ -81,6 +85,8 @@ BURST_S = 0.005
 #: ``--linger-ms``); the reader fetches at once, so the figure is the flow's latency rather than the reader's
 LINGER_MS = 5.0
 READER_CONFIG = {"fetch.wait.max.ms": "5", "fetch.min.bytes": "1"}
+#: ``--via file``: how often the flow and the reader look at the end of the files they follow
+FILE_POLL_S = 0.001
 
 PROBE = "latency_probe"
 PROBE_TYPE = "add_to_cart"
@@ -176,9 +182,27 @@ class LiveContext(StageContext):
     """A stage context whose source keeps reading at the end of the topic, with extra librdkafka settings."""
 
     add_config: dict[str, str] = field(default_factory=dict)
+    #: "kafka", or "file": the events followed in ``events.jsonl``, the actions written to ``actions.jsonl``
+    via: str = "kafka"
 
     def kafka_config(self) -> KafkaConfig:
         return super().kafka_config().model_copy(update={"tail": True, "add_config": self.add_config})
+
+    def file_settings(self) -> dict[str, Any]:
+        """The source and sinks of ``via: file`` (settings fields)."""
+        return {
+            "source": SourceConfig.model_validate({"kind": "file", "file": {"paths": [str(self.events_file)], "tail": FILE_POLL_S}}),
+            "actions": SinkConfig(kind="file", path=str(self.actions_file)),
+            "dlq": SinkConfig(kind="file", path=str(self.workdir / "dlq.jsonl")),
+        }
+
+    @property
+    def events_file(self) -> Path:
+        return self.workdir / "events.jsonl"
+
+    @property
+    def actions_file(self) -> Path:
+        return self.workdir / "actions.jsonl"
 
 
 def serve(ctx: LiveContext) -> None:
@@ -191,7 +215,7 @@ def serve(ctx: LiveContext) -> None:
     dep = _deployment(ctx, "bench_latency")
     path = ctx.workdir / "triggers.yaml"
     dep.triggers = trigger_file(probe_file_data(), path, dep)
-    dep.settings = dep.settings.model_copy(update={"triggers": str(path)})
+    dep.settings = dep.settings.model_copy(update={"triggers": str(path), **(ctx.file_settings() if ctx.via == "file" else {})})
     flow, _rt = build(dep)
     print("READY", flush=True)
     run_main(flow)
@@ -200,7 +224,7 @@ def serve(ctx: LiveContext) -> None:
 def start_flow(ctx: LiveContext) -> subprocess.Popen[bytes]:
     """The child process running :func:`serve`; returns once the flow is built (its source then connects)."""
     spec = {"bootstrap": ctx.bootstrap, "topic": ctx.topic, "workdir": str(ctx.workdir), "redis_url": ctx.redis_url,
-            "prefix": ctx.prefix, "batch_size": ctx.batch_size, "add_config": ctx.add_config}
+            "prefix": ctx.prefix, "batch_size": ctx.batch_size, "add_config": ctx.add_config, "via": ctx.via}
     log_path = ctx.workdir / "flow.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -266,20 +290,58 @@ class Sent:
     end_ns: int = 0
 
 
+class KafkaSender:
+    """Sends to a topic, keyed by user; waits while librdkafka's queue is full (the broker is not keeping up)."""
+
+    def __init__(self, bootstrap: str, topic: str, linger_ms: float):
+        self.topic = topic
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": str(linger_ms)})
+
+    def send(self, rec: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(self.topic, rec, user_key(rec))
+                return
+            except BufferError:
+                self.producer.poll(0.01)
+
+    def poll(self) -> None:
+        self.producer.poll(0)
+
+    def close(self) -> None:
+        left = self.producer.flush(30)
+        if left:
+            raise RuntimeError(f"{left} events not delivered to {self.topic}")
+
+
+class FileSender:
+    """Appends lines to the file the flow follows, written out after each burst (``poll``)."""
+
+    def __init__(self, path: Path):
+        self.f = path.open("ab")
+
+    def send(self, rec: bytes) -> None:
+        self.f.write(rec + b"\n")
+
+    def poll(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def produce_steady(
-    bootstrap: str, topic: str, cfg: SimulatorConfig, warmup_s: float, seconds: float, on_window: Callable[[], None],
-    linger_ms: float = LINGER_MS,
+    sender: KafkaSender | FileSender, cfg: SimulatorConfig, warmup_s: float, seconds: float, on_window: Callable[[], None],
 ) -> Sent:
     """Live simulated shoppers (event time = the wall clock) at ``cfg.rate`` for warm-up + ``seconds``;
     ``on_window`` is called once when the warm-up ends."""
     assert cfg.rate is not None
     sim = ShopperSimulator(cfg)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": str(linger_ms)})
     bucket = TokenBucket(cfg.rate, cfg.rate * BURST_S)
     sent = Sent(start_ns=time.time_ns())
     sent.window_ns = sent.start_ns + int(warmup_s * 1e9)
     stop_ns = sent.window_ns + int(seconds * 1e9)
-    probes, next_record, send, now_ns = sent.probes, sim.next_record, producer.produce, time.time_ns
+    probes, next_record, send, now_ns = sent.probes, sim.next_record, sender.send, time.time_ns
     window_from: int | None = None
     t = sent.start_ns
     while t < stop_ns:
@@ -287,59 +349,39 @@ def produce_steady(
             rec = next_record()
             assert rec is not None  # live and unbounded
             t = now_ns()
-            while True:
-                try:
-                    send(topic, rec, user_key(rec))
-                    break
-                except BufferError:  # the local queue is full: the broker is not keeping up
-                    producer.poll(0.01)
+            send(rec)
             if _PROBE_MARK in rec:
                 probes[orjson.loads(rec)["event_id"]] = t
-        producer.poll(0)
+        sender.poll()
         if window_from is None and t >= sent.window_ns:
             window_from = sim.index
             on_window()
     sent.end_ns = t
     sent.total = sim.index
     sent.in_window = sim.index - (window_from or sim.index)
-    left = producer.flush(30)
-    if left:
-        raise RuntimeError(f"{left} events not delivered to {topic}")
+    sender.close()
     return sent
 
 
 class ActionReader(threading.Thread):
-    """Reads the actions topic from the beginning; keeps (consumed ns, ingest ms, decided ms) of each probe
-    action by occurrence (= the event id), and counts the others by trigger."""
+    """Reads the actions as they come; keeps (read ns, ingest ms, decided ms) of each probe action by occurrence
+    (= the event id), and counts the others by trigger. :class:`KafkaActions` and :class:`FileActions` read."""
 
-    def __init__(self, bootstrap: str, topic: str):
+    def __init__(self) -> None:
         super().__init__(name="action-reader", daemon=True)
-        self.consumer = Consumer({
-            "bootstrap.servers": bootstrap, "group.id": f"nf-latency-{uuid.uuid4().hex}",
-            "enable.auto.commit": False, "enable.partition.eof": False, **READER_CONFIG,
-        })
-        meta = self.consumer.list_topics(topic, timeout=15).topics[topic]
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
         self.probes: dict[str, tuple[int, int, int]] = {}
         self.others: Counter[str] = Counter()
         self.last_ns = 0
         self.stop = threading.Event()
 
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                msg = self.consumer.poll(0.05)
-                if msg is None or msg.error():
-                    continue
-                t = time.time_ns()
-                a = orjson.loads(msg.value())
-                if a["trigger_id"] == PROBE:
-                    self.probes[a["occurrence"]] = (t, a["ingest_ms"], a["decided_ms"])
-                    self.last_ns = t
-                else:
-                    self.others[a["trigger_id"]] += 1
-        finally:
-            self.consumer.close()
+    def saw(self, value: bytes) -> None:
+        t = time.time_ns()
+        a = orjson.loads(value)
+        if a["trigger_id"] == PROBE:
+            self.probes[a["occurrence"]] = (t, a["ingest_ms"], a["decided_ms"])
+            self.last_ns = t
+        else:
+            self.others[a["trigger_id"]] += 1
 
     def drain(self, expected: set[str]) -> None:
         """Wait until every expected probe has its action, or until none came for ``DRAIN_IDLE_S``."""
@@ -350,6 +392,51 @@ class ActionReader(threading.Thread):
             time.sleep(0.1)
         self.stop.set()
         self.join(timeout=10)
+
+
+class KafkaActions(ActionReader):
+    """The actions topic, from the beginning."""
+
+    def __init__(self, bootstrap: str, topic: str):
+        super().__init__()
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"nf-latency-{uuid.uuid4().hex}",
+            "enable.auto.commit": False, "enable.partition.eof": False, **READER_CONFIG,
+        })
+        meta = self.consumer.list_topics(topic, timeout=15).topics[topic]
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                msg = self.consumer.poll(0.05)
+                if msg is not None and not msg.error():
+                    self.saw(msg.value())
+        finally:
+            self.consumer.close()
+
+
+class FileActions(ActionReader):
+    """The actions file, followed as the flow writes it (every ``FILE_POLL_S`` at its end)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def run(self) -> None:
+        while not self.path.exists() and not self.stop.is_set():
+            time.sleep(FILE_POLL_S)
+        if self.stop.is_set():
+            return
+        with self.path.open("rb") as f:
+            while not self.stop.is_set():
+                at = f.tell()
+                line = f.readline()
+                if line.endswith(b"\n"):
+                    self.saw(line)
+                else:  # nothing new, or a line still being written
+                    f.seek(at)
+                    time.sleep(FILE_POLL_S)
 
 
 # -- figures
@@ -435,19 +522,24 @@ def run_latency(a: argparse.Namespace, broker: TansuBroker, redis_url: str, pref
     workdir = Path(tempfile.mkdtemp(prefix="nfbench-latency-"))
     topic = f"{prefix}.events"
     create_topics(broker.bootstrap, [topic, f"{prefix}.actions", f"{prefix}.dlq"], partitions=PARTITIONS)
-    ctx = LiveContext(broker.bootstrap, topic, 0, workdir, redis_url, prefix, a.batch_size, a.add_config)
+    ctx = LiveContext(broker.bootstrap, topic, 0, workdir, redis_url, prefix, a.batch_size, a.add_config, a.via)
+    by_file = a.via == "file"
+    if by_file:
+        ctx.events_file.touch()
     t0 = time.perf_counter()
     proc = start_flow(ctx)
     try:
         build_s = time.perf_counter() - t0
-        reader = ActionReader(broker.bootstrap, f"{prefix}.actions")
+        reader = FileActions(ctx.actions_file) if by_file else KafkaActions(broker.bootstrap, f"{prefix}.actions")
         reader.start()
-        pids = {"flow": proc.pid, "broker": broker.process.pid if broker.process else None, "bench": os.getpid()}
+        pids = {"flow": proc.pid, "bench": os.getpid()}
+        if broker.process and not by_file:
+            pids["broker"] = broker.process.pid
         cpu0: dict[str, float | None] = {}
         cfg = SimulatorConfig(users=USERS, events=None, seed=a.seed, rate=rate)
+        sender = FileSender(ctx.events_file) if by_file else KafkaSender(broker.bootstrap, topic, a.linger_ms)
         sent = produce_steady(
-            broker.bootstrap, topic, cfg, WARMUP_S, a.seconds, lambda: cpu0.update({k: _proc_cpu_s(p) for k, p in pids.items()}),
-            a.linger_ms,
+            sender, cfg, WARMUP_S, a.seconds, lambda: cpu0.update({k: _proc_cpu_s(p) for k, p in pids.items()}),
         )
         window_s = (sent.end_ns - sent.window_ns) / 1e9
         # cores each process kept busy during the steady window (bench: this process, the producer and the reader)
@@ -462,7 +554,8 @@ def run_latency(a: argparse.Namespace, broker: TansuBroker, redis_url: str, pref
         shutil.rmtree(workdir, ignore_errors=True)
     return latency_figures(sent, reader) | {
         "rate": rate, "warmup_s": WARMUP_S, "build_s": build_s, "cores": cores, "other_actions": dict(reader.others),
-        "source": {"batch_size": a.batch_size, "add_config": a.add_config, "consumer": SOURCE_DEFAULTS | a.add_config},
+        "source": {"batch_size": a.batch_size, "add_config": a.add_config, "consumer": SOURCE_DEFAULTS | a.add_config,
+                   "via": a.via},
         "producer_linger_ms": a.linger_ms,
     }
 
@@ -580,6 +673,8 @@ COLUMNS = [
 
 
 def _source_label(src: dict[str, Any]) -> str:
+    if src.get("via") == "file":
+        return f"file, no broker (followed every {FILE_POLL_S * 1000:g} ms)"
     return f"batch {src['batch_size']}" + "".join(f", {k}={v}" for k, v in src["add_config"].items())
 
 
@@ -640,6 +735,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--linger-ms", type=float, default=LINGER_MS,
                    help=f"the benchmark producer's linger.ms (default {LINGER_MS:g}): on tansu, the broker's CPU per fetch "
                         "grows with the record batches a partition holds")
+    p.add_argument("--via", choices=("kafka", "file"), default="kafka",
+                   help="kafka (default): events and actions through the broker; file: through followed files, no "
+                        "broker in the path (the maximum rate is still measured through Kafka)")
     p.add_argument("--only", choices=("latency", "eval"), default=None, help="run one of the two measurements")
     p.add_argument("--eval-events", type=int, default=EVAL_EVENTS, help=f"events for the trigger cost (default {EVAL_EVENTS:,})")
     p.add_argument("--seed", type=int, default=42)
@@ -678,10 +776,10 @@ def report(res: dict[str, Any]) -> str:
     lat, ev = res.get("latency"), res.get("eval")
     if lat:
         lines.append(f"latency at {lat['rate']:,.0f} events/s offered ({res['rate_from']}; sent {lat['offered_eps']:,.0f}/s "
-                     f"in a {lat['window_s']:.1f} s window after {lat['warmup_s']:.0f} s warm-up), source {_source_label(lat['source'])}, "
-                     f"producer linger {lat.get('producer_linger_ms', LINGER_MS):g} ms:")
+                     f"in a {lat['window_s']:.1f} s window after {lat['warmup_s']:.0f} s warm-up), source {_source_label(lat['source'])}"
+                     + ("" if lat["source"].get("via") == "file" else f", producer linger {lat['producer_linger_ms']:g} ms") + ":")
         lines.append(f"  {'ms':<24} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8} {'mean':>8}")
-        for k, name in (("e2e_ms", "event → action"), ("kafka_in_ms", "  send → parsed"),
+        for k, name in (("e2e_ms", "event → action"), ("kafka_in_ms", "  sent → parsed"),
                         ("flow_ms", "  parsed → fired"), ("out_ms", "  fired → read")):
             f = lat[k]
             lines.append(f"  {name:<24} " + " ".join(f"{f[q]:>8.1f}" for q in ("p50", "p95", "p99", "max", "mean")))
@@ -716,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.serve is not None:
         spec = json.loads(a.serve)
         serve(LiveContext(spec["bootstrap"], spec["topic"], 0, Path(spec["workdir"]), spec["redis_url"], spec["prefix"],
-                          spec["batch_size"], spec["add_config"]))
+                          spec["batch_size"], spec["add_config"], spec["via"]))
         return 0
     env = environment()
     print(f"nudgeflow latency bench: rev {env['rev']}, {env['cpu']} x{env['nproc']}, load {env['load1']}", flush=True)
