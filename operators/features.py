@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import random
 import time
 import zlib
 from bisect import bisect_left, bisect_right
@@ -964,9 +963,7 @@ FeatureOut = Enriched | DeadLetter | UserFeatures
 
 class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes]):
     """Bytewax adapter: one shard's state; emits enriched events and refusals as they come, and each
-    changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet). Each
-    shard keeps a phase of its own, drawn at random: shards publishing together would stop the worker for
-    the whole publication at once, every ``publish_s`` (``benchmarks.latency``: the p99 of event→action).
+    changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet).
 
     ``recover``: whether recovery is on. Bytewax 0.21 asks every stateful step for a snapshot at the end
     of each epoch whether or not anything stores it; without recovery we skip pickling the shard.
@@ -984,7 +981,7 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         self.desk = MergeDesk("features", handoff, waiting) if handoff is not None else None
         self.recover = recover
         self.publish_s = publish_s
-        self.next_publish = time.monotonic() + publish_s * random.random()
+        self.next_publish = time.monotonic() + publish_s
 
     def on_batch(self, values: list[Event | Merge]) -> tuple[list[FeatureOut | Merge], bool]:
         eng, st, desk = self.engine, self.state, self.desk
@@ -1015,9 +1012,7 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         return out, StatefulBatchLogic.RETAIN
 
     def _publish(self) -> list[FeatureOut | Merge]:
-        behind = time.monotonic() - self.next_publish
-        if behind >= 0 and self.publish_s > 0:  # the next moment of this shard's phase
-            self.next_publish += self.publish_s * (behind // self.publish_s + 1)
+        self.next_publish = time.monotonic() + self.publish_s
         return self.engine.flush(self.state)  # type: ignore[return-value]
 
     def on_notify(self) -> tuple[list[FeatureOut | Merge], bool]:

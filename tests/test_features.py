@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import time
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -13,10 +12,7 @@ from hypothesis import strategies as st
 from nudgeflow.configload import load_features
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
-from operators.features import (
-    EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, UserFeatures, shard_of,
-    window_label,
-)
+from operators.features import EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeaturePlan, shard_of, window_label
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -262,23 +258,3 @@ def test_affinity_keeps_the_best_categories_ranked_whatever_the_order(adds: list
     for u in st_.users.values():
         assert len(u.aff) <= 4 and len(u.top) <= 3 and set(u.top) <= set(u.aff)
         assert u.top == sorted(u.top, key=u.aff.__getitem__, reverse=True)
-
-
-def test_shards_publish_on_phases_of_their_own_and_keep_them() -> None:
-    """Shards do not all publish at once (a stall of the whole publication every interval); a shard that was
-    quiet keeps its phase: its next publication is the next moment of it, not a new one from now."""
-    defs = FeatureDefs.model_validate({"counts": [{"name": "views", "types": "any", "windows": ["1h"]}],
-                                       "session": None, "rfm": None, "lifecycle": None, "affinity": None})
-    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig())
-    start = time.monotonic()
-    logics = [FeatureLogic(eng, None, recover=False, publish_s=10.0) for _ in range(20)]
-    firsts = [lg.next_publish - start for lg in logics]
-    assert all(0 <= f <= 10.0 for f in firsts) and max(firsts) - min(firsts) > 1.0  # spread over the interval
-    lg = logics[0]
-    lg.next_publish = time.monotonic() - 25.0  # it was due 25 s ago: 2.5 intervals behind
-    due = lg.next_publish
-    out, _ = lg.on_batch([Event("e1", "u1", "browse", 1_000_000)])
-    assert [f.user_id for f in out if type(f) is UserFeatures] == ["u1"]  # published, being due
-    assert lg.next_publish == due + 30.0  # the third moment of its phase from then, in the future
-    out, _ = lg.on_batch([Event("e2", "u1", "browse", 1_060_000)])
-    assert not any(type(f) is UserFeatures for f in out)  # not due again before then
