@@ -18,6 +18,7 @@ retries, the scorer's faults and versions) is read when Prometheus scrapes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 #: seconds; event-time latency of a replay of history lands in +Inf
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+#: seconds; a young collection of the flow's heap takes milliseconds, a full one hundreds of them
+GC_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 _TYPE, _TS = attrgetter("type"), attrgetter("ts")
 
@@ -128,6 +131,12 @@ class FlowMetrics:
             "Fired actions: decision time minus event time (since=event) or minus ingest time (since=ingest)",
             ("trigger", "since"), LATENCY_BUCKETS,
         )
+        # every worker of the process stops while Python's collector runs: its pauses are part of the
+        # flow's latency (python_gc_* counts collections, not how long they took)
+        self.gc_pause = Histogram("nudgeflow_gc_pause_seconds", "Pauses of Python's garbage collector, by generation",
+                                  ["generation"], registry=r, buckets=GC_BUCKETS)
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc_timed)
         r.register(self.latency)
         r.register(self)  # the readings below, taken at scrape time
         r.register(REGISTRY)  # Bytewax's Kafka consumer lag, process and GC figures
@@ -254,7 +263,15 @@ class FlowMetrics:
         threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True).start()
         log.info("metrics on http://%s:%d/metrics, health on /healthz and /readyz", host, self.server.server_port)
 
+    def _gc_timed(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+
     def close(self) -> None:
+        if self._gc_timed in gc.callbacks:
+            gc.callbacks.remove(self._gc_timed)
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

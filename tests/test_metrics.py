@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import socket
@@ -150,6 +151,21 @@ def test_readiness_follows_redis_and_the_clickhouse_backlog(redis_url: str) -> N
 
 
 SECRET = "whsec-0123456789abcdef"
+
+
+def test_collector_pauses_are_measured_by_generation_until_closed(redis_url: str) -> None:
+    m = FlowMetrics(redis_url)
+    try:
+        gc.collect(0)
+        gc.collect()
+        count = lambda gen: m.registry.get_sample_value("nudgeflow_gc_pause_seconds_count", {"generation": gen})  # noqa: E731
+        assert count("0") >= 1 and count("2") >= 1
+        assert 0 < m.registry.get_sample_value("nudgeflow_gc_pause_seconds_sum", {"generation": "2"}) < 10
+    finally:
+        m.close()
+    seen = count("2")
+    gc.collect()
+    assert count("2") == seen  # a closed flow's metrics no longer hook the collector
 
 
 def test_json_logs_carry_context_and_mask_secrets() -> None:
