@@ -89,22 +89,22 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             mapping["_v"] = FEATURE_SET_VERSION
             mappings.append((user_key(self.prefix, uid), mapping))
 
-        if self.script is not None:
-            write = lambda: self._run_script(mappings, gone)  # noqa: E731
-        else:
-            def write() -> None:  # a pipeline forgets its commands when a send fails: each try builds its own
-                pipe = self.client.pipeline(transaction=False)
-                for key, mapping in mappings:
-                    pipe.hset(key, mapping=mapping)
-                    pipe.expire(key, self.ttl)
-                for key in gone:  # one key a command: under a Redis Cluster the keys live in different slots
-                    pipe.delete(key)
-                pipe.execute()
+        write = self._run_pipeline if self.script is None else self._run_script
 
         def counted() -> None:
             self.sink.failures += 1
 
-        until_redis_answers(f"redis write of {len(newest)} users", write, counted)
+        until_redis_answers(f"redis write of {len(newest)} users", lambda: write(mappings, gone), counted)
+
+    def _run_pipeline(self, mappings: list[tuple[str, dict[str, Any]]], gone: list[str]) -> None:
+        """The batch as one pipeline (a pipeline forgets its commands when a send fails: each try builds its own)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, mapping in mappings:
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self.ttl)
+        for key in gone:  # one key a command: under a Redis Cluster the keys live in different slots
+            pipe.delete(key)
+        pipe.execute()
 
     def _run_script(self, mappings: list[tuple[str, dict[str, Any]]], gone: list[str]) -> None:
         """The batch as calls of :data:`WRITE_HASHES`, ``SCRIPT_KEYS`` keys a call (Redis runs a script
