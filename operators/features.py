@@ -51,6 +51,7 @@ from datetime import datetime, timedelta, timezone
 from operator import itemgetter
 from typing import Any, NamedTuple, get_args
 
+import lz4.block
 from bytewax.operators import StatefulBatchLogic
 
 from nudgeflow.events import DeadLetter, Event, Merge
@@ -236,6 +237,34 @@ class UserState:
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         for k, v in zip(self.__slots__, state):
             setattr(self, k, v)
+
+
+class Frozen:
+    """A shopper idle past ``features.compact_after``: their :class:`UserState` pickled and compressed, and
+    the newest event time the eviction sweep reads. Most shoppers within the longest window are between
+    visits, and a compacted one holds ~0.8 KB instead of ~7 KB of objects; the next event or merge thaws
+    it (tens of µs, once a visit). The round trip is exact, so features never depend on when a sweep ran.
+    LZ4, not zlib: a tenth of the time for a fifth more bytes.
+
+    >>> plan = FeaturePlan(FeatureDefs.model_validate({"counts": [{"name": "n", "types": "any", "windows": ["1h"]}]}))
+    >>> u = UserState(1_000, plan); u.wins[0].add(1_000, 1)
+    >>> t = Frozen(u).thaw(); t.wins[0].total(1_000), pickle.dumps(t) == pickle.dumps(u)
+    (1, True)
+    """
+
+    __slots__ = ("last_ts", "blob")
+
+    def __init__(self, user: UserState):
+        self.last_ts = user.last_ts
+        self.blob = lz4.block.compress(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL), mode="high_compression",
+                                       compression=3)
+
+    def thaw(self) -> UserState:
+        return pickle.loads(lz4.block.decompress(self.blob))
+
+
+def _thawed(user: UserState | Frozen | None) -> UserState | None:
+    return user.thaw() if type(user) is Frozen else user  # type: ignore[union-attr]
 
 
 class Recipe(NamedTuple):
@@ -558,13 +587,16 @@ def _distinct_getter(di: int, window_ms: int) -> Getter:
 class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
-    __slots__ = ("users", "dedup", "max_ts", "since_evict", "changed", "accepted")
+    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "changed", "accepted")
 
     def __init__(self, dedup_window_ms: int):
-        self.users: dict[str, UserState] = {}
+        #: users changed since the last flush are never Frozen (the flush reads them)
+        self.users: dict[str, UserState | Frozen] = {}
         self.dedup = Deduper(dedup_window_ms)
         self.max_ts = 0
         self.since_evict = 0
+        #: ``max_ts`` at the last sweep (:meth:`FeatureEngine.evict`)
+        self.swept_ts = 0
         self.changed: set[str] = set()
         #: events accepted since this process started (not snapshotted: a run's count)
         self.accepted = 0
@@ -577,7 +609,7 @@ class ShardState:
         self.users, ids, window_ms, self.max_ts, self.changed = state
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
-        self.since_evict = 0
+        self.since_evict = self.swept_ts = 0
         self.accepted = 0
 
 
@@ -613,6 +645,11 @@ class FeatureEngine:
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
         self.idle_ms = plan.retention_ms + self.lateness_ms
+        #: users idle this long are compacted at the next sweep (never: older than any event time)
+        self.compact_ms = -(1 << 62) if cfg.compact_after is None else int(cfg.compact_after * 1000)
+        #: a shard also sweeps at a flush once event time moved this far since its last sweep, so that a
+        #: shard with few events still compacts its idle users
+        self.sweep_ms = 1 << 62 if cfg.compact_after is None else self.compact_ms // 2
         #: per distinct feature, its longest window: older values are never counted again (see ``evict``)
         self.distinct_ms = [int(max(d.windows) * 1000) for d in plan.distinct]
         self.read_needed = plan.reader(needed)
@@ -656,6 +693,8 @@ class FeatureEngine:
         if ev.event_id in seen:
             return _refuse(ev, "duplicate", f"event_id {ev.event_id[:60]!r} seen within events.dedup_window")
         user = st.users.get(ev.user_id)
+        if type(user) is Frozen:
+            user = st.users[ev.user_id] = user.thaw()
         if user is not None and ts < user.last_ts - self.lateness_ms:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
         seen[ev.event_id] = ts
@@ -778,7 +817,7 @@ class FeatureEngine:
         """Take a shopper out of the shard, whole, to be absorbed by the user it now is (None when the shard
         knows nothing of it); it is not published again."""
         st.changed.discard(uid)
-        return st.users.pop(uid, None)
+        return _thawed(st.users.pop(uid, None))
 
     def absorb(self, st: ShardState, uid: str, part: UserState) -> list[FeatureOut]:
         """Merge a released shopper into ``uid`` (new to the shard or not); ``uid`` is published on the shard's
@@ -806,10 +845,12 @@ class FeatureEngine:
         if part.last_ts > st.max_ts:
             st.max_ts = part.last_ts
         st.changed.add(uid)
-        user = st.users.get(uid)
+        user = _thawed(st.users.get(uid))
         if user is None or part.first_ts - user.last_ts > self.idle_ms:
             st.users[uid] = part
-        elif user.first_ts - part.last_ts <= self.idle_ms:
+            return []
+        st.users[uid] = user
+        if user.first_ts - part.last_ts <= self.idle_ms:
             self._merge(user, part)
         return []
 
@@ -874,30 +915,38 @@ class FeatureEngine:
         """Every feature of each user changed since the last flush (one per user)."""
         out = []
         for uid in st.changed:
-            u = st.users.get(uid)
+            u = _thawed(st.users.get(uid))
             if u is not None:
                 at = u.last_ts
                 out.append(UserFeatures(uid, at, self.read_all(u, at)))
         st.changed.clear()
+        if st.max_ts - st.swept_ts >= self.sweep_ms:
+            self.evict(st)
         return out
 
     def evict(self, st: ShardState) -> None:
         """Drop users idle past every window, ids past the dedup window, and distinct values past their
         feature's longest window (features are read at the user's newest time, which only moves on: such
-        a value is never counted again; without this a busy shopper keeps ``max_values`` of them)."""
-        st.since_evict = 0
+        a value is never counted again; without this a busy shopper keeps ``max_values`` of them), then
+        compact the users idle past ``compact_after`` (:class:`Frozen`)."""
+        st.since_evict, st.swept_ts = 0, st.max_ts
         horizon = st.max_ts - self.idle_ms
         idle = [uid for uid, u in st.users.items() if u.last_ts < horizon]
         for uid in idle:
             del st.users[uid]
         st.dedup.expire(st.max_ts - self.lateness_ms)
-        for u in st.users.values():
+        cold, users, changed = st.max_ts - self.compact_ms, st.users, st.changed
+        for uid, u in users.items():
+            if type(u) is Frozen:
+                continue
             distinct = u.distinct
             for di, keep_ms in enumerate(self.distinct_ms):
                 seen = distinct[di]
                 cut = u.last_ts - keep_ms
                 if seen and next(iter(seen.values())) <= cut:  # the oldest first (recency order)
                     distinct[di] = {v: ts for v, ts in seen.items() if ts > cut}
+            if u.last_ts <= cold and uid not in changed:
+                users[uid] = Frozen(u)  # a value replaced, not a key added: the iteration holds
 
 
 def _cart(u: UserState, etype: str, ts: int, props: dict[str, Any]) -> None:

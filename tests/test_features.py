@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from nudgeflow.configload import load_features
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
-from operators.features import EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeaturePlan, shard_of, window_label
+from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeaturePlan, Frozen, shard_of,
+                                window_label)
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -221,6 +222,46 @@ def test_state_survives_a_snapshot_round_trip() -> None:
     s = pickle.loads(pickle.dumps(s))
     got += [eng.apply(s, e) for e in events[150:]]
     assert [g.features for g in got] == [w.features for w in want]
+
+
+steps = st.lists(st.one_of(
+    st.tuples(st.just("event"), st.integers(0, 3), st.integers(0, 20 * DAY),
+              st.sampled_from(["browse", "add_to_cart", "remove_from_cart", "order", "search", "favourite"]),
+              st.integers(0, 5), st.sampled_from(["shoes", "bags", "toys"]), st.sampled_from(["web", "app", None])),
+    st.tuples(st.just("merge"), st.integers(0, 3), st.integers(0, 3)),
+), min_size=1, max_size=50)
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps)
+def test_compacting_idle_users_never_changes_a_feature(script: list[tuple]) -> None:
+    """The same events and identity merges through an engine that never compacts and one that compacts every
+    user at every step (``compact_after: 0``, a sweep after each): every enriched event, every published
+    user and the refusals are the same, so features do not depend on when a user was compacted."""
+    defs = load_features(CONFIG, EventsConfig())
+    never = FeatureEngine(defs, FeaturesConfig(allowed_lateness="30d", compact_after=None), EventsConfig())
+    always = FeatureEngine(defs, FeaturesConfig(allowed_lateness="30d", compact_after=0), EventsConfig())
+    a, b = never.new_state(), always.new_state()
+    for i, step in enumerate(script):
+        if step[0] == "event":
+            _, u, ts, etype, item, cat, platform = step
+            ev = Event(f"e{i}", f"u{u}", etype, ts, platform=platform, props={
+                "item_id": f"i{item}", "category": cat, "price": 10.0 + item, "quantity": 1 + item % 2,
+                "amount": 20.0 * (item + 1), "item_count": 1})
+            got, want = always.apply(b, ev), never.apply(a, ev)
+            assert (got.features if isinstance(got, Enriched) else got.reason) == \
+                (want.features if isinstance(want, Enriched) else want.reason)
+        else:
+            _, src, dst = step
+            if src != dst:
+                part_a, part_b = never.release(a, f"u{src}"), always.release(b, f"u{src}")
+                assert (part_a is None) == (part_b is None)
+                if part_a is not None and part_b is not None:
+                    never.absorb(a, f"u{dst}", part_a)
+                    always.absorb(b, f"u{dst}", part_b)
+        assert sorted(map(repr, always.flush(b))) == sorted(map(repr, never.flush(a)))
+        always.evict(b)
+    assert b.users.keys() == a.users.keys() and all(type(u) is Frozen for u in b.users.values())
 
 
 def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:
