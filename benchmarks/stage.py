@@ -309,16 +309,23 @@ def _redis_report(ctx: StageContext, commands_before: int) -> dict[str, Any]:
 
 
 def _state_report(logics: list[Any]) -> dict[str, Any]:
-    """Users held in the feature step's state and what they cost: pickled (what recovery stores) and in memory."""
+    """Users held in the feature step's state and what they cost: pickled (what recovery stores) and in memory;
+    how many of them are compacted (idle past ``features.compact_after``) and what a user held as objects costs."""
     import pickle
+
+    from operators.features import Frozen
 
     users = [u for lg in logics for u in lg.state.users.values()]
     if not users:
         return {"state_users": 0}
     pickled = sum(len(pickle.dumps(lg.state.users, protocol=pickle.HIGHEST_PROTOCOL)) for lg in logics)
-    in_memory = sum(_deep_size(u) for u in users)
+    sizes = [(type(u) is Frozen, _deep_size(u)) for u in users]
+    in_memory = sum(size for _, size in sizes)
+    hot = [size for frozen, size in sizes if not frozen]
     return {
         "state_users": len(users),
+        "state_compacted": len(users) - len(hot),
+        "state_mem_bytes_per_hot_user": sum(hot) / len(hot) if hot else 0.0,
         "state_bytes_per_user": pickled / len(users),
         "state_mem_bytes_per_user": in_memory / len(users),
         "state_mb_per_100k_users": in_memory / len(users) * 100_000 / 1e6,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from connectors.clickhouse import connect
 from connectors.redis_client import Client, redis_client
 from connectors.redis_store import FeatureReader
-from connectors.tansu import TansuBroker, create_topics
+from connectors.tansu import TansuBroker, create_topics, read_topic
 from flows.common import clickhouse_dsn
+from nudgeflow.configload import load_deployment
 from nudgeflow.settings import Settings
 
 MIN = 60_000
@@ -180,7 +182,19 @@ def drain(config: Path, r: Client, prefix: str, events: int, *options: str, atte
             logs.append(log.read()[-2000:])
         if total_events(r, prefix) == events:
             return
-    raise AssertionError(f"{total_events(r, prefix)} of {events} events after {attempts} runs; last log:\n{logs[-1]}")
+    raise AssertionError(f"{total_events(r, prefix)} of {events} events after {attempts} runs of {config}; "
+                         f"{_diagnosis(config)}; last log:\n{logs[-1]}")
+
+
+def _diagnosis(config: Path) -> str:
+    """What tells a flow's loss from the broker's: the records a plain consumer gets from the input topics, and the
+    flow's dead letters by reason (a file sink)."""
+    s = load_deployment(config).settings
+    bootstrap = ",".join(s.kafka.brokers)
+    read = {t: len(read_topic(bootstrap, t, timeout_s=60)) for t in s.kafka.input_topics}
+    dlq = config.parent / "out" / "dlq.jsonl"
+    reasons = Counter(orjson.loads(line)["reason"] for line in dlq.read_bytes().splitlines()) if dlq.exists() else {}
+    return f"a plain consumer reads {read}; dead letters {dict(reasons)}"
 
 
 def query(s: Settings, base: Path, sql: str) -> list[tuple[Any, ...]]:
