@@ -248,9 +248,11 @@ def build_bare(ctx: StageContext) -> Built:
     return Built(flow, lambda: read.n, report=lambda: {"out": sink.n, **_marks(read)})
 
 
-def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None, identity: bool = True) -> Any:
+def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None, identity: bool = True,
+                compact: bool = True) -> Any:
     """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
-    output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir."""
+    output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir;
+    ``compact=False``: idle shoppers' state is never compacted (``features.compact_after: null``)."""
     from connectors.tansu import create_topics
     from nudgeflow.configload import deployment
     from nudgeflow.settings import Settings
@@ -260,7 +262,7 @@ def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None, i
         "name": name,
         "source": {"kind": "kafka"},
         "kafka": ctx.kafka_config().model_dump() | {"topic_prefix": ctx.prefix},
-        "features": {"definitions": str(FEATURES)},
+        "features": {"definitions": str(FEATURES)} | ({} if compact else {"compact_after": None}),
         "redis": {"url": ctx.redis_url, "key_prefix": ctx.prefix, "ttl": "1h"},
         "clickhouse": {"chdb_path": str(ctx.workdir / "chdb"), "database": "nfbench"},
         "actions": {"kind": "kafka"},
@@ -348,15 +350,17 @@ def _deep_size(obj: Any, seen: set[int] | None = None) -> int:
     return size
 
 
-def build_features(ctx: StageContext, recovery_s: float | None = None, identity: bool = True) -> Built:
+def build_features(ctx: StageContext, recovery_s: float | None = None, identity: bool = True,
+                   compact: bool = True) -> Built:
     """The feature store alone (``flows/features.py``) in Kafka mode: parse, identity, features, Redis, dead
     letters; with ``recovery_s``, Bytewax recovery snapshots every shard each ``recovery_s`` seconds (SQLite);
-    ``identity=False``: without the identity step (what it costs the feature store)."""
+    ``identity=False``: without the identity step (what it costs the feature store); ``compact=False``: idle
+    shoppers kept as objects (what compacting them costs and saves)."""
     import redis
 
     from flows.features import build
 
-    flow, rt = build(_deployment(ctx, "bench_features", recovery_s, identity))
+    flow, rt = build(_deployment(ctx, "bench_features", recovery_s, identity, compact))
     before = _redis_commands(ctx.redis_url)
     dlq: list[int] = []
 
@@ -428,6 +432,7 @@ STAGES: dict[str, Callable[[StageContext], Built]] = {
     "bare": build_bare,
     "features": build_features,
     "features_noid": lambda ctx: build_features(ctx, identity=False),
+    "features_nocompact": lambda ctx: build_features(ctx, compact=False),
     # the cost of Bytewax recovery's snapshots, by epoch length (README: Recovery)
     "features_rec1s": lambda ctx: build_features(ctx, recovery_s=1.0),
     "features_rec10s": lambda ctx: build_features(ctx, recovery_s=10.0),
