@@ -645,8 +645,8 @@ class FeatureEngine:
         self.lateness_ms = int(cfg.allowed_lateness * 1000)
         self.dedup_ms = int(events.dedup_window * 1000)
         self.idle_ms = plan.retention_ms + self.lateness_ms
-        #: users idle this long are compacted at the next sweep (never: older than any event time)
-        self.compact_ms = -(1 << 62) if cfg.compact_after is None else int(cfg.compact_after * 1000)
+        #: users idle this long are compacted at the next sweep (never: longer than any span of event time)
+        self.compact_ms = 1 << 62 if cfg.compact_after is None else int(cfg.compact_after * 1000)
         #: a shard also sweeps at a flush once event time moved this far since its last sweep, so that a
         #: shard with few events still compacts its idle users
         self.sweep_ms = 1 << 62 if cfg.compact_after is None else self.compact_ms // 2

@@ -261,7 +261,9 @@ def test_compacting_idle_users_never_changes_a_feature(script: list[tuple]) -> N
                     always.absorb(b, f"u{dst}", part_b)
         assert sorted(map(repr, always.flush(b))) == sorted(map(repr, never.flush(a)))
         always.evict(b)
+        never.evict(a)
     assert b.users.keys() == a.users.keys() and all(type(u) is Frozen for u in b.users.values())
+    assert not any(type(u) is Frozen for u in a.users.values())
 
 
 def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:
