@@ -244,7 +244,8 @@ class Frozen:
     the newest event time the eviction sweep reads. Most shoppers within the longest window are between
     visits, and a compacted one holds ~0.8 KB instead of ~7 KB of objects; the next event or merge thaws
     it (tens of µs, once a visit). The round trip is exact, so features never depend on when a sweep ran.
-    LZ4, not zlib: a tenth of the time for a fifth more bytes.
+    LZ4's fast mode: zlib takes ten times as long for a fifth fewer bytes, LZ4's high-compression mode
+    four times as long for a tenth fewer, and a sweep compacts many shoppers at once.
 
     >>> plan = FeaturePlan(FeatureDefs.model_validate({"counts": [{"name": "n", "types": "any", "windows": ["1h"]}]}))
     >>> u = UserState(1_000, plan); u.wins[0].add(1_000, 1)
@@ -256,8 +257,7 @@ class Frozen:
 
     def __init__(self, user: UserState):
         self.last_ts = user.last_ts
-        self.blob = lz4.block.compress(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL), mode="high_compression",
-                                       compression=3)
+        self.blob = lz4.block.compress(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL))
 
     def thaw(self) -> UserState:
         return pickle.loads(lz4.block.decompress(self.blob))
