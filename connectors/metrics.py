@@ -42,6 +42,7 @@ from nudgeflow.logs import tag_worker
 
 if TYPE_CHECKING:
     from connectors.clickhouse import ClickHouseWriter
+    from operators.features import FeatureLogic
     from operators.models import Scorer
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class FlowMetrics:
         #: connectors whose ``failures`` are read as ``sink_errors_total{sink=<name>}``
         self.failing: dict[str, list[Failing]] = {}
         self.scorer: Scorer | None = None
+        #: this process's feature-step logics, whose state sizes are read as ``feature_users{state}``
+        self.feature_logics: list[FeatureLogic] = []
         #: the newest event time parsed (ms); workers race on it, which can only leave it briefly older
         self.newest_ts = 0
         self._webhook_failures = 0
@@ -218,6 +221,15 @@ class FlowMetrics:
                                       value=self.writer.inserted)
             yield GaugeMetricFamily("nudgeflow_clickhouse_buffered_rows", "Rows taken but not yet stored",
                                     value=self.writer.buffered)
+        if self.feature_logics:
+            states = [lg.state for lg in list(self.feature_logics)]
+            users, compacted = sum(len(st.users) for st in states), sum(st.compacted for st in states)
+            held = GaugeMetricFamily("nudgeflow_feature_users", "Shoppers held in the feature step's state: "
+                                     "compacted (idle past features.compact_after, as of each shard's last "
+                                     "sweep) or active (held as objects)", labels=["state"])
+            held.add_metric(["active"], users - compacted)
+            held.add_metric(["compacted"], compacted)
+            yield held
         if self.scorer is not None:
             versions = GaugeMetricFamily("nudgeflow_model_version", "Model snapshot version scoring (0: the prior)",
                                          labels=["model"])

@@ -192,12 +192,15 @@ def start_metrics(s: Settings, url: str, writer: ClickHouseWriter | None) -> Flo
 
 
 def metered(
-    metrics: FlowMetrics | None, dead: Stream[DeadLetter], decisions: Stream[Decision] | None = None, **failing: Failing
+    metrics: FlowMetrics | None, dead: Stream[DeadLetter], decisions: Stream[Decision] | None = None,
+    feature_logics: list[FeatureLogic] | None = None, **failing: Failing,
 ) -> None:
-    """Count dead letters and decisions (sinks on a branch: the flow never waits on them) and report each
-    connector's failed attempts as ``sink_errors_total{sink=<keyword>}``."""
+    """Count dead letters and decisions (sinks on a branch: the flow never waits on them), report the feature
+    step's state size, and each connector's failed attempts as ``sink_errors_total{sink=<keyword>}``."""
     if metrics is None:
         return
+    if feature_logics is not None:  # filled as Bytewax builds them: the list itself, not a copy
+        metrics.feature_logics = feature_logics
     op.output("dlq_metrics", dead, metrics.dead_letter_sink())
     if decisions is not None:
         op.output("decisions_metrics", decisions, metrics.decision_sink())

@@ -28,7 +28,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     output("dlq_out", s, s.dlq, "dlq", dep.base, fs.dead, dlq_line, kafka.dlq_message)
     features_sink = RedisFeatureSink(s.redis, url)
     op.output("features_redis", fs.published, features_sink)
-    metered(metrics, fs.dead, redis_features=features_sink)
+    metered(metrics, fs.dead, feature_logics=fs.logics, redis_features=features_sink)
     return flow, Runtime(s, dep.base, url, None, embedded, fs.logics, metrics)
 
 

@@ -144,7 +144,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     dead = fs.dead if undelivered is None else op.merge("dead_all", fs.dead, undelivered)
     output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message)
     op.output("dlq_ch", dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, partial(dlq_row, pii=pii)))
-    metered(rt.metrics, dead, decisions, redis_features=features_sink, redis_guards=redis_guards)
+    metered(rt.metrics, dead, decisions, fs.logics, redis_features=features_sink, redis_guards=redis_guards)
     return flow, rt
 
 

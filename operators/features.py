@@ -587,7 +587,7 @@ def _distinct_getter(di: int, window_ms: int) -> Getter:
 class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
-    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "changed", "accepted")
+    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "compacted", "changed", "accepted")
 
     def __init__(self, dedup_window_ms: int):
         #: users changed since the last flush are never Frozen (the flush reads them)
@@ -595,8 +595,8 @@ class ShardState:
         self.dedup = Deduper(dedup_window_ms)
         self.max_ts = 0
         self.since_evict = 0
-        #: ``max_ts`` at the last sweep (:meth:`FeatureEngine.evict`)
-        self.swept_ts = 0
+        #: ``max_ts`` at the last sweep (:meth:`FeatureEngine.evict`), and the users it left compacted
+        self.swept_ts = self.compacted = 0
         self.changed: set[str] = set()
         #: events accepted since this process started (not snapshotted: a run's count)
         self.accepted = 0
@@ -609,7 +609,7 @@ class ShardState:
         self.users, ids, window_ms, self.max_ts, self.changed = state
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
-        self.since_evict = self.swept_ts = 0
+        self.since_evict = self.swept_ts = self.compacted = 0
         self.accepted = 0
 
 
@@ -936,8 +936,10 @@ class FeatureEngine:
             del st.users[uid]
         st.dedup.expire(st.max_ts - self.lateness_ms)
         cold, users, changed = st.max_ts - self.compact_ms, st.users, st.changed
+        compacted = 0
         for uid, u in users.items():
             if type(u) is Frozen:
+                compacted += 1
                 continue
             distinct = u.distinct
             for di, keep_ms in enumerate(self.distinct_ms):
@@ -947,6 +949,8 @@ class FeatureEngine:
                     distinct[di] = {v: ts for v, ts in seen.items() if ts > cut}
             if u.last_ts <= cold and uid not in changed:
                 users[uid] = Frozen(u)  # a value replaced, not a key added: the iteration holds
+                compacted += 1
+        st.compacted = compacted
 
 
 def _cart(u: UserState, etype: str, ts: int, props: dict[str, Any]) -> None:

@@ -264,6 +264,7 @@ def test_compacting_idle_users_never_changes_a_feature(script: list[tuple]) -> N
         never.evict(a)
     assert b.users.keys() == a.users.keys() and all(type(u) is Frozen for u in b.users.values())
     assert not any(type(u) is Frozen for u in a.users.values())
+    assert (b.compacted, a.compacted) == (len(b.users), 0)  # what feature_users{state="compacted"} reads
 
 
 def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:

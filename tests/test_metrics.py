@@ -91,6 +91,9 @@ def test_main_flow_metrics_and_health(kafka: TansuBroker, redis_url: str, key_pr
     assert value(m, "nudgeflow_batch_size_sum", step="parse") == len(good) + len(bad)
     assert value(m, "nudgeflow_batch_size_sum", step="decisions") == 3
     assert value(m, "nudgeflow_clickhouse_rows_inserted_total") == inserted > 0
+    # u1 and u2 (u9 sent nothing valid), each its shard's newest: held as objects, not compacted
+    assert (value(m, "nudgeflow_feature_users", state="active"), value(m, "nudgeflow_feature_users", state="compacted")) \
+        == (2, 0)
     assert value(m, "nudgeflow_sink_errors_total", sink="clickhouse") == 0
     assert value(m, "nudgeflow_sink_errors_total", sink="redis_guards") == 0
     lag = value(m, "nudgeflow_event_lag_seconds")
