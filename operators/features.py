@@ -242,7 +242,7 @@ class UserState:
 class Frozen:
     """A shopper idle past ``features.compact_after``: their :class:`UserState` pickled and compressed, and
     the newest event time the eviction sweep reads. Most shoppers within the longest window are between
-    visits, and a compacted one holds ~0.8 KB instead of ~7 KB of objects; the next event or merge thaws
+    visits, and a compacted one holds ~0.9 KB instead of ~8 KB of objects; the next event or merge thaws
     it (tens of µs, once a visit). The round trip is exact, so features never depend on when a sweep ran.
     LZ4's fast mode: zlib takes ten times as long for a fifth fewer bytes, LZ4's high-compression mode
     four times as long for a tenth fewer, and a sweep compacts many shoppers at once.
