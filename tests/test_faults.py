@@ -26,7 +26,7 @@ from connectors.embedded import free_port, redis_server_bin
 from connectors.kafka import user_keyed
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce, read_topic
-from tests.helpers import drain, features, nudgeflow, total_events, write_config
+from tests.helpers import drain, features, nudgeflow, stop, total_events, write_config
 
 ROOT = Path(__file__).parents[1]
 #: every stored row (no FINAL) and the distinct event ids among them: both the input's count when each event is
@@ -44,11 +44,13 @@ class DurableRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [redis_server_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        log = self.workdir / "redis.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [redis_server_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -56,7 +58,7 @@ class DurableRedis:
                     return
             except redis.ConnectionError:
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"redis-server did not start; its log ends:\n{log.read_text()[-2000:]}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -76,7 +78,7 @@ def durable_redis(tmp_path: Path) -> Iterator[DurableRedis]:
 def wait_until(pred, timeout: float, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
-        assert proc.poll() is None, proc.communicate()[0][-3000:]  # the flow never stops
+        assert proc.poll() is None, (proc.communicate()[0] or "(its output went to a log file)")[-3000:]  # never stops
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.3)
 
@@ -104,17 +106,19 @@ def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, d
 
     cfg = write_config(tmp_path / "live", kafka, prefix, durable_redis.url, "live", "")
     produce(kafka.bootstrap, f"{prefix}.events", records[:half])
-    flow = nudgeflow("run", "--config", str(cfg), "--no-summary", tail=True, wait=False)
-    try:
-        wait_until(lambda: total_events(r, "live") == half, 120, flow)
-        durable_redis.kill()  # Redis goes away while the second half arrives
-        produce(kafka.bootstrap, f"{prefix}.events", records[half:])
-        time.sleep(3)
-        durable_redis.start()  # back, with its append-only file
-        wait_until(lambda: total_events(r, "live") == len(records), 120, flow)
-    finally:
-        flow.send_signal(signal.SIGINT)
-        out, _ = flow.communicate(timeout=60)
+    with open(tmp_path / "live.log", "w+") as log:
+        flow = nudgeflow("run", "--config", str(cfg), "--no-summary", tail=True, wait=False, log=log)
+        try:
+            wait_until(lambda: total_events(r, "live") == half, 120, flow)
+            durable_redis.kill()  # Redis goes away while the second half arrives
+            produce(kafka.bootstrap, f"{prefix}.events", records[half:])
+            time.sleep(3)
+            durable_redis.start()  # back, with its append-only file
+            wait_until(lambda: total_events(r, "live") == len(records), 120, flow)
+        finally:  # a flow waiting for a Redis that did not come back does not stop on SIGINT: killed then
+            stop(flow)
+        log.seek(0)
+        out = log.read()
     assert "retrying" in out  # it did wait for Redis
     assert clickhouse_rows(cfg, STORED_EVENTS) == [[len(records), len(records)]]
 
