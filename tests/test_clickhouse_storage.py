@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import socket
 import threading
@@ -329,6 +330,34 @@ def test_an_outage_holds_the_flow_back_and_loses_nothing(client: Client, chdb_pa
     assert one(client, f"SELECT count() FROM {db}.events") == 200  # no FINAL: no row twice
     assert one(client, f"SELECT uniqExact(event_id) FROM {db}.events") == 200
     assert one(client, f"SELECT sum(events) FROM {db}.events_per_minute") == 200
+
+
+def test_buffered_and_inserted_rows_leave_nothing_for_the_cyclic_collector(
+    client: Client, chdb_path: Path, ch_database: str,
+) -> None:
+    """Rows waiting for their insert, and rows inserted, are not objects the cyclic collector must scan: a
+    row per object made each young collection scan a second of rows, and clickhouse-connect's insert
+    context (a reference cycle) kept inserted rows alive until a collection (pauses of 260 ms)."""
+    cfg = ClickHouseConfig(database=ch_database, dsn=f"chdb://{chdb_path}", batch_rows=1_000_000, flush_interval=3600)
+    writer = ClickHouseWriter(cfg)
+    evs = events(2_100, seed=11)
+    writer.put("events", EVENT_COLUMNS, [event_row(e) for e in evs[:100]])
+    writer.flush()  # the client's first insert loads the server's settings
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects())
+        for i in range(100, len(evs), 100):
+            writer.put("events", EVENT_COLUMNS, [event_row(e) for e in evs[i:i + 100]])
+        buffered = len(gc.get_objects()) - before
+        writer.flush()
+        inserted = len(gc.get_objects()) - before
+    finally:
+        gc.enable()
+        writer.close()
+    assert one(client, f"SELECT count() FROM {ch_database}.events") == 2_100
+    assert buffered < 100, f"{buffered} objects tracked for 2,000 buffered rows"
+    assert inserted < 100, f"{inserted} objects tracked after inserting 2,000 rows"
 
 
 # -- PII
