@@ -210,6 +210,7 @@ def serve(ctx: LiveContext) -> None:
     from bytewax.testing import run_main
 
     from benchmarks.stage import _deployment
+    from flows.common import tune_collector
     from flows.main import build
 
     dep = _deployment(ctx, "bench_latency")
@@ -217,6 +218,7 @@ def serve(ctx: LiveContext) -> None:
     dep.triggers = trigger_file(probe_file_data(), path, dep)
     dep.settings = dep.settings.model_copy(update={"triggers": str(path), **(ctx.file_settings() if ctx.via == "file" else {})})
     flow, _rt = build(dep)
+    tune_collector()
     print("READY", flush=True)
     run_main(flow)
 

@@ -486,8 +486,11 @@ def run_stage(name: str, ctx: StageContext, cluster: tuple[list[str], int] | Non
     Bytewax cluster (``cluster_main``, what ``nudgeflow run --processes N`` starts); ``consumed`` is then this
     process's share and ``ok`` is left to the harness, which sums the shares.
     """
+    from flows.common import tune_collector
+
     t = time.perf_counter()
     built = STAGES[name](ctx)
+    tune_collector()  # as a flow's process does once built (every stage alike)
     build_s = time.perf_counter() - t
     try:
 
