@@ -26,6 +26,7 @@ from connectors.csvlog import CsvMapper, CsvSource
 from connectors.embedded import EmbeddedRedis, ensure_redis
 from connectors.files import JsonlSource, jsonl_sink
 from connectors.metrics import Failing, FlowMetrics
+from connectors.redis_retry import stop_waiting_on_interrupt
 from connectors.simulator import SimulatorSource
 from connectors.webhook import WebhookSender
 from nudgeflow import logs
@@ -225,6 +226,7 @@ def from_file(build: Builder, path: str | os.PathLike[str], redis_url: str | Non
         dep.settings.metrics = dep.settings.metrics.model_copy(update={"port": metrics_port})
     built = build(dep)
     tune_collector()
+    stop_waiting_on_interrupt()
     return built
 
 

@@ -115,7 +115,7 @@ def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, d
             time.sleep(3)
             durable_redis.start()  # back, with its append-only file
             wait_until(lambda: total_events(r, "live") == len(records), 120, flow)
-        finally:  # a flow waiting for a Redis that did not come back does not stop on SIGINT: killed then
+        finally:
             stop(flow)
         log.seek(0)
         out = log.read()
@@ -126,6 +126,40 @@ def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, d
     assert features(r, "live") == features(r, "ref")
     actions = [orjson.loads(x)["action_id"] for x in (tmp_path / "live" / "out" / "actions.jsonl").read_bytes().splitlines()]
     assert actions and len(actions) == len(set(actions))
+
+
+def test_sigint_stops_a_flow_that_waits_for_redis(kafka: TansuBroker, durable_redis: DurableRedis,
+                                                  topic_prefix: str, tmp_path: Path) -> None:
+    """Redis goes away and stays away: the flow waits for it, and a SIGINT still stops it within seconds,
+    saying which write gave up (a worker waiting inside a step never gets back to Bytewax's own check)."""
+    prefix = topic_prefix + "sigint"
+    create_topics(kafka.bootstrap, [f"{prefix}.events"], partitions=2)
+    records = list(user_keyed(iter_records(SimulatorConfig(users=50, events=1_000, partitions=2, seed=5, anonymous_share=0))))
+    r = redis.Redis.from_url(durable_redis.url, decode_responses=True)
+    cfg = write_config(tmp_path / "live", kafka, prefix, durable_redis.url, "live", "")
+    produce(kafka.bootstrap, f"{prefix}.events", records[:500])
+    log_path = tmp_path / "live.log"
+    with open(log_path, "w") as log:
+        # two workers: threads besides the main one, where a SIGINT never interrupts a sleep
+        flow = nudgeflow("run", "--config", str(cfg), "--no-summary", "-w", "2", tail=True, wait=False, log=log)
+        try:
+            wait_until(lambda: total_events(r, "live") == 500, 120, flow)
+            durable_redis.kill()
+            produce(kafka.bootstrap, f"{prefix}.events", records[500:])
+            wait_until(lambda: "retrying" in log_path.read_text(), 60, flow)
+            flow.send_signal(signal.SIGINT)
+            t = time.monotonic()
+            try:
+                flow.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the flow did not stop on SIGINT while waiting for Redis")
+            stopped_s = time.monotonic() - t
+        finally:
+            if flow.poll() is None:
+                flow.kill()
+    out = log_path.read_text()
+    assert "stopped while waiting for Redis" in out, out[-3000:]
+    assert stopped_s < 15
 
 
 @pytest.fixture
