@@ -271,11 +271,15 @@ class FeatureStreams(NamedTuple):
     handoff: RedisHandoff | None
 
 
-GC_THRESHOLDS = (50_000, 20, 100)
+GC_THRESHOLDS = (10_000, 2, 100)
 """Python collects young objects every 700 allocations by default, and every few of those passes
 escalate into scanning the whole feature state: 2.3 µs per event with 13k shoppers (17 % of the
 feature step), growing with the state. The state holds no reference cycles, so collecting rarely
-loses nothing; with these thresholds collection costs 0.2 µs per event (``benchmarks/RESULTS.md``)."""
+loses nothing. A young pass scans what survived since the last one (mostly new shoppers' state), so
+its pause grows with the first threshold: 20–38 ms at 50,000, 5–12 ms at 10,000, and the second
+threshold of 2 keeps the gen-1 passes at 15–17 ms (gen-1 passes of 127 ms were the ClickHouse
+writer's rows, gone since it buffers columns). Total collection time is within 20 % of (50,000, 20)
+(``benchmarks/RESULTS.md``, 2026-12-06)."""
 
 
 def tune_collector() -> None:
