@@ -40,7 +40,7 @@ STAGE_TIMEOUT_S = 600.0
 #: (numerator, denominator) stages whose events/s ratio is reported; skipped when a stage did not run
 RATIOS: list[tuple[str, str]] = [
     ("parse", "raw"), ("identity", "parse"), ("features", "features_noid"), ("full", "full_noid"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
-    ("features_rec1s", "features"), ("features_rec10s", "features"), ("features", "features_nocompact"),
+    ("features_rec1s", "features"), ("features_rec10s", "features"), ("full_rec10s", "full"), ("features", "features_nocompact"),
     ("full", "quix"), ("bare", "quix_bare"), ("quix", "quix_bare"), ("features_x2", "features_x1"),
 ]
 #: the last line, exactly ``BENCH k=v ...`` with these fields in this order, numbers only (0 when not measured):

@@ -386,17 +386,18 @@ def build_features(ctx: StageContext, recovery_s: float | None = None, identity:
     )
 
 
-def build_full(ctx: StageContext, identity: bool = True) -> Built:
+def build_full(ctx: StageContext, identity: bool = True, recovery_s: float | None = None) -> Built:
     """The main job of ``flows/main.py`` as shipped (features, the models of ``config/models.yaml``, the
     triggers of ``config/triggers.yaml``, guards) in Kafka mode; ``rt.close()`` (final ClickHouse flush) timed;
-    ``identity=False``: without the identity step (what it costs the whole job)."""
+    ``identity=False``: without the identity step (what it costs the whole job); ``recovery_s``: with Bytewax
+    recovery, epochs of that length (snapshots, and the ClickHouse rows stored at each epoch's end)."""
     import redis
 
     from connectors.clickhouse import connect
     from flows.common import clickhouse_dsn
     from flows.main import build
 
-    dep = _deployment(ctx, "bench_full", identity=identity)
+    dep = _deployment(ctx, "bench_full", recovery_s, identity=identity)
     s, database = dep.settings, dep.settings.clickhouse.database
     flow, rt = build(dep)
     counts: dict[str, int] = {}
@@ -425,7 +426,8 @@ def build_full(ctx: StageContext, identity: bool = True) -> Built:
         _delete_keys(redis.Redis.from_url(ctx.redis_url), f"{ctx.prefix}:*")
 
     # every record gets exactly one answer: an events row or a dead letter
-    return Built(flow, lambda: tables()["events"] + tables()["dlq"], close=rt.close, report=report, cleanup=cleanup)
+    return Built(flow, lambda: tables()["events"] + tables()["dlq"], close=rt.close, report=report, cleanup=cleanup,
+                 options=rt.bytewax_options())
 
 
 #: name → builder, in the order ``benchmarks.run`` runs them. Adding a stage is one function here.
@@ -442,6 +444,7 @@ STAGES: dict[str, Callable[[StageContext], Built]] = {
     "features_rec10s": lambda ctx: build_features(ctx, recovery_s=10.0),
     "full": build_full,
     "full_noid": lambda ctx: build_full(ctx, identity=False),
+    "full_rec10s": lambda ctx: build_full(ctx, recovery_s=10.0),
 }
 
 

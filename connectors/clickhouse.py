@@ -31,7 +31,7 @@ from typing import Any
 
 import clickhouse_connect
 import orjson
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 from clickhouse_connect.driver.client import Client
 
 from connectors.migrations import TTL_COLUMNS
@@ -281,6 +281,11 @@ class ClickHouseWriter:
         self._client: Client | None = None
         self._buffers: dict[str, _Columns] = {}
         self._rows = 0
+        #: rows put and rows stored per table since the start (:meth:`store` waits for the one to reach the other)
+        self._put: dict[str, int] = {}
+        self._stored: dict[str, int] = {}
+        #: tables :meth:`store` waits for: inserted now, whatever their size and age
+        self._urgent: set[str] = set()
         self._cv = threading.Condition()
         self._closed = False
         self.inserted = 0
@@ -306,8 +311,22 @@ class ClickHouseWriter:
                 buf = self._buffers[table] = _Columns(columns)
             buf.add(rows)
             self._rows += len(rows)
+            self._put[table] = self._put.get(table, 0) + len(rows)
             if buf.rows >= self.cfg.batch_rows:
                 self._cv.notify_all()
+
+    def store(self, table: str) -> None:
+        """Wait until every row put for ``table`` so far is stored. The writer thread inserts every table's
+        rows now, one after another, so the epoch's other tables wait little after the first. While
+        ClickHouse is away this waits as long as the writer retries: the caller is held back, nothing lost."""
+        with self._cv:
+            target = self._put.get(table, 0)
+            if self._stored.get(table, 0) >= target:
+                return
+            self._urgent.update(t for t, buf in self._buffers.items() if buf.rows)
+            self._cv.notify_all()
+            while self._stored.get(table, 0) < target and not self._closed:
+                self._cv.wait(0.1)
 
     def flush(self) -> None:
         """Insert everything buffered now (waits until done)."""
@@ -334,7 +353,8 @@ class ClickHouseWriter:
         now = time.monotonic()
         return [
             t for t, buf in self._buffers.items()
-            if buf.rows and (buf.rows >= self.cfg.batch_rows or now - buf.first_at >= self.cfg.flush_interval)
+            if buf.rows and (t in self._urgent or buf.rows >= self.cfg.batch_rows
+                             or now - buf.first_at >= self.cfg.flush_interval)
         ]
 
     def _run(self) -> None:
@@ -352,6 +372,7 @@ class ClickHouseWriter:
     def _insert(self, table: str) -> None:
         with self._cv:
             buf = self._buffers[table]
+            self._urgent.discard(table)
             if not buf.rows:
                 return
             columns = buf.names
@@ -373,23 +394,12 @@ class ClickHouseWriter:
         with self._cv:
             self._rows -= rows
             self.inserted += rows
+            self._stored[table] = self._stored.get(table, 0) + rows
             self._cv.notify_all()
 
 
-class _WriterPartition(StatelessSinkPartition[Any]):
-    def __init__(self, sink: ClickHouseSink):
-        self.sink = sink
-
-    def write_batch(self, items: list[Any]) -> None:
-        to_row = self.sink.to_row
-        self.sink.writer.put(self.sink.table, self.sink.columns, [to_row(x) for x in items])
-
-    def close(self) -> None:
-        self.sink.writer.flush()
-
-
-class ClickHouseSink(DynamicSink[Any]):
-    """A Bytewax sink into one table through a shared :class:`ClickHouseWriter`."""
+class _TableOut:
+    """A sink's table: rows made by ``to_row``, buffered in a shared :class:`ClickHouseWriter`."""
 
     def __init__(self, writer: ClickHouseWriter, table: str, columns: list[str], to_row: Callable[[Any], Row]):
         self.writer = writer
@@ -397,8 +407,55 @@ class ClickHouseSink(DynamicSink[Any]):
         self.columns = columns
         self.to_row = to_row
 
+    def write_batch(self, items: list[Any]) -> None:
+        to_row = self.to_row
+        self.writer.put(self.table, self.columns, [to_row(x) for x in items])
+
+    def close(self) -> None:
+        self.writer.flush()
+
+
+class _Partition:
+    """What both kinds of partition do: hand rows to the sink's table."""
+
+    def __init__(self, out: _TableOut):
+        self.out = out
+
+    def write_batch(self, items: list[Any]) -> None:
+        self.out.write_batch(items)
+
+    def close(self) -> None:
+        self.out.close()
+
+
+class _WriterPartition(_Partition, StatelessSinkPartition[Any]):
+    pass
+
+
+class ClickHouseSink(_TableOut, DynamicSink[Any]):
+    """A Bytewax sink into one table through a shared :class:`ClickHouseWriter`."""
+
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
         return _WriterPartition(self)
+
+
+class _EpochPartition(_Partition, StatefulSinkPartition[Any, None]):
+    def snapshot(self) -> None:
+        self.out.writer.store(self.out.table)
+
+
+class DurableClickHouseSink(_TableOut, FixedPartitionedSink[Any, None]):
+    """:class:`ClickHouseSink` for a flow with recovery. Bytewax snapshots a partitioned sink at the end of
+    each epoch, before it records the epoch, and this one's snapshot waits until the table's rows are
+    stored. Without it an epoch could be recorded while its rows still waited in the writer; a process
+    that died then lost them for good, as the replay starts after that epoch (``tests/test_recovery.py``).
+    Items are ``(table, item)``; the one partition is the table, so one worker writes it."""
+
+    def list_parts(self) -> list[str]:
+        return [self.table]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _EpochPartition:
+        return _EpochPartition(self)
 
 
 PREDICTION_COLUMNS = ["model", "user_id", "event_id", "ts", "resolved_ts", "score", "learner_score", "model_version", "label"]

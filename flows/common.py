@@ -21,7 +21,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.recovery import RecoveryConfig
 
 from connectors import kafka
-from connectors.clickhouse import ClickHouseWriter
+from connectors.clickhouse import ClickHouseSink, ClickHouseWriter, DurableClickHouseSink, Row
 from connectors.csvlog import CsvMapper, CsvSource
 from connectors.embedded import EmbeddedRedis, ensure_redis
 from connectors.files import JsonlSource, jsonl_sink
@@ -207,6 +207,25 @@ def metered(
         op.output("decisions_metrics", decisions, metrics.decision_sink())
     for sink, connector in failing.items():
         metrics.watch(sink, connector)
+
+
+TableOutput = Callable[[str, Stream[Any], str, list[str], Callable[[Any], Row]], None]
+"""``out(step_id, stream, table, columns, to_row)``: a stream's items into a ClickHouse table, as rows."""
+
+
+def table_output(writer: ClickHouseWriter, durable: bool) -> TableOutput:
+    """How a flow writes ClickHouse tables through ``writer``. ``durable`` (recovery on): through
+    :class:`DurableClickHouseSink`, so no epoch is recorded before its rows are stored (at each epoch's
+    end the worker waits for the writer: what the writer holds is then inserted at once)."""
+
+    def out(step_id: str, up: Stream[Any], table: str, columns: list[str], to_row: Callable[[Any], Row]) -> None:
+        if durable:
+            keyed = op.flat_map_batch(f"{step_id}_table", up, lambda batch: [(table, x) for x in batch])
+            op.output(step_id, keyed, DurableClickHouseSink(writer, table, columns, to_row))
+        else:
+            op.output(step_id, up, ClickHouseSink(writer, table, columns, to_row))
+
+    return out
 
 
 Builder = Callable[[Deployment], tuple[Dataflow, Runtime]]

@@ -18,7 +18,7 @@ from bytewax.dataflow import Dataflow, Stream
 from connectors import kafka
 from connectors.clickhouse import (
     ACTION_COLUMNS, DECISION_COLUMNS, DLQ_COLUMNS, EVENT_COLUMNS, LINK_COLUMNS, METRIC_COLUMNS, PREDICTION_COLUMNS,
-    SNAPSHOT_COLUMNS, ClickHouseSink, ClickHouseWriter, Pii, action_row, connect, decision_row, dlq_row, event_row,
+    SNAPSHOT_COLUMNS, ClickHouseWriter, Pii, action_row, connect, decision_row, dlq_row, event_row,
     link_row, metric_row, migrate, prediction_row, snapshot_row,
 )
 from connectors.files import action_line, dlq_line
@@ -27,7 +27,8 @@ from connectors.model_store import RedisModelSink, RedisModelStore
 from connectors.redis_store import RedisFeatureSink
 from connectors.metrics import FlowMetrics
 from flows.common import (
-    Runtime, clickhouse_dsn, feature_step, flow_attribute, metered, output, parsed_input, redis_url, start_metrics,
+    Runtime, TableOutput, clickhouse_dsn, feature_step, flow_attribute, metered, output, parsed_input, redis_url,
+    start_metrics, table_output,
 )
 from nudgeflow.configload import Deployment, TriggerSource, trigger_features
 from nudgeflow.events import Merge
@@ -66,7 +67,7 @@ def score_fields(batch: list[tuple[str, Enriched | Merge]]) -> list[UserFeatures
 
 
 def model_steps(
-    dep: Deployment, enriched: Stream[tuple[str, Enriched | Merge]], writer: ClickHouseWriter, url: str,
+    dep: Deployment, enriched: Stream[tuple[str, Enriched | Merge]], ch: TableOutput, url: str,
     pii: Pii | None, metrics: FlowMetrics | None, handoff: Handoff | None,
 ) -> Stream:
     """Score every event with the published models, resolve labels in event time, learn, publish
@@ -92,9 +93,8 @@ def model_steps(
     snaps = op.branch("snapshots", learned, lambda x: type(x) is Snapshot)
     op.output("models_redis", snaps.trues, RedisModelSink(url, s.redis.key_prefix))
     rows = op.branch("predictions", snaps.falses, lambda x: type(x) is PredictionRow)
-    op.output("predictions_ch", rows.trues,
-              ClickHouseSink(writer, "predictions", PREDICTION_COLUMNS, partial(prediction_row, pii=pii)))
-    op.output("metrics_ch", rows.falses, ClickHouseSink(writer, "model_metrics", METRIC_COLUMNS, metric_row))
+    ch("predictions_ch", rows.trues, "predictions", PREDICTION_COLUMNS, partial(prediction_row, pii=pii))
+    ch("metrics_ch", rows.falses, "model_metrics", METRIC_COLUMNS, metric_row)
     return scored
 
 
@@ -111,6 +111,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     writer = ClickHouseWriter(s.clickhouse.model_copy(update={"dsn": dsn}))
     pii = Pii.of(s.clickhouse.pii)
     rt = Runtime(s, base, url, writer, embedded, metrics=start_metrics(s, url, writer))
+    ch = table_output(writer, durable=s.recovery is not None)
     source = TriggerSource(dep.resolve(s.triggers), dep.triggers, dep.check_triggers)
     trigger_engine = TriggerEngine(
         dep.triggers, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000),
@@ -126,24 +127,24 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     rt.feature_logics = fs.logics
     features_sink = RedisFeatureSink(s.redis, url)
     op.output("features_redis", fs.published, features_sink)
-    op.output("events_ch", fs.enriched, ClickHouseSink(writer, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event, pii)))
+    ch("events_ch", fs.enriched, "events", EVENT_COLUMNS, lambda kv: event_row(kv[1].event, pii))
     if s.clickhouse.feature_snapshot_every:
         sampler = SnapshotSampler(int(s.clickhouse.feature_snapshot_every * 1000))
-        op.output("snapshots_ch", op.flat_map_batch("snapshot_sample", fs.published, sampler.sample_batch),
-                  ClickHouseSink(writer, "feature_snapshots", SNAPSHOT_COLUMNS, partial(snapshot_row, pii=pii)))
+        ch("snapshots_ch", op.flat_map_batch("snapshot_sample", fs.published, sampler.sample_batch),
+           "feature_snapshots", SNAPSHOT_COLUMNS, partial(snapshot_row, pii=pii))
 
     if fs.links is not None:
-        op.output("links_ch", fs.links, ClickHouseSink(writer, "identity_links", LINK_COLUMNS, partial(link_row, pii=pii)))
-    scored = model_steps(dep, fs.ordered, writer, url, pii, rt.metrics, fs.handoff) if dep.models.models else fs.ordered
+        ch("links_ch", fs.links, "identity_links", LINK_COLUMNS, partial(link_row, pii=pii))
+    scored = model_steps(dep, fs.ordered, ch, url, pii, rt.metrics, fs.handoff) if dep.models.models else fs.ordered
     fired = op.stateful_batch("triggers", scored, lambda resume: TriggerLogic(trigger_engine, resume, fs.handoff, s.recovery is not None))
     decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
-    op.output("decisions_ch", decisions, ClickHouseSink(writer, "decisions", DECISION_COLUMNS, partial(decision_row, pii=pii)))
+    ch("decisions_ch", decisions, "decisions", DECISION_COLUMNS, partial(decision_row, pii=pii))
     actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)
     undelivered = output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
-    op.output("actions_ch", actions, ClickHouseSink(writer, "actions", ACTION_COLUMNS, partial(action_row, pii=pii)))
+    ch("actions_ch", actions, "actions", ACTION_COLUMNS, partial(action_row, pii=pii))
     dead = fs.dead if undelivered is None else op.merge("dead_all", fs.dead, undelivered)
     output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message)
-    op.output("dlq_ch", dead, ClickHouseSink(writer, "dlq", DLQ_COLUMNS, partial(dlq_row, pii=pii)))
+    ch("dlq_ch", dead, "dlq", DLQ_COLUMNS, partial(dlq_row, pii=pii))
     metered(rt.metrics, dead, decisions, fs.logics, redis_features=features_sink, redis_guards=redis_guards)
     return flow, rt
 

@@ -225,3 +225,19 @@ def kafka_settings(kafka: TansuBroker, prefix: str, redis_url: str, key_prefix: 
     for name, section in sections.items():
         base[name] = {**base.get(name, {}), **section}
     return Settings.model_validate(base)
+
+
+#: every stored row (no FINAL) and the distinct event ids among them: both the input's count when each event is
+#: in ClickHouse once
+STORED_EVENTS = "SELECT count(), uniqExact(event_id) FROM {db}.events"
+
+
+def clickhouse_rows(config: Path, sql: str) -> list[list[Any]]:
+    """The rows of a query (``{db}`` in ``sql``) on a run's ClickHouse, read in a child process: chDB opens one
+    folder per process, and this one may hold the session's."""
+    code = ("import sys, orjson; from nudgeflow.settings import load_settings; from tests.helpers import query; "
+            "print(orjson.dumps(query(*load_settings(sys.argv[1]), sys.argv[2])).decode())")
+    proc = subprocess.run([sys.executable, "-c", code, str(config), sql], capture_output=True, text=True,
+                          timeout=120, cwd=CONFIG_DIR.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return orjson.loads(proc.stdout)

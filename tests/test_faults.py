@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -26,12 +24,8 @@ from connectors.embedded import free_port, redis_server_bin
 from connectors.kafka import user_keyed
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce, read_topic
-from tests.helpers import drain, features, nudgeflow, stop, total_events, write_config
+from tests.helpers import STORED_EVENTS, clickhouse_rows, drain, features, nudgeflow, stop, total_events, write_config
 
-ROOT = Path(__file__).parents[1]
-#: every stored row (no FINAL) and the distinct event ids among them: both the input's count when each event is
-#: in ClickHouse once
-STORED_EVENTS = "SELECT count(), uniqExact(event_id) FROM {db}.events"
 
 
 class DurableRedis:
@@ -81,17 +75,6 @@ def wait_until(pred, timeout: float, proc: subprocess.Popen[str]) -> None:
         assert proc.poll() is None, (proc.communicate()[0] or "(its output went to a log file)")[-3000:]  # never stops
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.3)
-
-
-def clickhouse_rows(config: Path, sql: str) -> list[list[Any]]:
-    """The rows of a query (``{db}`` in ``sql``) on a run's ClickHouse, read in a child process: chDB opens one
-    folder per process, and this one may hold the session's."""
-    code = ("import sys, orjson; from nudgeflow.settings import load_settings; from tests.helpers import query; "
-            "print(orjson.dumps(query(*load_settings(sys.argv[1]), sys.argv[2])).decode())")
-    proc = subprocess.run([sys.executable, "-c", code, str(config), sql], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return orjson.loads(proc.stdout)
 
 
 def test_redis_killed_mid_stream_loses_and_doubles_nothing(kafka: TansuBroker, durable_redis: DurableRedis,
