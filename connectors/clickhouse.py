@@ -36,6 +36,7 @@ from clickhouse_connect.driver.client import Client
 
 from connectors.migrations import TTL_COLUMNS
 from connectors.redis_store import FEATURE_SET_VERSION
+from connectors.stopping import STOPPING, StoppedWaiting
 from nudgeflow.events import ID_FIELDS, Action, DeadLetter, Decision, Event, Link
 from nudgeflow.settings import ClickHouseConfig, PiiConfig
 from operators.models import MetricRow, PredictionRow
@@ -326,6 +327,9 @@ class ClickHouseWriter:
             self._urgent.update(t for t, buf in self._buffers.items() if buf.rows)
             self._cv.notify_all()
             while self._stored.get(table, 0) < target and not self._closed:
+                if STOPPING.is_set():
+                    log.error("rows of %s: stopped while waiting for ClickHouse to store them", table)
+                    raise StoppedWaiting(f"rows of {table}: stopped while waiting for ClickHouse to store them")
                 self._cv.wait(0.1)
 
     def flush(self) -> None:
@@ -389,7 +393,12 @@ class ClickHouseWriter:
                 self.failures += 1
                 self._client = None
                 log.warning("clickhouse insert into %s failed (%s rows), retrying in %.1fs: %s", table, rows, delay, e)
-                time.sleep(delay)
+                if STOPPING.wait(delay):  # a stop during an outage: the rows stay unstored (recovery replays them)
+                    log.error("clickhouse insert into %s: stopped with %d rows not stored: %s", table, rows, e)
+                    with self._cv:
+                        self._rows -= rows
+                        self._cv.notify_all()
+                    return
                 delay = min(delay * 2, 10.0)
         with self._cv:
             self._rows -= rows

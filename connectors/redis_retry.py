@@ -7,23 +7,19 @@ flow's input waits meanwhile (backpressure). A Redis that restarts from its
 append-only file answers again with its data; ``tests/test_faults.py`` kills
 one mid-stream.
 
-A worker waiting here is inside a step, where Bytewax's own SIGINT handling
-(between activations) never reaches it, so :func:`stop_waiting_on_interrupt`
-makes a SIGINT end the wait too: the step fails with :class:`StoppedWaiting`
-and the worker stops (with recovery on, the next run resumes from the last
-snapshot, as after any crash).
+A SIGINT ends the wait (:mod:`connectors.stopping`).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import redis
 from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+
+from connectors.stopping import STOPPING, StoppedWaiting
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,37 +31,11 @@ RETRY_MAX_S = 10.0
 #: cluster that is reorganising (slots uncovered while a replica takes over, keys being moved)
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
 
-#: set by a SIGINT (see :func:`stop_waiting_on_interrupt`): a wait for Redis gives up
-STOPPING = threading.Event()
-
-
-class StoppedWaiting(RuntimeError):
-    """The process was asked to stop while a step waited for Redis."""
-
-
-def stop_waiting_on_interrupt() -> None:
-    """Make SIGINT also end every wait for Redis, then do what it did before (Bytewax stops its workers on
-    the ``KeyboardInterrupt`` of Python's default handler). Only the main thread may set a handler: called
-    from elsewhere it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if getattr(previous, "stops_waits", False):
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        STOPPING.set()
-        if callable(previous):
-            previous(signum, frame)
-
-    handler.stops_waits = True  # type: ignore[attr-defined]
-    signal.signal(signal.SIGINT, handler)
-
 
 def until_redis_answers(what: str, attempt: Callable[[], T], on_failure: Callable[[], None] | None = None) -> T:
     """``attempt()`` until it does not fail for a lost connection; ``on_failure`` counts each failure.
 
-    Raises :class:`StoppedWaiting` when the process is stopping (:data:`STOPPING`) and Redis is still away."""
+    Raises :class:`~connectors.stopping.StoppedWaiting` when the process is stopping and Redis is still away."""
     delay = RETRY_FIRST_S
     while True:
         try:

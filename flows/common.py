@@ -26,8 +26,8 @@ from connectors.csvlog import CsvMapper, CsvSource
 from connectors.embedded import EmbeddedRedis, ensure_redis
 from connectors.files import JsonlSource, jsonl_sink
 from connectors.metrics import Failing, FlowMetrics
-from connectors.redis_retry import stop_waiting_on_interrupt
 from connectors.simulator import SimulatorSource
+from connectors.stopping import stop_waiting_on_interrupt
 from connectors.webhook import WebhookSender
 from nudgeflow import logs
 from nudgeflow.configload import Deployment, load_deployment

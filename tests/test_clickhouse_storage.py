@@ -23,6 +23,7 @@ from connectors.clickhouse import (
     apply_ttl, batch_token, connect, decision_row, dlq_row, event_row, insert_batch, migrate, snapshot_row,
 )
 from connectors.migrations import TTL_COLUMNS
+from connectors.stopping import STOPPING, StoppedWaiting
 from flows.common import clickhouse_dsn
 from flows.main import build
 from nudgeflow.configload import deployment
@@ -330,6 +331,37 @@ def test_an_outage_holds_the_flow_back_and_loses_nothing(client: Client, chdb_pa
     assert one(client, f"SELECT count() FROM {db}.events") == 200  # no FINAL: no row twice
     assert one(client, f"SELECT uniqExact(event_id) FROM {db}.events") == 200
     assert one(client, f"SELECT sum(events) FROM {db}.events_per_minute") == 200
+
+
+def test_a_stop_during_an_outage_ends_the_waits_for_clickhouse(ch_database: str) -> None:
+    """ClickHouse is away: an epoch's end waits for its rows (``store``) as long as the writer retries; a stop
+    request (SIGINT, :mod:`connectors.stopping`) ends that wait and the final flush instead of hanging."""
+    cfg = ClickHouseConfig(database=ch_database, batch_rows=1_000_000, flush_interval=3600)
+    writer = ClickHouseWriter(cfg, client_factory=lambda: connect(dead_endpoint()))
+    writer.put("events", EVENT_COLUMNS, [event_row(e) for e in events(50, seed=5)])
+    outcome: list[BaseException | None] = []
+
+    def epoch_end() -> None:
+        try:
+            writer.store("events")
+            outcome.append(None)
+        except StoppedWaiting as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=epoch_end)
+    waiter.start()
+    try:
+        time.sleep(1.0)
+        assert waiter.is_alive() and writer.failures >= 2  # held back while the writer retries
+        STOPPING.set()
+        waiter.join(timeout=5)
+        t = time.monotonic()
+        writer.close()
+        assert time.monotonic() - t < 5
+    finally:
+        STOPPING.clear()
+    assert not waiter.is_alive() and isinstance(outcome[0], StoppedWaiting)
+    assert writer.inserted == 0 and writer.buffered == 0
 
 
 def test_buffered_and_inserted_rows_leave_nothing_for_the_cyclic_collector(
