@@ -1,4 +1,4 @@
-"""A stop request that waits for an outside service honour: a SIGINT ends them.
+"""A stop request that every wait for an outside service honours: a SIGINT ends those waits.
 
 A step that waits for Redis (``connectors/redis_retry.py``) or for the
 ClickHouse writer (an epoch's rows, ``connectors/clickhouse.py``) is inside a
