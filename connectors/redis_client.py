@@ -6,9 +6,9 @@ each command to the node holding its key's hash slot. Every connector takes its 
 :func:`redis_client`, so the choice is configuration only.
 
 What differs under a cluster is kept here too: a Lua script may only touch keys of one slot (callers
-hash-tag them, ``{user}``), a multi-key read is split by slot (:func:`mget`), and scripts sent in a
-cluster pipeline are loaded on every node beforehand (:class:`Scripts`), because the cluster
-pipeline does not load them itself.
+hash-tag them, ``{user}``), and a multi-key read is split by slot (:func:`mget`). Scripts sent in
+pipelines are loaded on every node beforehand (:class:`Scripts`), on a cluster and a single server
+alike.
 """
 
 from __future__ import annotations
@@ -78,19 +78,18 @@ Call: TypeAlias = tuple[Script, Sequence[str], Sequence[Any]]
 class Scripts:
     """The Lua scripts one connector runs, and running them in pipelines.
 
-    A single server's pipeline loads missing scripts itself. A cluster pipeline does not (redis-py
-    refuses ``evalsha`` there, so the command is queued as such), so on a cluster every script is loaded
-    on every node at once, here and whenever a node answers NOSCRIPT (it restarted, a replica took over,
-    a node joined): a node then has all of them or none, and a pipeline's calls on a node without them
-    all fail, none runs, and they are sent again in their order.
+    Every script is loaded on every node (one server, or each node of a cluster) at once, here and
+    whenever a node answers NOSCRIPT (it restarted, a replica took over, a node joined): a node then has
+    all of them or none, and a pipeline's calls on a node without them all fail, none runs, and they are
+    sent again in their order. Calls go as plain ``EVALSHA``: a redis-py pipeline given ``Script``
+    objects asks ``SCRIPT EXISTS`` before every execution, a second round trip per batch (the guards'
+    one per source batch), and a cluster pipeline refuses them anyway.
     """
 
     def __init__(self, client: Client, *sources: str):
         self.client = client
-        self.cluster = isinstance(client, RedisCluster)
         self.registered = [client.register_script(source) for source in sources]
-        if self.cluster:
-            until_redis_answers("loading scripts on the Redis Cluster", self.load)
+        until_redis_answers("loading scripts on Redis", self.load)
 
     def load(self) -> None:
         for script in self.registered:
@@ -99,13 +98,12 @@ class Scripts:
     def run(self, calls: Sequence[Call]) -> list[Any]:
         """Run script calls in one pipeline, in order (per node, under a cluster), and return their results."""
         out = self._send(calls)
-        if self.cluster:
-            missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
-            if missing:
-                log.info("a Redis Cluster node lost its scripts: loading them again")
-                self.load()
-                for i, r in zip(missing, self._send([calls[i] for i in missing])):
-                    out[i] = r
+        missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
+        if missing:
+            log.info("a Redis node lost its scripts: loading them again")
+            self.load()
+            for i, r in zip(missing, self._send([calls[i] for i in missing])):
+                out[i] = r
         errors = [r for r in out if isinstance(r, Exception)]
         if errors:
             raise errors[0]
@@ -114,8 +112,5 @@ class Scripts:
     def _send(self, calls: Sequence[Call]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args in calls:
-            if self.cluster:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            else:
-                script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
