@@ -78,18 +78,17 @@ Call: TypeAlias = tuple[Script, Sequence[str], Sequence[Any]]
 class Scripts:
     """The Lua scripts one connector runs, and running them in pipelines.
 
-    Every script is loaded on every node (one server, or each node of a cluster) at once, here and
-    whenever a node answers NOSCRIPT (it restarted, a replica took over, a node joined): a node then has
-    all of them or none, and a pipeline's calls on a node without them all fail, none runs, and they are
-    sent again in their order. Calls go as plain ``EVALSHA``: a redis-py pipeline given ``Script``
-    objects asks ``SCRIPT EXISTS`` before every execution, a second round trip per batch (the guards'
-    one per source batch), and a cluster pipeline refuses them anyway.
+    Every script is loaded on every node (one server, or each node of a cluster) at once whenever a node
+    answers NOSCRIPT (the first call, or it restarted, a replica took over, a node joined): a node then
+    has all of them or none, and a pipeline's calls on a node without them all fail, none runs, and
+    they are sent again in their order. Calls go as plain ``EVALSHA``: a redis-py pipeline given
+    ``Script`` objects asks ``SCRIPT EXISTS`` before every execution, a second round trip per batch
+    (the guards' one per source batch), and a cluster pipeline refuses them anyway.
     """
 
     def __init__(self, client: Client, *sources: str):
         self.client = client
         self.registered = [client.register_script(source) for source in sources]
-        until_redis_answers("loading scripts on Redis", self.load)
 
     def load(self) -> None:
         for script in self.registered:
