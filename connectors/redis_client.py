@@ -7,8 +7,8 @@ each command to the node holding its key's hash slot. Every connector takes its 
 
 What differs under a cluster is kept here too: a Lua script may only touch keys of one slot (callers
 hash-tag them, ``{user}``), and a multi-key read is split by slot (:func:`mget`). Scripts sent in
-pipelines are loaded on every node beforehand (:class:`Scripts`), on a cluster and a single server
-alike.
+pipelines go as plain ``EVALSHA`` and are loaded on every node when one answers NOSCRIPT
+(:class:`Scripts`), on a cluster and a single server alike.
 """
 
 from __future__ import annotations
