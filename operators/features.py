@@ -103,8 +103,9 @@ class Enriched:
     features: dict[str, Any]
     #: model name -> score, filled by the scoring step
     scores: dict[str, float] = field(default_factory=dict)
-    #: model name -> (model version, input vector) for the models that scored this event
-    scored: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    #: model name -> (model version, input vector) for the models that scored this event; the input is None
+    #: where it is exactly the model's features read from ``features`` (built only if the example is kept)
+    scored: dict[str, tuple[int, dict[str, float] | None]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -17,7 +17,8 @@ from nudgeflow.settings import EventsConfig, ModelDef, ModelsFile
 from nudgeflow.yamlconf import ConfigError
 from operators.features import Enriched
 from operators.models import (
-    LabelEngine, Learner, LearnerLogic, Resolved, Scorer, Snapshot, SnapshotVersionError, build_model,
+    LabelEngine, Learner, LearnerLogic, Linear, Resolved, Scorer, Snapshot, SnapshotVersionError, build_model,
+    proba, vector,
 )
 
 MIN, HOUR = 60_000, 3_600_000
@@ -167,6 +168,47 @@ def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(any_redis_url:
         assert out[0][1].scores["buy"] == pytest.approx(learner.model.predict_proba_one({"views_1h": 9.0})[True])
     store.publish(Snapshot.of("buy", 1, 5, build_model(d)))  # an older version never replaces a newer one
     assert store.fetch("buy").version == 2
+
+
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, finite, st.booleans()), min_size=1, max_size=40), st.tuples(finite, finite),
+       st.sampled_from([{}, {"l2": 0.01}, {"intercept_lr": 0.0}]))
+def test_the_flat_form_scores_as_river_does(examples: list, x: tuple[float, float], params: dict) -> None:
+    d = ModelDef(name="p", label={"events": ["order"], "within": "1h"}, features=["a", "b", "never_seen"], params=params)
+    m = build_model(d)
+    for a, b, y in examples:
+        m.learn_one({"a": a, "b": b}, y)
+    feats = {"a": x[0], "b": x[1], "never_seen": 7, "other": "text"}
+    assert Linear.of(m, d.features).proba(feats) == pytest.approx(proba(m, vector(d.features, feats)[0]), abs=1e-9)
+
+
+def test_only_the_default_logistic_pipeline_has_a_flat_form() -> None:
+    for pipeline in ("hoeffding_tree", "fm", "arf"):
+        d = ModelDef(name="p", label={"events": ["order"], "within": "1h"}, features=["a"], pipeline=pipeline)
+        assert Linear.of(build_model(d), d.features) is None
+
+
+def test_a_flat_scored_example_keeps_the_input_it_was_scored_with() -> None:
+    """The flat form builds no input vector; the label step builds it for the examples it keeps, the same
+    one River's path would have stored, and a missing feature still takes the guarded path (counted)."""
+    learner = Learner(CFG.models[0], CFG)
+    for i in range(30):
+        learner.learn([Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i % 7)}, 0.5, 0, i % 7 > 3)])
+    snap = learner.maybe_publish(now=0, force=True)
+    scorer = Scorer(CFG, lambda name, have: snap if name == "buy" else None)
+    en = Enriched(Event("e", "u", "browse", 0, position="p:0"), {"views_1h": 5})
+    scorer.score_batch([("0", en)])
+    assert en.scored["buy"] == (1, None) and en.scores["buy"] == pytest.approx(proba(learner.model, {"views_1h": 5.0}))
+    labels = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
+    s = labels.new_state()
+    labels.on_event(s, en, 0)
+    assert s.pending[("buy", "u")][0].x == {"views_1h": 5.0}
+    missing = Enriched(Event("e2", "u", "browse", 0), {})
+    scorer.score_batch([("0", missing)])
+    assert missing.scored["buy"] == (1, {"views_1h": 0.0}) and scorer.faults == 1
 
 
 def test_non_finite_features_are_counted_and_the_event_still_scored() -> None:
