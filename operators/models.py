@@ -596,7 +596,8 @@ class Learner:
         examples at once): scoring one just after learning its twin would flatter the metrics, so
         none is scored by a model that has learned anything of its batch.
         """
-        scores = [proba(self.model, r.x) for r in batch]
+        linear = Linear.of(self.model, self.d.features) if len(batch) > 2 else None  # pays from a few examples on
+        scores = [proba(self.model, r.x) if linear is None or (p := linear.proba(r.x)) is None else p for r in batch]
         rows: list[MetricRow] = []
         for r, p in zip(batch, scores):
             start = r.ts - r.ts % self.window_ms
