@@ -798,8 +798,9 @@ class FeatureEngine:
         aff = u.aff
         aff[c] = aff.get(c, 0.0) + weight * 2.0 ** ((ts - u.ref_ts) / self.aff_half)
         top = u.top
+        rank = _ranker(aff)
         if len(aff) > self.aff_max:  # forget the weakest category (it may be this one)
-            gone = min(aff, key=aff.__getitem__)
+            gone = min(aff, key=rank)
             del aff[gone]
             if gone in top:
                 top.remove(gone)
@@ -807,11 +808,11 @@ class FeatureEngine:
                 return
         if c in top:  # its score only grew: re-rank only if it passed the one before it
             i = top.index(c)
-            if i and aff[c] > aff[top[i - 1]]:
-                top.sort(key=aff.__getitem__, reverse=True)
-        elif len(top) < self.aff_top or aff[c] > aff[top[-1]]:
+            if i and rank(c) > rank(top[i - 1]):
+                top.sort(key=rank, reverse=True)
+        elif len(top) < self.aff_top or rank(c) > rank(top[-1]):
             top.append(c)
-            top.sort(key=aff.__getitem__, reverse=True)
+            top.sort(key=rank, reverse=True)
             del top[self.aff_top:]
 
     def release(self, st: ShardState, uid: str) -> UserState | None:
@@ -907,7 +908,7 @@ class FeatureEngine:
         scale = 2.0 ** ((p.ref_ts - u.ref_ts) / self.aff_half)
         for c, score in p.aff.items():
             aff[c] = aff.get(c, 0.0) + score * scale
-        ranked = sorted(aff, key=aff.__getitem__, reverse=True)
+        ranked = sorted(aff, key=_ranker(aff), reverse=True)
         for c in ranked[self.aff_max:]:
             del aff[c]
         u.top = ranked[:self.aff_top]
@@ -990,6 +991,16 @@ def _line(u: UserState, props: dict[str, Any]) -> CartLine:
     if line is None:
         line = u.cart[item] = CartLine(u.cart_cut)
     return line
+
+
+def _ranker(aff: dict[str, float]) -> Callable[[str], tuple[float, str]]:
+    """The order of categories by interest; of two equal scores the greater name ranks first, so the
+    ranking does not depend on the order the events (or the ids of one shopper) came in.
+
+    >>> sorted(["bags", "shoes", "hats"], key=_ranker({"bags": 1.0, "shoes": 1.0, "hats": 2.0}), reverse=True)
+    ['hats', 'shoes', 'bags']
+    """
+    return lambda c: (aff[c], c)
 
 
 def _union(mine: dict[str, int], theirs: dict[str, int], cap: int) -> dict[str, int]:
