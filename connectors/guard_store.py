@@ -159,7 +159,7 @@ local function fold(dst, v, life, add)
 end
 """
 
-#: a single server, all links of a batch. KEYS: per link, its marker, then (src, dst) key pairs: counters
+#: a single server, one link (or several). KEYS: per link, its marker, then (src, dst) key pairs: counters
 #: first, then last-sent times, then the consent hashes. ARGV: marker_ttl_s, then per link: counter pairs,
 #: last-sent pairs
 MERGE_SCRIPT = CONSENT_LUA + _FOLD + """
@@ -332,41 +332,61 @@ class RedisGuards:
         """Every candidate becomes a decision; decisions taken upstream pass through (Bytewax ``flat_map_batch``).
 
         A merge (identity) moves the merged-away shopper's counters where it stands in the stream: after
-        the candidates its shard decided for that shopper, before anything later.
+        the candidates its shard decided for that shopper, before anything later. On a single server the
+        merges run in the candidates' pipeline (one round trip for the batch); a cluster takes a round
+        trip per merge.
         """
-        if not any(type(x) is Merge for x in items):
-            return self._decide(items)  # type: ignore[arg-type]
-        out: list[Decision] = []
+        self._follow()
+        out = [x for x in items if type(x) is Decision]
+        calls: list[Action | Consent | Merge] = []
         upto = 0
         for i, x in enumerate(items):
             if type(x) is Merge:
-                out += self._decide(items[upto:i])  # type: ignore[arg-type]
-                self.merge([x])
+                calls += in_order(items[upto:i])  # type: ignore[arg-type]
+                calls.append(x)
                 upto = i + 1
-        return out + self._decide(items[upto:])  # type: ignore[arg-type]
-
-    def _decide(self, items: list[Action | Decision | Consent]) -> list[Decision]:
-        self._follow()
-        out = [x for x in items if type(x) is Decision]
-        calls = in_order(items)
+        calls += in_order(items[upto:] if upto else items)  # type: ignore[arg-type]
         if not calls:
             return out
-        verdicts = self._cluster_verdicts(calls) if self.cluster else self._verdicts(calls)
+        verdicts = self._cluster_merging(calls) if self.cluster else self._verdicts(calls)
         for a, v in verdicts:
             out.append(Decision(a, "fired", "") if v == "fired" else Decision(a, "suppressed", v))
         return out
 
-    def _verdicts(self, calls: list[Action | Consent]) -> list[tuple[Action, str]]:
-        """A single server: one script per candidate or statement, all in one pipeline."""
+    def _cluster_merging(self, calls: list[Action | Consent | Merge]) -> list[tuple[Action, str]]:
+        """A cluster: the candidates between two merges decided together, each merge between them."""
+        verdicts: list[tuple[Action, str]] = []
+        upto = 0
+        for i, c in enumerate(calls + [None]):  # type: ignore[list-item]
+            if c is None or type(c) is Merge:
+                if i > upto:
+                    verdicts += self._cluster_verdicts(calls[upto:i])  # type: ignore[arg-type]
+                if c is not None and c.src != c.dst:
+                    what = self._merge_what(c)
+                    self._merge_across_slots(c, what, len(what) - len(self.guards), int(self.tf.idempotency_ttl))
+                upto = i + 1
+        return verdicts
+
+    def _verdicts(self, calls: list[Action | Consent | Merge]) -> list[tuple[Action, str]]:
+        """A single server: one script per candidate, statement or merge, all in one pipeline."""
+        ttl = int(self.tf.idempotency_ttl)
+
+        def script(c: Action | Consent | Merge, now: int) -> Call | None:
+            if type(c) is Action:
+                return self._check(c, now)
+            if type(c) is Consent:
+                return self._write_consent(c)
+            return self._merge_call(c, ttl)  # type: ignore[arg-type]
+
         def check() -> list[Any]:
             now = int(time.time() * 1000)
-            return self.scripts.run(
-                [self._check(c, now) if type(c) is Action else self._write_consent(c) for c in calls]
-            )
+            return self.scripts.run([call for c in calls if (call := script(c, now)) is not None])
 
-        # never skip a guard: hold the flow until Redis answers
+        # never skip a guard: hold the flow until Redis answers; a retry after a lost answer is safe for
+        # merges too: their markers make one that did apply a no-op
         results = until_redis_answers(f"guard check of {len(calls)} candidates", check, self._failed)
-        return [(c, _text(v)) for c, v in zip(calls, results) if type(c) is Action]
+        sent = [c for c in calls if type(c) is not Merge or c.src != c.dst]
+        return [(c, _text(v)) for c, v in zip(sent, results) if type(c) is Action]
 
     def _cluster_verdicts(self, calls: list[Action | Consent]) -> list[tuple[Action, str]]:
         """A cluster: the user's script (and the statements) in one pipeline, then the shared one for the
@@ -419,13 +439,18 @@ class RedisGuards:
             pending = later
         return [(c, verdicts[i]) for i, c in enumerate(calls) if type(c) is Action]  # type: ignore[misc]
 
-    def merge(self, merges: list[Merge]) -> None:
-        """Move the guard counters and consent of the shopper each identity merge merged away (``src``, the
-        id its actions were counted under) into the canonical user (``dst``): cap counters add up, cooldowns
-        keep the later last-sent time, each key the longer remaining life; consent, channel by channel, the
-        newer statement (at equal times the refusal); the merged-away keys are deleted. One atomic script
-        for the batch (one round trip) on a single server. Each merge ``seq`` is applied once, even when a
-        replay after a crash sends the same merge again: a marker per ``seq`` (kept for
+    def _merge_what(self, m: Merge) -> list[str]:
+        """The keys a merge moves (see :meth:`_merge_call`): cap counters of three days, then cooldowns."""
+        day = m.ts // DAY_MS
+        return sorted({k for d in (day - 1, day, day + 1) for k in cap_keys(d)}) + [f"cd:{tid}" for tid in self.guards]
+
+    def _merge_call(self, m: Merge, ttl: int) -> Call | None:
+        """The script that moves the guard counters and consent of the shopper an identity merge merged away
+        (``src``, the id its actions were counted under) into the canonical user (``dst``) on a single
+        server; None when the ids are the same. Cap counters add up, cooldowns keep the later last-sent
+        time, each key the longer remaining life; consent, channel by channel, the newer statement (at equal
+        times the refusal); the merged-away keys are deleted. Each merge ``seq`` is applied once, even when
+        a replay after a crash sends the same merge again: a marker per ``seq`` (kept for
         ``idempotency_ttl``) makes the replay a no-op, so it does not move what the id was counted for
         since (a held message delivered to it after the merge).
 
@@ -434,32 +459,14 @@ class RedisGuards:
         cap counts per day (week) of event time, and the canonical user's later actions fall on or after
         the merge's day (or up to a day before it, for late events). Older counters are left to expire.
         """
-        self._follow()
-        ttl = int(self.tf.idempotency_ttl)
-        cooldowns = [f"cd:{tid}" for tid in self.guards]
-        links: list[tuple[Merge, list[str]]] = []
-        for m in merges:
-            if m.src != m.dst:
-                day = m.ts // DAY_MS
-                links.append((m, sorted({k for d in (day - 1, day, day + 1) for k in cap_keys(d)}) + cooldowns))
-        if not links:
-            return
-        if self.cluster:
-            for m, what in links:
-                self._merge_across_slots(m, what, len(what) - len(cooldowns), ttl)
-            return
-        keys: list[str] = []
-        args: list[int] = [ttl]
-        for m, what in links:
-            keys.append(f"{self.prefix}:merged:{m.seq}")
-            for w in what:
-                keys += [self._user_key(m.src, w), self._user_key(m.dst, w)]
-            keys += [consent_key(self.prefix, m.src), consent_key(self.prefix, m.dst)]
-            args += [len(what) - len(cooldowns), len(cooldowns)]
-        # a retry after a lost answer is safe: the markers make a merge that did apply a no-op
-        until_redis_answers(
-            f"guard merge of {len(links)} shoppers", lambda: self.merge_script(keys=keys, args=args), self._failed
-        )
+        if m.src == m.dst:
+            return None
+        what = self._merge_what(m)
+        keys = [f"{self.prefix}:merged:{m.seq}"]
+        for w in what:
+            keys += [self._user_key(m.src, w), self._user_key(m.dst, w)]
+        keys += [consent_key(self.prefix, m.src), consent_key(self.prefix, m.dst)]
+        return self.merge_script, keys, [ttl, len(what) - len(self.guards), len(self.guards)]
 
     def _merge_across_slots(self, m: Merge, what: list[str], adds: int, ttl: int) -> None:
         """A cluster: take the merged-away user's keys out (its slot), then fold them into the canonical

@@ -324,7 +324,7 @@ def test_a_replayed_merge_counts_once_and_cooldowns_keep_the_later_send(guards) 
     assert send(g, "t1", "anon:x", "1", DAY + 5 * HOUR) == "fired"  # t1 has a one-day cooldown
     assert send(g, "t0", USER, "2", DAY + HOUR) == "fired"
     for _ in range(2):  # the same links again: a replay after a crash
-        g.merge([merge_link(7)])
+        g.decide_batch([merge_link(7)])
     day = DAY // DAY_MS
     assert g.client.get(f"{g.prefix}:{{{USER}}}:cap:d:{day}") == b"2"
     assert g.client.get(f"{g.prefix}:{{{USER}}}:cap:w:{(day + 3) // 7}") == b"2"
@@ -335,7 +335,7 @@ def test_a_replayed_merge_counts_once_and_cooldowns_keep_the_later_send(guards) 
     # the cookie is counted again after the merge (a held message delivered to it): replaying seq 7 does not
     # move it, it was applied; a later merge of the cookie (a new seq) does
     assert send(g, "t0", "anon:x", "6", DAY + 9 * HOUR) == "fired"
-    g.merge([merge_link(7)])
+    g.decide_batch([merge_link(7)])
     assert g.client.get(f"{g.prefix}:{{{USER}}}:cap:d:{day}") == b"3"
-    g.merge([merge_link(8)])
+    g.decide_batch([merge_link(8)])
     assert g.client.get(f"{g.prefix}:{{{USER}}}:cap:d:{day}") == b"4"
