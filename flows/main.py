@@ -33,37 +33,17 @@ from flows.common import (
 from nudgeflow.configload import Deployment, TriggerSource, trigger_features
 from nudgeflow.events import Merge
 from nudgeflow.settings import TriggersFile
-from operators.features import GONE_TS, Enriched, UserFeatures
+from operators.features import Enriched
 from operators.models import LabelEngine, LabelLogic, LearnerLogic, MetricRow, PredictionRow, Scorer, Snapshot
 from operators.guards import StateGuards
 from operators.merge import Handoff
+from operators.publish import ScoreFields
 from operators.sampling import SnapshotSampler
 from operators.triggers import TriggerEngine, TriggerLogic
 
 def needed_features(dep: Deployment, triggers: TriggersFile | None = None) -> set[str]:
     """What enriched events must carry: the features triggers (conditions, crossings, payloads) and models read."""
     return trigger_features(triggers or dep.triggers).union(*(m.features for m in dep.models.models))
-
-
-def score_fields(batch: list[tuple[str, Enriched | Merge]]) -> list[UserFeatures]:
-    """Each user's newest scores in a batch, as fields of their Redis hash (Bytewax ``flat_map_batch``:
-    one item per user rather than one per scored event). A shopper merged into another (identity) gets
-    its hash deleted here too, after its last scores: this sink must not bring the hash back."""
-    newest: dict[str, Enriched] = {}
-    gone: list[UserFeatures] = []
-    for _, en in batch:
-        if type(en) is Enriched:
-            if en.scores:
-                prev = newest.get(en.event.user_id)
-                if prev is None or en.event.ts >= prev.event.ts:
-                    newest[en.event.user_id] = en
-        elif en.side != "absorb":
-            newest.pop(en.src, None)
-            gone.append(UserFeatures(en.src, GONE_TS, {}, gone=True))
-    return gone + [
-        UserFeatures(uid, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()})
-        for uid, en in newest.items()
-    ]
 
 
 def model_steps(
@@ -79,7 +59,10 @@ def model_steps(
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
     scored = op.flat_map_batch("score", enriched, scorer.score_batch)
     scores_sink = RedisFeatureSink(s.redis, url, fields=True)
-    op.output("scores_redis", op.flat_map_batch("score_fields", scored, score_fields), scores_sink)
+    fields = op.stateful_batch(
+        "score_fields", scored, lambda resume: ScoreFields(resume, s.features.publish_interval, recover)
+    )
+    op.output("scores_redis", op.map("score_fields_out", fields, lambda kv: kv[1]), scores_sink)
     if metrics is not None:
         metrics.scorer = scorer
         metrics.watch("redis_scores", scores_sink)
