@@ -136,6 +136,54 @@ def compile_condition(source: str) -> cel.Program:
     return cel.compile(source)
 
 
+#: in a CEL source: a string literal or a comment (kept as they are), or a field of ``features`` or ``score``
+#: selected by name (not a method called on the map, not a field of something else)
+_SELECTION = re.compile(
+    r"""(?P<keep>[rRbB]{0,2}(?:\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')"""
+    r"|//[^\n]*)"
+    r"|(?<![\w.])(?P<map>features|score)\s*\.\s*(?P<name>[A-Za-z_]\w*)\b(?!\s*\()"
+)
+_FLAT = {"features": "_f_", "score": "_s_"}
+
+FlatRefs = tuple[tuple[str, bool, str], ...]
+"""The variables of a flattened condition: (variable, from the features? else the scores, name)."""
+
+
+def flatten(source: str) -> tuple[cel.Program, FlatRefs] | None:
+    """The condition with each ``features.x`` and ``score.x`` a variable of its own (``_f_x``, ``_s_x``), and
+    those variables; None when it reads the maps any other way (``features["x"]``, ``has(features.x)``,
+    the map itself) or reads neither.
+
+    Handing CEL a map costs ~2.5 µs per evaluation to convert it, a number as a variable ~0.3 µs: the
+    same values, bound one by one. :meth:`Condition.holds` takes this path only when every value is there,
+    so a missing one still fails the condition exactly as it fails with the map.
+
+    >>> program, refs = flatten('features.views_1h >= 5 && score.buy > 0.5 && event.props.score.x == "features.y"')
+    >>> program.source
+    '_f_views_1h >= 5 && _s_buy > 0.5 && event.props.score.x == "features.y"'
+    >>> refs
+    (('_f_views_1h', True, 'views_1h'), ('_s_buy', False, 'buy'))
+    >>> flatten("has(features.views_1h)") is None, flatten('features["views_1h"] > 1') is None
+    (True, True)
+    """
+    refs: dict[str, tuple[str, bool, str]] = {}
+
+    def flat(m: re.Match[str]) -> str:
+        if m["keep"] is not None:
+            return m["keep"]
+        var = _FLAT[m["map"]] + m["name"]
+        refs[var] = (var, m["map"] == "features", m["name"])
+        return var
+
+    try:
+        program = cel.compile(_SELECTION.sub(flat, source))
+    except (ValueError, RuntimeError):  # e.g. has() wants a field selection
+        return None
+    if not refs or not set(program.variables()) <= set(refs) | {"event", "user"}:
+        return None
+    return program, tuple(refs.values())
+
+
 class Condition:
     """A compiled CEL condition that is handed only the variables it reads.
 
@@ -149,7 +197,7 @@ class Condition:
     (True, False)
     """
 
-    __slots__ = ("program", "wants_event", "wants_features", "wants_user", "wants_score", "feature_names")
+    __slots__ = ("program", "wants_event", "wants_features", "wants_user", "wants_score", "feature_names", "flat")
 
     def __init__(self, source: str):
         self.program = compile_condition(source)
@@ -159,22 +207,34 @@ class Condition:
         self.wants_user = "user" in names
         self.wants_score = "score" in names
         self.feature_names = tuple(sorted(feature_refs(source)))
+        self.flat = flatten(source)
 
     def holds(
         self, ev: Event, feats: dict[str, Any], scores: dict[str, float] | None = None, user: dict[str, Any] | None = None
     ) -> bool:
         ctx: dict[str, Any] = {}
+        program = self.program
+        if self.flat is not None:
+            for var, is_feature, name in self.flat[1]:
+                values = feats if is_feature else scores
+                if values is None or name not in values:  # the maps then, to fail (or not) as CEL says
+                    ctx = {}
+                    break
+                ctx[var] = values[name]
+            else:
+                program = self.flat[0]
         if self.wants_event:
             ctx["event"] = {"type": ev.type, "user_id": ev.user_id, "platform": ev.platform or "", "ts": ev.ts,
                             "props": ev.props}
-        if self.wants_features:
-            ctx["features"] = {n: feats[n] for n in self.feature_names if n in feats}
         if self.wants_user:
             ctx["user"] = user or {}
-        if self.wants_score:
-            ctx["score"] = scores or {}
+        if program is self.program:
+            if self.wants_features:
+                ctx["features"] = {n: feats[n] for n in self.feature_names if n in feats}
+            if self.wants_score:
+                ctx["score"] = scores or {}
         try:
-            return self.program.execute(ctx) is True
+            return program.execute(ctx) is True
         except Exception:  # a condition reading a missing field is false, not a crash
             return False
 

@@ -337,3 +337,31 @@ def test_condition_reads_user_attributes_from_identify() -> None:
     assert engine.on_event(s, browse(0), 0) == []  # nothing known yet: the condition is false
     engine.on_event(s, Enriched(Event("i", "u1", "identify", 1, props={"tier": "gold"}, position="t:0:0"), {}), 0)
     assert [a.trigger_id for a in engine.on_event(s, browse(2), 0)] == ["gold"]
+
+
+CONDITIONS = [
+    "features.views_1h >= 5 && score.purchase_propensity > 0.7 && features.orders_30d == 0",
+    "score.purchase_propensity > 0.6",
+    "!(features.views_1h == 15)",  # a missing value is an error, not null
+    "features.views_1h == 15 || score.churn > 0.5",  # an error on one side, true on the other: true
+    "features.affinity.shoes > 1.0",
+    'event.props.note == "features.views_1h" && features.views_1h > 1  // features.orders_30d',
+    "size(features.tags) > 1 && features.views_1h < 3",
+    "has(features.views_1h) && features.views_1h > 2",  # stays on the maps
+]
+VALUES = st.one_of(st.integers(-3, 20), st.floats(-1, 20, allow_nan=False), st.text(max_size=2),
+                   st.lists(st.integers(), max_size=3), st.dictionaries(st.sampled_from(["shoes", "bags"]), st.floats(0, 3)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(CONDITIONS), st.dictionaries(st.sampled_from(["views_1h", "orders_30d", "affinity", "tags"]), VALUES),
+       st.dictionaries(st.sampled_from(["purchase_propensity", "churn"]), st.floats(0, 1)), st.text(max_size=20))
+def test_a_flattened_condition_decides_as_the_maps_do(source: str, feats: dict[str, Any], scores: dict[str, float],
+                                                      note: str) -> None:
+    """Conditions bind each feature and score they read as a variable of its own (cheaper for CEL than a
+    map); whatever the values, and whether they are there or not, the outcome is the map's."""
+    flat, maps = triggers.Condition(source), triggers.Condition(source)
+    maps.flat = None
+    assert (flat.flat is None) == source.startswith("has(")
+    ev = Event("e", "u", "browse", 0, props={"note": note})
+    assert flat.holds(ev, feats, scores) == maps.holds(ev, feats, scores)
