@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from nudgeflow.configload import load_features
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
-from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeaturePlan, Frozen, shard_of,
-                                window_label)
+from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen,
+                                UserFeatures, shard_of, window_label)
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -302,3 +302,16 @@ def test_affinity_keeps_the_best_categories_ranked_whatever_the_order(adds: list
     for u in st_.users.values():
         assert len(u.aff) <= 4 and len(u.top) <= 3 and set(u.top) <= set(u.aff)
         assert u.top == sorted(u.top, key=u.aff.__getitem__, reverse=True)
+
+
+def test_a_shard_publishes_at_most_once_per_interval_whatever_wakes_it() -> None:
+    """An early wake (a hand-over awaited by another shard wakes them all every 0.1 s) publishes nothing;
+    the interval's end or the end of input does."""
+    logic = FeatureLogic(FeatureEngine(DEFS, FeaturesConfig(), EventsConfig()), None, False, 3600.0)
+    out, _ = logic.on_batch([Event("e1", "u1", "browse", HOUR, position="p:0")])
+    assert [type(x) for x in out] == [Enriched]
+    assert logic.notify_at() is not None and logic.on_notify()[0] == []
+    logic.next_publish = 0.0  # the interval has passed
+    assert [(x.user_id, type(x)) for x in logic.on_notify()[0]] == [("u1", UserFeatures)]
+    logic.on_batch([Event("e2", "u2", "browse", HOUR, position="p:0")])
+    assert [x.user_id for x in logic.on_eof()[0] if type(x) is UserFeatures] == ["u2"]
