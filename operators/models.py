@@ -210,6 +210,8 @@ class Scorer:
         self.errors = 0
         self.by_type: dict[str, list[ModelDef]] = {}
         self.any: list[ModelDef] = [m for m in cfg.models if m.score_on == "any"]
+        #: event type -> the models scoring it, each with its features as a key (models reading the same share an input)
+        self.plan: dict[str, list[tuple[ModelDef, tuple[str, ...]]]] = {}
         for m in cfg.models:
             if m.score_on != "any":
                 for t in m.score_on:
@@ -257,9 +259,13 @@ class Scorer:
         for _, en in items:
             if type(en) is not Enriched:
                 continue
+            models = self.plan.get(en.event.type)
+            if models is None:  # once per event type (the parser admits known types only)
+                models = self.plan[en.event.type] = [
+                    (d, tuple(d.features)) for d in self.any + self.by_type.get(en.event.type, [])
+                ]
             inputs: dict[tuple[str, ...], dict[str, float]] = {}  # models reading the same features share one input
-            for d in self.any + self.by_type.get(en.event.type, []):
-                key = tuple(d.features)
+            for d, key in models:
                 s, v, x = self.score(d, en.features, inputs.get(key))
                 if x is not None:
                     inputs[key] = x

@@ -17,11 +17,16 @@ from nudgeflow.events import Merge
 from operators.features import GONE_TS, Enriched, UserFeatures
 
 
-class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, dict[str, UserFeatures]]):
+Pending = dict[str, tuple[int, dict[str, float] | None]]
+"""Shopper -> (event time, the scores of their newest scored event; None: merged away, delete the hash)."""
+
+
+class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, Pending]):
     """One shard's newest scores per shopper, as fields of their Redis hash (``score_<model>``), emitted every
     ``every_s`` of wall time (0: every batch); Bytewax wakes the shard when it goes quiet, so nothing waits
     longer than that. A shopper merged into another (identity) leaves a ``gone`` item, which deletes their
     hash after their last scores: later than any score (``GONE_TS``), it replaces what was pending.
+    Per event only a reference is kept; the fields are built for the newest event at the flush.
 
     ``recover``: the pending scores go into the shard's snapshot (else a crash could lose the scores of
     events before the snapshot, which are not replayed).
@@ -37,8 +42,8 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, dict[str, U
     [('u1', 5, {'score_buy': 0.25}), ('u2', 1, {'score_buy': 0.125})]
     """
 
-    def __init__(self, resume: dict[str, UserFeatures] | None, every_s: float, recover: bool):
-        self.pending: dict[str, UserFeatures] = resume or {}
+    def __init__(self, resume: Pending | None, every_s: float, recover: bool):
+        self.pending: Pending = resume or {}
         self.every_s = every_s
         self.recover = recover
         self.next_flush = time.monotonic() + every_s
@@ -48,21 +53,23 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, dict[str, U
         for en in values:
             if type(en) is Enriched:
                 if en.scores:
-                    uid = en.event.user_id
+                    uid, ts = en.event.user_id, en.event.ts
                     prev = pending.get(uid)
-                    if prev is None or en.event.ts >= prev.ts:
-                        pending[uid] = UserFeatures(
-                            uid, en.event.ts, {f"score_{k}": round(v, 6) for k, v in en.scores.items()}
-                        )
+                    if prev is None or ts >= prev[0]:
+                        pending[uid] = (ts, en.scores)
             elif en.side != "absorb":  # type: ignore[union-attr]
-                pending[en.src] = UserFeatures(en.src, GONE_TS, {}, gone=True)  # type: ignore[union-attr]
+                pending[en.src] = (GONE_TS, None)  # type: ignore[union-attr]
         if time.monotonic() >= self.next_flush:
             return self._flush(), StatefulBatchLogic.RETAIN
         return [], StatefulBatchLogic.RETAIN
 
     def _flush(self) -> list[UserFeatures]:
         self.next_flush = time.monotonic() + self.every_s
-        out = list(self.pending.values())
+        out = [
+            UserFeatures(uid, GONE_TS, {}, gone=True) if scores is None
+            else UserFeatures(uid, ts, {f"score_{k}": round(v, 6) for k, v in scores.items()})
+            for uid, (ts, scores) in self.pending.items()
+        ]
         self.pending = {}
         return out
 
@@ -77,5 +84,5 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, dict[str, U
             return None
         return datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.next_flush - time.monotonic()))
 
-    def snapshot(self) -> dict[str, UserFeatures]:
+    def snapshot(self) -> Pending:
         return dict(self.pending) if self.recover else {}
