@@ -138,8 +138,9 @@ class RedisHandoff:
     hand-overs also go to Redis, gathered from every step and shard of the process into one pipeline at
     most every ``FLUSH_S`` (and whenever a logic wakes or ends with some unsent): a cross-process absorb
     waits that much longer, no batch pays a round trip of its own. Redis is read with GET, not GETDEL,
-    and the TTL cleans up. A crash loses nothing: unsent hand-overs are of releases after the last
-    snapshot, which the restarted flow replays, putting them again. Awaited hand-overs are looked for in
+    and the TTL cleans up. A crash loses nothing: a step's snapshot flushes first (``operators.merge.snapshot``),
+    so unsent hand-overs are of releases after the last snapshot, which the restarted flow replays,
+    putting them again. Awaited hand-overs are looked for in
     Redis at most every ``FLUSH_S`` too: an absorb usually arrives before its release by a few shards of
     the same batch, and asking Redis each time would cost every batch a round trip for nothing.
     """

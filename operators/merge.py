@@ -179,5 +179,10 @@ def restore(resume: bytes | None, fresh: Callable[[], S]) -> tuple[S, list[Merge
 
 
 def snapshot(state: Any, desk: MergeDesk[Any, Any] | None) -> bytes:
-    """A per-user step's snapshot: its state and the absorbs it still awaits."""
+    """A per-user step's snapshot: its state and the absorbs it still awaits.
+
+    The hand-overs of releases the state no longer holds are written out first: a shard of another process
+    may await one, and after a crash the resumed release would not run again to put it."""
+    if desk is not None and desk.handoff is not None:
+        desk.handoff.flush()
     return pickle.dumps((state, desk.waiting if desk else []), protocol=pickle.HIGHEST_PROTOCOL)

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis
 
-from connectors.files import JsonlSource
+from connectors.files import JsonlSource, jsonl_sink
 from tests.helpers import CONFIG_DIR, ev, nudgeflow, stop, total_events
 
 MIN = 60_000
@@ -23,6 +23,27 @@ def test_a_replay_reads_a_last_line_without_newline_and_ends(tmp_path: Path) -> 
     assert part.next_batch() == [(f"{path}:1", b"a"), (f"{path}:3", b"b")]
     with pytest.raises(StopIteration):
         part.next_batch()
+
+
+def test_the_file_sink_shows_each_batch_at_once_and_resumes_at_its_snapshot(tmp_path: Path) -> None:
+    """Lines are readable as soon as their batch is written (a follower sees them); a resume truncates what
+    followed the snapshot, which the replay writes again."""
+    path = tmp_path / "out" / "actions.jsonl"
+    sink = jsonl_sink(path)
+    part = sink.build_part("actions", str(path), None)
+    part.write_batch(['{"a":1}', '{"a":2}'])
+    assert path.read_text() == '{"a":1}\n{"a":2}\n'
+    offset = part.snapshot()
+    part.write_batch(['{"a":3}'])
+    assert path.read_text().splitlines()[-1] == '{"a":3}'
+    part.close()
+    again = sink.build_part("actions", str(path), offset)
+    assert path.read_text() == '{"a":1}\n{"a":2}\n'
+    again.write_batch(['{"a":3}', '{"a":4}'])
+    again.close()
+    assert path.read_text().splitlines() == ['{"a":1}', '{"a":2}', '{"a":3}', '{"a":4}']
+    with pytest.raises(ValueError, match="writes"):
+        sink.build_part("actions", str(tmp_path / "other.jsonl"), None)
 
 
 def test_a_followed_file_gives_whole_lines_as_they_are_written_and_resumes(tmp_path: Path) -> None:

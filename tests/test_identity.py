@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+from typing import Any
 
 import orjson
 import pytest
@@ -19,6 +20,8 @@ from nudgeflow.events import DeadLetter, Event, Link, Merge
 from nudgeflow.settings import EventsConfig, IdentityConfig, RedisConfig
 from operators.features import UserFeatures
 from operators.identity import IdentityEngine, IdentityGraph, IdentityLogic, is_known
+from operators.merge import MergeDesk
+from operators.merge import snapshot as merge_snapshot
 from operators.parse import Parser
 
 HOUR_MS = 3_600_000
@@ -353,6 +356,21 @@ def test_handoff_put_get_and_ttl(redis_url: str, key_prefix: str) -> None:
     assert h.get_many("features", [8, 9]) == [None, b""] and h.get_many("triggers", [7]) == [None]
     ttl = redis.Redis.from_url(redis_url).pttl(f"{key_prefix}:handoff:features:7")
     assert 2 * HOUR_MS - 60_000 < ttl <= 2 * HOUR_MS
+
+
+def test_a_snapshot_writes_out_the_hand_overs_still_held_back(redis_url: str, key_prefix: str) -> None:
+    """A release within ``FLUSH_S`` of the last write waits in memory; the epoch's snapshot must not be
+    taken before it is in Redis (after a crash, nothing would put it again for another process)."""
+    h = RedisHandoff(redis_url, key_prefix, ttl_s=60)
+    desk: MergeDesk[Any, Any] = MergeDesk("features", h)
+    h.put_many("features", [(1, b"first")])  # the first write goes at once
+    h.put_many("features", [(2, b"second")])  # within FLUSH_S of it: held back
+    other = RedisHandoff(redis_url, key_prefix, ttl_s=60)
+    assert h.pending() and other.get_many("features", [1, 2]) == [b"first", None]
+    merge_snapshot({}, desk)
+    assert not h.pending()
+    other.next_get = 0.0
+    assert other.get_many("features", [2]) == [b"second"]
 
 
 def test_feature_reader_resolves_any_id_to_the_canonical_features(redis_url: str, key_prefix: str) -> None:
