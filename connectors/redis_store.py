@@ -28,7 +28,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from redis.cluster import RedisCluster
 
 from connectors.identity_store import canon_key
-from connectors.redis_client import Client, redis_client
+from connectors.redis_client import Call, Client, Scripts, redis_client
 from connectors.redis_retry import until_redis_answers
 from nudgeflow.settings import RedisConfig
 from operators.features import UserFeatures
@@ -67,7 +67,7 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
         self.ttl = int(sink.cfg.ttl)
         self.as_json = sink.as_json
         #: the batch script on one server; None under a Redis Cluster (keys of many slots: a pipeline)
-        self.script = None if isinstance(client, RedisCluster) else client.register_script(WRITE_HASHES)
+        self.scripts = None if isinstance(client, RedisCluster) else Scripts(client, WRITE_HASHES)
 
     def write_batch(self, items: list[UserFeatures]) -> None:
         newest: dict[str, UserFeatures] = {}
@@ -89,7 +89,7 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
             mapping["_v"] = FEATURE_SET_VERSION
             mappings.append((user_key(self.prefix, uid), mapping))
 
-        write = self._run_pipeline if self.script is None else self._run_script
+        write = self._run_pipeline if self.scripts is None else self._run_script
 
         def counted() -> None:
             self.sink.failures += 1
@@ -108,15 +108,19 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
 
     def _run_script(self, mappings: list[tuple[str, dict[str, Any]]], gone: list[str]) -> None:
         """The batch as calls of :data:`WRITE_HASHES`, ``SCRIPT_KEYS`` keys a call (Redis runs a script
-        without serving others: a call stays a few milliseconds)."""
+        without serving others: a call stays a few milliseconds), all in one round trip."""
+        assert self.scripts is not None
+        script = self.scripts.registered[0]
         entries: list[tuple[str, list[Any]]] = [(key, [len(m), *_flat(m)]) for key, m in mappings]
         entries += [(key, [0]) for key in gone]
+        calls: list[Call] = []
         for i in range(0, len(entries), SCRIPT_KEYS):
             chunk = entries[i:i + SCRIPT_KEYS]
             args: list[Any] = [self.ttl]
             for _, a in chunk:
                 args += a
-            self.script(keys=[key for key, _ in chunk], args=args)  # type: ignore[misc]
+            calls.append((script, [key for key, _ in chunk], args))
+        self.scripts.run(calls)
 
     def close(self) -> None:
         self.client.close()

@@ -3,9 +3,13 @@ reader."""
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from connectors.redis_client import redis_client
+import pytest
+import redis
+from redis.exceptions import ResponseError
+
+from connectors.redis_client import redis_client, send_packed
 from connectors.redis_store import FeatureReader, RedisFeatureSink
 from nudgeflow.settings import RedisConfig
 from operators.features import GONE_TS, UserFeatures
@@ -49,3 +53,21 @@ def test_merged_away_shoppers_hashes_are_deleted_in_one_batch(any_redis_url: str
     got = FeatureReader(any_redis_url, key_prefix).get_many([f"u{i}" for i in range(20)])
     assert [u for u, h in got.items() if h] == [f"u{i}" for i in range(1, 20, 2)]
     assert got["u1"]["views_1h"] == 100
+
+
+def test_packed_commands_answer_in_order_with_errors_in_place_and_a_broken_connection_is_dropped(
+    redis_url: str, key_prefix: str,
+) -> None:
+    client = redis_client(redis_url)
+    k = f"{key_prefix}:packed"
+    got = send_packed(client, [("SET", k, 1.5), ("INCR", k), ("HSET", f"{k}:h", "a", 7, "b", "x\u00e9"), ("GET", k)])
+    assert got[0] == b"OK" and isinstance(got[1], ResponseError) and got[2:] == [2, b"1.5"]
+    assert client.hgetall(f"{k}:h") == {b"a": b"7", b"b": "x\u00e9".encode()}  # the same bytes redis-py sends
+    # no answer in time (BLPOP holds its reply for 1 s): the call fails as redis-py's would, and the connection
+    # is dropped with its reply unread; reused, it would hand that stale reply (None) to the next call
+    slow = redis_client(redis_url, socket_timeout=0.2)
+    with pytest.raises(redis.TimeoutError):
+        send_packed(slow, [("BLPOP", f"{k}:nothing", 1), ("GET", k)])
+    time.sleep(1.1)
+    assert send_packed(slow, [("GET", k)]) == [b"1.5"]
+    client.delete(k, f"{k}:h")
