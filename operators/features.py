@@ -42,12 +42,11 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from operator import itemgetter
 from typing import Any, NamedTuple, get_args
 
@@ -57,6 +56,7 @@ from bytewax.operators import StatefulBatchLogic
 from nudgeflow.events import DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
+from operators.clock import Deadline
 from operators.merge import Handoff, MergeDesk, restore, snapshot
 from operators.windows import SLOT_BITS, PackedWindow, unpacker
 
@@ -1048,8 +1048,7 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         self.state, waiting = restore(resume, engine.new_state)
         self.desk = MergeDesk("features", handoff, waiting) if handoff is not None else None
         self.recover = recover
-        self.publish_s = publish_s
-        self.next_publish = time.monotonic() + publish_s
+        self.publish = Deadline(publish_s)
 
     def on_batch(self, values: list[Event | Merge]) -> tuple[list[FeatureOut | Merge], bool]:
         eng, st, desk = self.engine, self.state, self.desk
@@ -1075,19 +1074,19 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
             out.extend(eng.apply_batch(st, values[start:]))  # type: ignore[arg-type]
         if self.desk is not None:
             out.extend(self.desk.settle(eng, st))
-        if time.monotonic() >= self.next_publish:
+        if self.publish.due():
             out.extend(self._publish())
         return out, StatefulBatchLogic.RETAIN
 
     def _publish(self) -> list[FeatureOut | Merge]:
-        self.next_publish = time.monotonic() + self.publish_s
+        self.publish.reset()
         return self.engine.flush(self.state)  # type: ignore[return-value]
 
     def on_notify(self) -> tuple[list[FeatureOut | Merge], bool]:
         """Settle hand-overs; publish only when due: a hand-over awaited anywhere in the process wakes every
         shard every ``RETRY_S``, which published ten times a second per shard in live runs."""
         out = self.desk.settle(self.engine, self.state) if self.desk is not None else []
-        if time.monotonic() >= self.next_publish - _EARLY_S:
+        if self.publish.due(_EARLY_S):
             out += self._publish()
         return out, StatefulBatchLogic.RETAIN
 
@@ -1096,9 +1095,7 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         return out + self._publish(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        at = None
-        if self.state.changed:
-            at = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.next_publish - time.monotonic()))
+        at = self.publish.at if self.state.changed else None
         return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:

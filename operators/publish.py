@@ -8,12 +8,12 @@ Redis round trip per batch, about a tenth of its worker's time.
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 from bytewax.operators import StatefulBatchLogic
 
 from nudgeflow.events import Merge
+from operators.clock import Deadline
 from operators.features import GONE_TS, Enriched, UserFeatures
 
 
@@ -44,9 +44,8 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, Pending]):
 
     def __init__(self, resume: Pending | None, every_s: float, recover: bool):
         self.pending: Pending = resume or {}
-        self.every_s = every_s
         self.recover = recover
-        self.next_flush = time.monotonic() + every_s
+        self.flush_due = Deadline(every_s)
 
     def on_batch(self, values: list[Enriched | Merge]) -> tuple[list[UserFeatures], bool]:
         pending = self.pending
@@ -59,12 +58,12 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, Pending]):
                         pending[uid] = (ts, en.scores)
             elif en.side != "absorb":  # type: ignore[union-attr]
                 pending[en.src] = (GONE_TS, None)  # type: ignore[union-attr]
-        if time.monotonic() >= self.next_flush:
+        if self.flush_due.due():
             return self._flush(), StatefulBatchLogic.RETAIN
         return [], StatefulBatchLogic.RETAIN
 
     def _flush(self) -> list[UserFeatures]:
-        self.next_flush = time.monotonic() + self.every_s
+        self.flush_due.reset()
         out = [
             UserFeatures(uid, GONE_TS, {}, gone=True) if scores is None
             else UserFeatures(uid, ts, {f"score_{k}": round(v, 6) for k, v in scores.items()})
@@ -80,9 +79,7 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, Pending]):
         return self._flush(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not self.pending:
-            return None
-        return datetime.now(timezone.utc) + timedelta(seconds=max(0.0, self.next_flush - time.monotonic()))
+        return self.flush_due.at if self.pending else None
 
     def snapshot(self) -> Pending:
         return dict(self.pending) if self.recover else {}
