@@ -1,6 +1,11 @@
 # nudgeflow: `make demo` runs the main job on the embedded default, `make test` runs the tests.
 # Both work on a fresh machine with Python 3.11 and pip: everything else is installed here.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter: the distribution's Python 3.11 when it can make venvs, else python3.11 (or python3) on
+# PATH; `make PYTHON=...` chooses. A distribution's build is optimised with PGO and LTO and its executable
+# holds the interpreter; pyenv's default build has neither, and ran the main flow 15-30 % slower an event
+# (benchmarks/RESULTS.md, 2026-12-06). An existing .venv keeps the interpreter it was made with.
+PYTHON ?= $(shell for p in /usr/bin/python3.11 "$$(command -v python3.11)" "$$(command -v python3)"; do \
+            [ -x "$$p" ] && "$$p" -c "import ensurepip, venv" 2>/dev/null && { echo "$$p"; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed

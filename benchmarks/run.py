@@ -133,6 +133,8 @@ def environment() -> dict[str, Any]:
         "cpu": cpu_model(),
         "nproc": os.cpu_count() or 0,
         "python": platform.python_version(),
+        # the base interpreter (a venv's link hides it): builds of one version differ by 15-30 % (the Makefile)
+        "python_bin": getattr(sys, "_base_executable", sys.executable),
         "bytewax": version("bytewax"),
         "load1": round(os.getloadavg()[0], 2),
     }
