@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from connectors.clickhouse import connect
 from connectors.redis_client import Client, redis_client
 from connectors.redis_store import FeatureReader
-from connectors.tansu import TansuBroker, create_topics, read_topic
+from connectors.tansu import TansuBroker, create_topics, produce, read_topic
 from flows.common import clickhouse_dsn
 from nudgeflow.configload import load_deployment
 from nudgeflow.settings import Settings
@@ -146,6 +146,19 @@ def features(r: Client, prefix: str) -> dict[str, dict[str, Any]]:
 
 def total_events(r: Client, prefix: str) -> int:
     return sum(int(h.get("events_30d", 0)) for h in features(r, prefix).values())
+
+
+def trickle(kafka: TansuBroker, topic: str, records: list[tuple[bytes, bytes]], start: int, r: Client, prefix: str,
+            chunk: int = 200, pause_s: float = 0.1) -> int:
+    """Produce ``records[start:]`` a chunk at a time until the flow has counted some of them (its published
+    events move); returns how many records are sent by then. A kill right after lands mid-stream however
+    fast the flow is: the rest is still unsent (a fixed sleep before the kill let a fast run finish)."""
+    counted, sent = total_events(r, prefix), start
+    while sent < len(records) and total_events(r, prefix) == counted:
+        produce(kafka.bootstrap, topic, records[sent:sent + chunk])
+        sent += chunk
+        time.sleep(pause_s)
+    return sent
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:

@@ -20,7 +20,7 @@ from connectors.redis_client import redis_client
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
 from nudgeflow.cluster import loopback_addresses
-from tests.helpers import drain, features, nudgeflow, scrape, stop, total_events, value, write_config
+from tests.helpers import drain, features, nudgeflow, scrape, stop, total_events, trickle, value, write_config
 
 
 def test_two_processes_give_the_features_of_one(kafka: TansuBroker, redis_url: str, key_prefix: str,
@@ -115,13 +115,13 @@ def test_a_cluster_with_a_recovery_store_per_process_resumes_after_both_are_kill
         procs = start(log)
         try:  # the processes are killed whatever happens: a failed check must not leave them running
             until(half, procs, log)
-            produce(kafka.bootstrap, topic, records[half:])
-            time.sleep(0.5)
+            sent = trickle(kafka, topic, records, half, r, key_prefix + "c")
         finally:
             for p in procs:
                 p.send_signal(signal.SIGKILL)
                 p.wait(timeout=30)
-    assert half <= total_events(r, key_prefix + "c") < len(records), "the kill should land mid-stream"
+    assert half < total_events(r, key_prefix + "c") <= sent < len(records), "the kill should land mid-stream"
+    produce(kafka.bootstrap, topic, records[sent:])
     # each process created its share of the partitions, and only that
     assert [sorted(f.name for f in (cfg.parent / "store").glob("part-*.sqlite3")) for cfg in configs] == [
         ["part-0.sqlite3", "part-2.sqlite3"], ["part-1.sqlite3", "part-3.sqlite3"]]

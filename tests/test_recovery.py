@@ -12,7 +12,7 @@ import redis
 from connectors.kafka import user_keyed
 from connectors.simulator import SimulatorConfig, iter_records
 from connectors.tansu import TansuBroker, create_topics, produce
-from tests.helpers import STORED_EVENTS, clickhouse_rows, drain, features, nudgeflow, total_events, write_config
+from tests.helpers import STORED_EVENTS, clickhouse_rows, drain, features, nudgeflow, total_events, trickle, write_config
 
 
 def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_features(
@@ -43,13 +43,12 @@ def test_sigkill_mid_stream_then_restart_gives_the_uninterrupted_features(
             assert worker.poll() is None, worker.communicate()[0][-3000:]
             time.sleep(0.2)
         assert total_events(r, key_prefix + "r") == half
-        produce(kafka.bootstrap, topic, records[half:])
-        time.sleep(0.5)
+        sent = trickle(kafka, topic, records, half, r, key_prefix + "r")
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
-    mid = total_events(r, key_prefix + "r")
-    assert half <= mid < len(records), "the kill should land mid-stream"
+    assert half < total_events(r, key_prefix + "r") <= sent < len(records), "the kill should land mid-stream"
+    produce(kafka.bootstrap, topic, records[sent:])
 
     drain(rec, r, key_prefix + "r", len(records))  # resumes from the last snapshot
 
