@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import orjson
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from connectors.redis_client import Client, mget, redis_client
+from connectors.redis_client import Client, flat, mget, redis_client, send_commands
 from connectors.redis_retry import until_redis_answers
 from nudgeflow.events import Link
 from nudgeflow.settings import IdentityConfig
@@ -81,18 +82,15 @@ class _IdentityPartition(StatelessSinkPartition[Link]):
             for link in merged
         ]
 
-        def write() -> list[object]:  # a pipeline forgets its commands when a send fails: each try builds its own
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hset(self.canon, mapping=canon)
-            for entry_id, fields in entries:
-                pipe.xadd(self.history, fields, id=entry_id)
-            pipe.set(self.seq, max(link.seq for link in merged))
-            return pipe.execute(raise_on_error=False)
+        commands: list[tuple[Any, ...]] = [("HSET", self.canon, *flat(canon))]
+        commands += [("XADD", self.history, entry_id, *flat(fields)) for entry_id, fields in entries]
+        commands.append(("SET", self.seq, max(link.seq for link in merged)))
 
         def counted() -> None:
             self.sink.failures += 1
 
-        results = until_redis_answers(f"identity write of {len(merged)} merges", write, counted)
+        results = until_redis_answers(f"identity write of {len(merged)} merges",
+                                      lambda: send_commands(self.client, commands), counted)
         errors = [r for r in results if isinstance(r, Exception) and not _replayed(r)]
         if errors:
             raise errors[0]
@@ -182,13 +180,12 @@ class RedisHandoff:
         parts, self.unsent = self.unsent, []
         self.next_flush = now + self.FLUSH_S
 
-        def put() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for key, blob in parts:
-                pipe.set(key, blob, px=self.ttl_ms)
-            pipe.execute()
-
-        until_redis_answers(f"{len(parts)} hand-overs", put, self._counted)
+        commands = [("SET", key, blob, "PX", self.ttl_ms) for key, blob in parts]
+        replies = until_redis_answers(f"{len(parts)} hand-overs", lambda: send_commands(self.client, commands),
+                                      self._counted)
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
 
     def pending(self) -> bool:
         """Whether some hand-overs still wait for a flush (a logic should wake for it)."""

@@ -14,7 +14,7 @@ pipelines go as plain ``EVALSHA`` and are loaded on every node when one answers 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
 import redis
@@ -110,12 +110,28 @@ class Scripts:
         return out
 
     def _send(self, calls: Sequence[Call]) -> list[Any]:
-        if isinstance(self.client, RedisCluster):
-            pipe = self.client.pipeline(transaction=False)
-            for script, keys, args in calls:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            return pipe.execute(raise_on_error=False)
-        return send_packed(self.client, [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls])
+        return send_commands(self.client, [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls])
+
+
+def flat(mapping: Mapping[Any, Any]) -> list[Any]:
+    """``{f: v, …}`` as the arguments ``[f, v, …]`` of ``HSET`` or ``XADD``.
+
+    >>> flat({"a": 1, "b": "x"})
+    ['a', 1, 'b', 'x']
+    """
+    return [x for kv in mapping.items() for x in kv]
+
+
+def send_commands(client: Client, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Commands in one round trip, their replies in order, an error reply in its place as an exception:
+    :func:`send_packed` on a single server, a redis-py pipeline under a cluster (which routes each command
+    to its key's node, and applies redis-py's response callbacks). Callers read errors, not values."""
+    if isinstance(client, RedisCluster):
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+    return send_packed(client, commands)
 
 
 def send_packed(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:

@@ -28,7 +28,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from redis.cluster import RedisCluster
 
 from connectors.identity_store import canon_key
-from connectors.redis_client import Call, Client, Scripts, redis_client
+from connectors.redis_client import Call, Client, Scripts, flat, redis_client
 from connectors.redis_retry import until_redis_answers
 from nudgeflow.settings import RedisConfig
 from operators.features import UserFeatures
@@ -111,7 +111,7 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
         without serving others: a call stays a few milliseconds), all in one round trip."""
         assert self.scripts is not None
         script = self.scripts.registered[0]
-        entries: list[tuple[str, list[Any]]] = [(key, [len(m), *_flat(m)]) for key, m in mappings]
+        entries: list[tuple[str, list[Any]]] = [(key, [len(m), *flat(m)]) for key, m in mappings]
         entries += [(key, [0]) for key in gone]
         calls: list[Call] = []
         for i in range(0, len(entries), SCRIPT_KEYS):
@@ -124,15 +124,6 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
 
     def close(self) -> None:
         self.client.close()
-
-
-def _flat(mapping: dict[str, Any]) -> list[Any]:
-    """``{f: v, …}`` as ``[f, v, …]``.
-
-    >>> _flat({"a": 1, "b": "x"})
-    ['a', 1, 'b', 'x']
-    """
-    return [x for kv in mapping.items() for x in kv]
 
 
 SCRIPT_KEYS = 1000
