@@ -203,8 +203,8 @@ class FeatureReader:
             for uid, c in zip(ids, canonical):
                 pipe.hgetall(user_key(self.prefix, c or uid))
             return {uid: _unpack(h) for uid, h in zip(ids, pipe.execute())}
-        flat = self.script(keys=[canon_key(self.prefix)], args=[user_key(self.prefix, ""), *ids])
-        return {uid: _unpack(dict(zip(h[::2], h[1::2]))) for uid, h in zip(ids, flat)}
+        replies = self.script(keys=[canon_key(self.prefix)], args=[user_key(self.prefix, ""), *ids])
+        return {uid: _unpack(dict(zip(h[::2], h[1::2]))) for uid, h in zip(ids, replies)}
 
 
 def _unpack(h: dict[str, str]) -> dict[str, Any]:
