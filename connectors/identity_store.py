@@ -55,7 +55,7 @@ def history_key(prefix: str) -> str:
 
 
 def _replayed(result: object) -> bool:
-    """Whether a pipeline result is Redis refusing a history entry it already has."""
+    """Whether a reply is Redis refusing a history entry it already has."""
     return isinstance(result, redis.ResponseError) and "equal or smaller" in str(result)
 
 
@@ -100,7 +100,7 @@ class _IdentityPartition(StatelessSinkPartition[Link]):
 
 
 class IdentitySink(DynamicSink[Link]):
-    """Mirrors merged links into Redis, one pipeline per batch; repeats and rejections write nothing."""
+    """Mirrors merged links into Redis, one round trip per batch; repeats and rejections write nothing."""
 
     def __init__(self, url: str, prefix: str):
         self.url = url
@@ -133,7 +133,7 @@ class RedisHandoff:
 
     Within this process a hand-over is kept in memory and taken from there (once: a shard absorbs each
     merge once), so no shard waits on a round trip for a neighbour. For shards in other processes the
-    hand-overs also go to Redis, gathered from every step and shard of the process into one pipeline at
+    hand-overs also go to Redis, gathered from every step and shard of the process into one round trip at
     most every ``FLUSH_S`` (and whenever a logic wakes or ends with some unsent): a cross-process absorb
     waits that much longer, no batch pays a round trip of its own. Redis is read with GET, not GETDEL,
     and the TTL cleans up. A crash loses nothing: a step's snapshot flushes first (``operators.merge.snapshot``),
