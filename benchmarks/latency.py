@@ -184,6 +184,8 @@ class LiveContext(StageContext):
     add_config: dict[str, str] = field(default_factory=dict)
     #: "kafka", or "file": the events followed in ``events.jsonl``, the actions written to ``actions.jsonl``
     via: str = "kafka"
+    #: ``via: file``: how often the flow's source looks for new lines at the end of the file (``source.file.tail``)
+    follow_s: float = FILE_POLL_S
 
     def kafka_config(self) -> KafkaConfig:
         return super().kafka_config().model_copy(update={"tail": True, "add_config": self.add_config})
@@ -191,7 +193,7 @@ class LiveContext(StageContext):
     def file_settings(self) -> dict[str, Any]:
         """The source and sinks of ``via: file`` (settings fields)."""
         return {
-            "source": SourceConfig.model_validate({"kind": "file", "file": {"paths": [str(self.events_file)], "tail": FILE_POLL_S}}),
+            "source": SourceConfig.model_validate({"kind": "file", "file": {"paths": [str(self.events_file)], "tail": self.follow_s}}),
             "actions": SinkConfig(kind="file", path=str(self.actions_file)),
             "dlq": SinkConfig(kind="file", path=str(self.workdir / "dlq.jsonl")),
         }
@@ -226,7 +228,7 @@ def serve(ctx: LiveContext) -> None:
 def start_flow(ctx: LiveContext) -> subprocess.Popen[bytes]:
     """The child process running :func:`serve`; returns once the flow is built (its source then connects)."""
     spec = {"bootstrap": ctx.bootstrap, "topic": ctx.topic, "workdir": str(ctx.workdir), "redis_url": ctx.redis_url,
-            "prefix": ctx.prefix, "batch_size": ctx.batch_size, "add_config": ctx.add_config, "via": ctx.via}
+            "prefix": ctx.prefix, "batch_size": ctx.batch_size, "add_config": ctx.add_config, "via": ctx.via, "follow_s": ctx.follow_s}
     log_path = ctx.workdir / "flow.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -524,7 +526,8 @@ def run_latency(a: argparse.Namespace, broker: TansuBroker, redis_url: str, pref
     workdir = Path(tempfile.mkdtemp(prefix="nfbench-latency-"))
     topic = f"{prefix}.events"
     create_topics(broker.bootstrap, [topic, f"{prefix}.actions", f"{prefix}.dlq"], partitions=PARTITIONS)
-    ctx = LiveContext(broker.bootstrap, topic, 0, workdir, redis_url, prefix, a.batch_size, a.add_config, a.via)
+    ctx = LiveContext(broker.bootstrap, topic, 0, workdir, redis_url, prefix, a.batch_size, a.add_config, a.via,
+                      a.follow_ms / 1000)
     by_file = a.via == "file"
     if by_file:
         ctx.events_file.touch()
@@ -557,7 +560,7 @@ def run_latency(a: argparse.Namespace, broker: TansuBroker, redis_url: str, pref
     return latency_figures(sent, reader) | {
         "rate": rate, "warmup_s": WARMUP_S, "build_s": build_s, "cores": cores, "other_actions": dict(reader.others),
         "source": {"batch_size": a.batch_size, "add_config": a.add_config, "consumer": SOURCE_DEFAULTS | a.add_config,
-                   "via": a.via},
+                   "via": a.via, **({"follow_ms": a.follow_ms} if by_file else {})},
         "producer_linger_ms": a.linger_ms,
     }
 
@@ -676,7 +679,7 @@ COLUMNS = [
 
 def _source_label(src: dict[str, Any]) -> str:
     if src.get("via") == "file":
-        return f"file, no broker (followed every {FILE_POLL_S * 1000:g} ms)"
+        return f"file, no broker (followed every {src.get('follow_ms', FILE_POLL_S * 1000):g} ms)"
     return f"batch {src['batch_size']}" + "".join(f", {k}={v}" for k, v in src["add_config"].items())
 
 
@@ -740,6 +743,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--via", choices=("kafka", "file"), default="kafka",
                    help="kafka (default): events and actions through the broker; file: through followed files, no "
                         "broker in the path (the maximum rate is still measured through Kafka)")
+    p.add_argument("--follow-ms", type=float, default=FILE_POLL_S * 1000,
+                   help=f"--via file: how often the flow looks for new lines at the end of the events file "
+                        f"(source.file.tail; default {FILE_POLL_S * 1000:g} ms). Longer gives the flow fewer, larger "
+                        f"batches: less CPU per event, up to that much more latency")
     p.add_argument("--only", choices=("latency", "eval"), default=None, help="run one of the two measurements")
     p.add_argument("--eval-events", type=int, default=EVAL_EVENTS, help=f"events for the trigger cost (default {EVAL_EVENTS:,})")
     p.add_argument("--seed", type=int, default=42)
@@ -816,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.serve is not None:
         spec = json.loads(a.serve)
         serve(LiveContext(spec["bootstrap"], spec["topic"], 0, Path(spec["workdir"]), spec["redis_url"], spec["prefix"],
-                          spec["batch_size"], spec["add_config"], spec["via"]))
+                          spec["batch_size"], spec["add_config"], spec["via"], spec["follow_s"]))
         return 0
     env = environment()
     print(f"nudgeflow latency bench: rev {env['rev']}, {env['cpu']} x{env['nproc']}, load {env['load1']}", flush=True)

@@ -434,14 +434,16 @@ def bench_line(run: dict[str, Any]) -> str:
 
 
 def latest_latency(path: Path = LATENCY_LOG) -> tuple[float, str] | None:
-    """p99 event→action latency (ms) of the newest ``benchmarks.latency`` run with the default source settings
-    (runs with ``--add-config`` are experiments), and which run it was; not re-measured here (minutes)."""
+    """p99 event→action latency (ms) of the newest ``benchmarks.latency`` run through Kafka with the default source
+    settings (runs ``--via file`` or with ``--add-config`` are experiments), and which run it was; not re-measured
+    here (minutes)."""
     if not path.exists():
         return None
     for line in reversed(path.read_text().splitlines()):
         r = json.loads(line) if line.strip() else {}
         lat = r.get("latency")
-        if lat and not lat.get("source", {}).get("add_config"):
+        src = lat.get("source", {}) if lat else {}
+        if lat and src.get("via", "kafka") == "kafka" and not src.get("add_config"):
             return lat["e2e_ms"]["p99"], (
                 f"benchmarks.latency run of {r['env']['utc']} UTC (rev {r['env']['rev']}, {lat['rate']:.0f} events/s)"
             )
