@@ -1083,8 +1083,8 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         return self.engine.flush(self.state)  # type: ignore[return-value]
 
     def on_notify(self) -> tuple[list[FeatureOut | Merge], bool]:
-        """Settle hand-overs; publish only when due: a hand-over awaited anywhere in the process wakes every
-        shard every ``RETRY_S``, which published ten times a second per shard in live runs."""
+        """Settle hand-overs; publish only when due: a shard awaiting a hand-over, or holding one back, wakes
+        every ``RETRY_S`` (publishing on every wake published ten times a second per shard in live runs)."""
         out = self.desk.settle(self.engine, self.state) if self.desk is not None else []
         if self.publish.due(_EARLY_S):
             out += self._publish()

@@ -107,6 +107,8 @@ class MergeDesk(Generic[S, O]):
         #: absorbs whose part has not arrived yet (snapshotted with the step's state)
         self.waiting: list[Merge] = waiting or []
         self._puts: list[tuple[int, bytes]] = []
+        #: this desk put hand-overs the handoff may still hold back (``pending``): it wakes until they are out
+        self.owes = False
 
     def take(self, engine: Mergeable[S, O], st: S, m: Merge) -> list[O]:
         """Handle one merge where it stands in the stream (a release must follow the user's earlier events)."""
@@ -130,6 +132,7 @@ class MergeDesk(Generic[S, O]):
         if self._puts:
             self.handoff.put_many(self.step, self._puts)
             self._puts = []
+            self.owes = True
         else:
             self.handoff.flush(due_only=True)
         out: list[O] = []
@@ -163,8 +166,12 @@ class MergeDesk(Generic[S, O]):
         return out
 
     def wake(self, at: datetime | None) -> datetime | None:
-        """A logic's ``notify_at``, brought forward while a hand-over is awaited or waits to be sent."""
-        if not self.waiting and not (self.handoff is not None and self.handoff.pending()):
+        """A logic's ``notify_at``, brought forward while this desk awaits a hand-over or one it put waits to be
+        sent. Only the desks that put one wake for it: the handoff is the process's, and every shard of every
+        step waking each ``RETRY_S`` while any was held back cost thousands of empty calls a second."""
+        if self.owes and not (self.handoff is not None and self.handoff.pending()):
+            self.owes = False
+        if not self.waiting and not self.owes:
             return at
         soon = datetime.now(timezone.utc) + timedelta(seconds=RETRY_S)
         return soon if at is None or soon < at else at

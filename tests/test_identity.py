@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from datetime import datetime, timedelta, timezone
 import random
 from typing import Any
 
@@ -371,6 +372,34 @@ def test_a_snapshot_writes_out_the_hand_overs_still_held_back(redis_url: str, ke
     assert not h.pending()
     other.next_get = 0.0
     assert other.get_many("features", [2]) == [b"second"]
+
+
+def test_only_the_desk_that_held_back_a_hand_over_wakes_until_it_is_written(redis_url: str, key_prefix: str) -> None:
+    """Every shard of every step shares the process's handoff: the shard that put a held-back hand-over wakes
+    soon to write it; the others keep their own schedule (all of them waking every ``RETRY_S`` while any
+    was held back cost thousands of empty calls a second), and the putter stops once it is written."""
+    h = RedisHandoff(redis_url, key_prefix, ttl_s=60)
+    shelf: dict[str, Any] = {"anon:1": 3}
+
+    class Shelf:
+        def release(self, st: dict[str, Any], uid: str) -> Any:
+            return st.pop(uid, None)
+
+        def absorb(self, st: dict[str, Any], uid: str, part: Any) -> list[Any]:
+            return []
+
+    putter: MergeDesk[Any, Any] = MergeDesk("features", h)
+    bystander: MergeDesk[Any, Any] = MergeDesk("features", h)
+    h.put_many("features", [(1, b"first")])  # the first write goes at once: the next is held back
+    putter.take(Shelf(), shelf, Merge("anon:1", "u1", 2, 0, "release"))
+    putter.settle(Shelf(), shelf)
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    assert h.pending()
+    assert putter.wake(later) < later and putter.wake(None) is not None  # soon, to write it
+    assert bystander.wake(later) == later and bystander.wake(None) is None
+    h.flush()  # written (by any desk's settle, a snapshot, or the end of the input)
+    assert not h.pending() and putter.wake(later) == later and putter.wake(None) is None
+    assert RedisHandoff(redis_url, key_prefix, ttl_s=60).get_many("features", [2]) != [None]
 
 
 def test_feature_reader_resolves_any_id_to_the_canonical_features(redis_url: str, key_prefix: str) -> None:
