@@ -41,7 +41,8 @@ STAGE_TIMEOUT_S = 600.0
 RATIOS: list[tuple[str, str]] = [
     ("parse", "raw"), ("identity", "parse"), ("features", "features_noid"), ("full", "full_noid"), ("features", "raw"), ("features", "parse"), ("full", "raw"), ("full", "bare"), ("bare", "raw"),
     ("features_rec1s", "features"), ("features_rec10s", "features"), ("full_rec10s", "full"), ("features", "features_nocompact"),
-    ("full", "quix"), ("bare", "quix_bare"), ("quix", "quix_bare"), ("features_x2", "features_x1"),
+    ("full", "quix"), ("bare", "quix_bare"), ("quix", "quix_bare"),
+    ("full", "faust"), ("bare", "faust_bare"), ("faust", "faust_bare"), ("features_x2", "features_x1"),
 ]
 #: the last line, exactly ``BENCH k=v ...`` with these fields in this order, numbers only (0 when not measured):
 #: (name, stage, figure), (name, (num, den), None) for a ratio, or (name, None, key of the run) for a run figure
@@ -60,6 +61,8 @@ BENCH_FIELDS: list[tuple[str, Any, str | None]] = [
 PEER_STAGES: dict[str, tuple[str, str]] = {
     "quix_bare": ("quix", "benchmarks.peers.quix_job"),
     "quix": ("quix", "benchmarks.peers.quix_job"),
+    "faust_bare": ("faust", "benchmarks.peers.faust_job"),
+    "faust": ("faust", "benchmarks.peers.faust_job"),
 }
 #: stages of several Bytewax processes (``cluster_main``, as ``nudgeflow run --processes N``): name → (stage,
 #: processes). They read their own topic of SCALE_PARTITIONS partitions (the same records), so 2 processes
@@ -68,7 +71,10 @@ SCALE_STAGES: dict[str, tuple[str, int]] = {"features_x1": ("features", 1), "fea
 SCALE_PARTITIONS = 4
 PEERS_DIR = HERE / "peers"
 #: peer → what its virtualenv needs
-PEER_PACKAGES: dict[str, list[str]] = {"quix": ["quixstreams", "redis", "orjson"]}
+PEER_PACKAGES: dict[str, list[str]] = {
+    "quix": ["quixstreams", "redis", "orjson"],
+    "faust": ["faust-streaming", "redis", "orjson"],
+}
 LATENCY_LOG = HERE / "latency.jsonl"
 PROFILE_TOP = 15
 #: frames of these folders are "ours" in the profile
@@ -379,6 +385,11 @@ def checks(stages: dict[str, dict[str, Any]]) -> list[str]:
         for what in ("actions", "dlq"):
             if sk.get(f"kafka_{what}") != sk.get(f"ch_{what}"):
                 out.append(f"full: {what} in Kafka {sk.get(f'kafka_{what}')} != in ClickHouse {sk.get(f'ch_{what}')}")
+    quix, faust = stages.get("quix"), stages.get("faust")
+    if quix and faust:  # the same job (benchmarks.peers.job) on the same records: the same output
+        for what in ("kafka_actions", "redis_users"):
+            if quix.get(what) != faust.get(what):
+                out.append(f"peers: {what} quix {quix.get(what)} != faust {faust.get(what)}")
     return out
 
 

@@ -1,11 +1,13 @@
-"""The benchmark harness's bookkeeping: which latency run the ``BENCH`` line reports."""
+"""The benchmark harness's bookkeeping: which latency run the ``BENCH`` line reports, the peers' shared job."""
 
 from __future__ import annotations
 
+import doctest
 import json
 from pathlib import Path
 
-from benchmarks.run import latest_latency
+from benchmarks.peers import job
+from benchmarks.run import checks, latest_latency
 
 
 def _run(utc: str, p99: float, **source: object) -> str:
@@ -25,3 +27,16 @@ def test_the_bench_line_reports_the_newest_latency_run_through_kafka_with_defaul
     p99, which = latest_latency(log)  # type: ignore[misc]
     assert p99 == 90.0 and "2026-12-06 11:00:00" in which
     assert latest_latency(tmp_path / "none.jsonl") is None
+
+
+def test_the_peers_job_does_what_its_docstrings_show() -> None:
+    # benchmarks/ is not a doctest path of the suite; the peers' job (features, trigger, parse) is what both peer
+    # engines run, so its examples are checked here
+    res = doctest.testmod(job)
+    assert res.attempted >= 5 and res.failed == 0
+
+
+def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None:
+    same = {"kafka_actions": 120, "redis_users": 2000}
+    assert checks({"quix": same, "faust": dict(same)}) == []
+    assert checks({"quix": same, "faust": same | {"kafka_actions": 119}}) == ["peers: kafka_actions quix 120 != faust 119"]
