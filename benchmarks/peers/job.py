@@ -7,7 +7,7 @@ orjson and redis only: the peers run in their own virtualenvs, without Bytewax o
 The job, per user (keyed by the Kafka message key, which the harness sets to the user):
 
 - *bare*: JSON parse (orjson) → a counter in the engine's state — the like-for-like of the ``bare`` stage.
-- *full*: a *representative subset* of nudgeflow's features, not all 62: counts of all events, browse,
+- *full*: a *representative subset* of nudgeflow's features (23 of the 88 shipped): counts of all events, browse,
   add_to_cart and order over 1h/24h/7d (each window 120 sparse buckets with a running total, as
   ``operators/windows.py`` keeps them), order revenue over 7d, recency (previous event/browse/cart/order time
   and seconds since), the cart (items, value: add, remove and order keep it) — 23 features, in the engine's
