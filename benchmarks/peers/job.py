@@ -75,10 +75,6 @@ class Run:
             self.stop()
         return value
 
-    @property
-    def done(self) -> bool:
-        return self.n >= self.events
-
 
 def window_add(st: dict[str, Any], name: str, ts: int, amount: float) -> float:
     """Add to a bucketed window (``st[name]`` = [total, {bucket start: amount}]), drop expired buckets; the total.
