@@ -10,7 +10,7 @@ The job, per user (keyed by the Kafka message key, which the harness sets to the
 - *full*: a *representative subset* of nudgeflow's features (23 of the 88 shipped): counts of all events, browse,
   add_to_cart and order over 1h/24h/7d (each window 120 sparse buckets with a running total, as
   ``operators/windows.py`` keeps them), order revenue over 7d, recency (previous event/browse/cart/order time
-  and seconds since), the cart (items, value: add, remove and order keep it) — 23 features, in the engine's
+  and seconds since), the cart (items, value: add, remove and order keep it), in the engine's
   state. Every changed user's features go to Redis as nudgeflow's ``json`` layout writes them (``HSET
   <prefix>:u:<user> f <json> _ts _v`` + ``EXPIRE``), coalesced per user and written every 1,000 messages
   (nudgeflow writes per source batch of 1,000). One absence-like trigger, cart abandonment (an add_to_cart
