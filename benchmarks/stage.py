@@ -311,10 +311,10 @@ def _redis_report(ctx: StageContext, commands_before: int) -> dict[str, Any]:
 
 
 def _state_report(logics: list[Any]) -> dict[str, Any]:
-    """Users held in the feature step's state and what they cost: pickled (what recovery stores) and in memory;
-    how many of them are compacted (idle past ``features.compact_after``), and what one costs compacted and
-    held as objects (the mix at the end of a run depends on when it stopped: users changed since the last
-    publication are never compacted)."""
+    """Users held in the feature step's state and what they cost: pickled (what recovery stores) and in memory,
+    the shards' compression dictionaries included; how many of them are compacted (idle past
+    ``features.compact_after``), and what one costs compacted and held as objects (the mix at the end of a run
+    depends on when it stopped: users changed since the last publication are never compacted)."""
     import pickle
 
     from operators.features import Frozen
@@ -324,12 +324,16 @@ def _state_report(logics: list[Any]) -> dict[str, Any]:
         return {"state_users": 0}
     pickled = sum(len(pickle.dumps(lg.state.users, protocol=pickle.HIGHEST_PROTOCOL)) for lg in logics)
     sizes = [(type(u) is Frozen, _deep_size(u)) for u in users]
-    in_memory = sum(size for _, size in sizes)
+    # the shards' compression dictionaries are state too (a few KB a shard, whatever its users)
+    dictionaries = sum(len(lg.state.zdict or b"") for lg in logics)
+    in_memory = sum(size for _, size in sizes) + dictionaries
+    pickled += dictionaries
     hot = [size for frozen, size in sizes if not frozen]
     cold = [size for frozen, size in sizes if frozen]
     return {
         "state_users": len(users),
         "state_compacted": len(cold),
+        "state_dictionary_bytes": dictionaries,
         "state_mem_bytes_per_hot_user": sum(hot) / len(hot) if hot else 0.0,
         "state_mem_bytes_per_compacted_user": sum(cold) / len(cold) if cold else 0.0,
         "state_bytes_per_user": pickled / len(users),

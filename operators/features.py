@@ -47,6 +47,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from operator import itemgetter
 from typing import Any, NamedTuple, get_args
 
@@ -246,29 +247,47 @@ class UserState:
 class Frozen:
     """A shopper idle past ``features.compact_after``: their :class:`UserState` pickled and compressed, and
     the newest event time the eviction sweep reads. Most shoppers within the longest window are between
-    visits, and a compacted one holds ~0.9 KB instead of ~8 KB of objects; the next event or merge thaws
+    visits, and a compacted one holds ~0.66 KB instead of ~8 KB of objects; the next event or merge thaws
     it (tens of µs, once a visit). The round trip is exact, so features never depend on when a sweep ran.
     LZ4's fast mode: zlib takes ten times as long for a fifth fewer bytes, LZ4's high-compression mode
     four times as long for a tenth fewer, and a sweep compacts many shoppers at once.
 
+    ``zdict`` is the shard's compression dictionary (:func:`shard_dictionary`): every shopper's pickle repeats
+    the same class references, slot layout and window shapes, which LZ4 then finds in the dictionary
+    (measured: 742 → 508 bytes a shopper, compressing in 11 µs instead of 5). A blob thaws only with the
+    dictionary it was made with, so a shard keeps one for good, in its snapshots.
+
     >>> plan = FeaturePlan(FeatureDefs.model_validate({"counts": [{"name": "n", "types": "any", "windows": ["1h"]}]}))
     >>> u = UserState(1_000, plan); u.wins[0].add(1_000, 1)
-    >>> t = Frozen(u).thaw(); t.wins[0].total(1_000), pickle.dumps(t) == pickle.dumps(u)
+    >>> d = shard_dictionary([UserState(5, plan)])
+    >>> t = Frozen(u, d).thaw(d); t.wins[0].total(1_000), pickle.dumps(t) == pickle.dumps(u)
     (1, True)
     """
 
     __slots__ = ("last_ts", "blob")
 
-    def __init__(self, user: UserState):
+    def __init__(self, user: UserState, zdict: bytes | None):
         self.last_ts = user.last_ts
-        self.blob = lz4.block.compress(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL))
+        self.blob = lz4.block.compress(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL), dict=zdict)
 
-    def thaw(self) -> UserState:
-        return pickle.loads(lz4.block.decompress(self.blob))
+    def thaw(self, zdict: bytes | None) -> UserState:
+        return pickle.loads(lz4.block.decompress(self.blob, dict=zdict))
 
 
-def _thawed(user: UserState | Frozen | None) -> UserState | None:
-    return user.thaw() if type(user) is Frozen else user  # type: ignore[union-attr]
+#: a shard's compression dictionary is made of the pickles of the first shoppers it compacts, at most this many
+#: (LZ4 loads the dictionary on every call: 1, 4 and 20 shoppers' pickles gave 589, 508 and 483 bytes a
+#: shopper, compressing in 7.6, 11 and 20 µs)
+DICT_USERS = 4
+DICT_MAX_BYTES = 16_384
+
+
+def shard_dictionary(users: Iterable[UserState]) -> bytes:
+    """A compression dictionary from a few shoppers' pickles (the newest bytes count most to LZ4: at the end)."""
+    return b"".join(pickle.dumps(u, protocol=pickle.HIGHEST_PROTOCOL) for u in users)[-DICT_MAX_BYTES:]
+
+
+def _thawed(user: UserState | Frozen | None, zdict: bytes | None) -> UserState | None:
+    return user.thaw(zdict) if type(user) is Frozen else user  # type: ignore[union-attr]
 
 
 class Recipe(NamedTuple):
@@ -591,7 +610,7 @@ def _distinct_getter(di: int, window_ms: int) -> Getter:
 class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
-    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "compacted", "changed", "accepted")
+    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "compacted", "changed", "accepted", "zdict")
 
     def __init__(self, dedup_window_ms: int):
         #: users changed since the last flush are never Frozen (the flush reads them)
@@ -604,13 +623,17 @@ class ShardState:
         self.changed: set[str] = set()
         #: events accepted since this process started (not snapshotted: a run's count)
         self.accepted = 0
+        #: the dictionary its Frozen users are compressed with (:class:`Frozen`), made at its first compaction
+        self.zdict: bytes | None = None
 
     def __getstate__(self) -> tuple[Any, ...]:
         # ``changed``: users not yet published; after a restart they are published from the restored state
-        return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts, self.changed)
+        return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts, self.changed, self.zdict)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.users, ids, window_ms, self.max_ts, self.changed = state
+        self.users, ids, window_ms, self.max_ts, self.changed, *rest = state
+        # a snapshot of a version without dictionaries: its compacted users were compressed without one
+        self.zdict = rest[0] if rest else b""
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
         self.since_evict = self.swept_ts = self.compacted = 0
@@ -698,7 +721,7 @@ class FeatureEngine:
             return _refuse(ev, "duplicate", f"event_id {ev.event_id[:60]!r} seen within events.dedup_window")
         user = st.users.get(ev.user_id)
         if type(user) is Frozen:
-            user = st.users[ev.user_id] = user.thaw()
+            user = st.users[ev.user_id] = user.thaw(st.zdict)
         if user is not None and ts < user.last_ts - self.lateness_ms:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
         seen[ev.event_id] = ts
@@ -822,7 +845,7 @@ class FeatureEngine:
         """Take a shopper out of the shard, whole, to be absorbed by the user it now is (None when the shard
         knows nothing of it); it is not published again."""
         st.changed.discard(uid)
-        return _thawed(st.users.pop(uid, None))
+        return _thawed(st.users.pop(uid, None), st.zdict)
 
     def absorb(self, st: ShardState, uid: str, part: UserState) -> list[FeatureOut]:
         """Merge a released shopper into ``uid`` (new to the shard or not); ``uid`` is published on the shard's
@@ -850,7 +873,7 @@ class FeatureEngine:
         if part.last_ts > st.max_ts:
             st.max_ts = part.last_ts
         st.changed.add(uid)
-        user = _thawed(st.users.get(uid))
+        user = _thawed(st.users.get(uid), st.zdict)
         if user is None or part.first_ts - user.last_ts > self.idle_ms:
             st.users[uid] = part
             return []
@@ -920,7 +943,7 @@ class FeatureEngine:
         """Every feature of each user changed since the last flush (one per user)."""
         out = []
         for uid in st.changed:
-            u = _thawed(st.users.get(uid))
+            u = _thawed(st.users.get(uid), st.zdict)
             if u is not None:
                 at = u.last_ts
                 out.append(UserFeatures(uid, at, self.read_all(u, at)))
@@ -941,6 +964,10 @@ class FeatureEngine:
             del st.users[uid]
         st.dedup.expire(st.max_ts - self.lateness_ms)
         cold, users, changed = st.max_ts - self.compact_ms, st.users, st.changed
+        if st.zdict is None:  # the shard's first compaction, if it has one to do, makes its dictionary
+            first = list(islice((u for uid, u in users.items() if u.last_ts <= cold and uid not in changed), DICT_USERS))
+            if first:
+                st.zdict = shard_dictionary(first)  # type: ignore[arg-type]  # none is Frozen yet
         compacted = 0
         for uid, u in users.items():
             if type(u) is Frozen:
@@ -953,7 +980,7 @@ class FeatureEngine:
                 if seen and next(iter(seen.values())) <= cut:  # the oldest first (recency order)
                     distinct[di] = {v: ts for v, ts in seen.items() if ts > cut}
             if u.last_ts <= cold and uid not in changed:
-                users[uid] = Frozen(u)  # a value replaced, not a key added: the iteration holds
+                users[uid] = Frozen(u, st.zdict)  # a value replaced, not a key added: the iteration holds
                 compacted += 1
         st.compacted = compacted
 
@@ -1059,19 +1086,19 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         else:  # no merge in the batch, the common case
             desk = None
         if desk is None:
-            out: list[FeatureOut | Merge] = eng.apply_batch(st, values)  # type: ignore[arg-type]
+            out: list[FeatureOut | Merge] = eng.apply_batch(st, values)
         else:
             out, start = [], 0
             for i, v in enumerate(values):  # a release must follow the user's earlier events of the batch
                 if type(v) is Merge:
-                    out.extend(eng.apply_batch(st, values[start:i]))  # type: ignore[arg-type]
+                    out.extend(eng.apply_batch(st, values[start:i]))
                     out.extend(desk.take(eng, st, v))
                     if v.side != "absorb":
                         out.append(UserFeatures(v.src, GONE_TS, {}, gone=True))
                     if eng.enrich:
                         out.append(v)
                     start = i + 1
-            out.extend(eng.apply_batch(st, values[start:]))  # type: ignore[arg-type]
+            out.extend(eng.apply_batch(st, values[start:]))
         if self.desk is not None:
             out.extend(self.desk.settle(eng, st))
         if self.publish.due():

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nudgeflow.configload import load_features
 from nudgeflow.events import DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
-from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen,
+from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen, ShardState,
                                 UserFeatures, shard_of, window_label)
 from operators.windows import PackedWindow, delta, unpack
 
@@ -265,6 +265,59 @@ def test_compacting_idle_users_never_changes_a_feature(script: list[tuple]) -> N
     assert b.users.keys() == a.users.keys() and all(type(u) is Frozen for u in b.users.values())
     assert not any(type(u) is Frozen for u in a.users.values())
     assert (b.compacted, a.compacted) == (len(b.users), 0)  # what feature_users{state="compacted"} reads
+
+
+def _shoppers(eng: FeatureEngine, n: int = 40) -> ShardState:
+    """A shard of ``n`` shoppers with a few visits each (the shipped features), swept once after they went idle."""
+    rng = random.Random(7)
+    st_ = eng.new_state()
+    for i in range(n * 12):
+        u, ts = rng.randrange(n), DAY + i * 20_000
+        etype = rng.choice(["browse", "browse", "search", "add_to_cart", "favourite", "order"])
+        item = rng.randrange(50)
+        eng.apply(st_, Event(f"e{i}", f"u{u}", etype, ts, platform=rng.choice(["web", "app"]), props={
+            "item_id": f"i{item}", "category": f"c{item % 7}", "price": 5.0 + item, "quantity": 1,
+            "amount": 30.0 + item, "item_count": 1}))
+    eng.flush(st_)
+    st_.max_ts += 2 * HOUR  # everyone idle past compact_after (the sweep reads the shard's clock)
+    eng.evict(st_)
+    return st_
+
+
+def test_a_shard_compacts_with_a_dictionary_of_its_first_shoppers_and_keeps_it_in_its_snapshot() -> None:
+    """Compacted shoppers are compressed with the shard's dictionary (half of what a shopper's pickle repeats is
+    the same in every pickle); a restored shard thaws them with the dictionary its snapshot carries."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
+                        EventsConfig())
+    st_ = _shoppers(eng)
+    assert st_.zdict and st_.compacted == len(st_.users) == 40 and all(type(u) is Frozen for u in st_.users.values())
+    plain = [len(Frozen(u.thaw(st_.zdict), None).blob) for u in st_.users.values()]
+    assert sum(len(u.blob) for u in st_.users.values()) < 0.85 * sum(plain)
+    back = pickle.loads(pickle.dumps(st_))
+    assert back.zdict == st_.zdict
+    want = {uid: eng.read_all(u.thaw(st_.zdict), u.last_ts) for uid, u in st_.users.items()}
+    assert {uid: eng.read_all(u.thaw(back.zdict), u.last_ts) for uid, u in back.users.items()} == want
+    ev = Event("late", "u3", "browse", back.users["u3"].last_ts + 1, props={"category": "c1"})
+    assert isinstance(eng.apply(back, ev), Enriched) and type(back.users["u3"]) is not Frozen
+
+
+def test_a_snapshot_from_before_dictionaries_still_thaws_its_shoppers() -> None:
+    """A shard snapshotted by a version without dictionaries (five fields, blobs compressed without one) thaws
+    its compacted shoppers, and goes on compacting without a dictionary."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
+                        EventsConfig())
+    st_ = _shoppers(eng)
+    users = {uid: Frozen(u.thaw(st_.zdict), None) for uid, u in st_.users.items()}
+    old = st_.__class__.__new__(st_.__class__)
+    old.__setstate__((users, st_.dedup.ids, st_.dedup.window_ms, st_.max_ts, set()))
+    assert old.zdict == b"" and all(type(u) is Frozen for u in old.users.values())
+    assert [eng.read_all(u.thaw(old.zdict), u.last_ts) for u in old.users.values()] == \
+        [eng.read_all(u.thaw(st_.zdict), u.last_ts) for u in st_.users.values()]
+    eng.apply(old, Event("again", "u5", "browse", old.max_ts, props={"category": "c2"}))
+    eng.flush(old)
+    old.max_ts += 2 * HOUR
+    eng.evict(old)
+    assert old.zdict == b"" and eng.read_all(old.users["u5"].thaw(b""), old.users["u5"].last_ts)["events_24h"] >= 1
 
 
 def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:
