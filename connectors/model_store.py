@@ -1,7 +1,7 @@
 """Model snapshots in Redis: the learner publishes, every scoring worker fetches the newest.
 
 One hash per model, ``<prefix>:model:<name>``: ``version``, ``examples``,
-``river`` (the River version that pickled it), ``blob`` and ``updated_ms``,
+``positives`` (absent in hashes written before it was), ``river`` (the River version that pickled it), ``blob`` and ``updated_ms``,
 written in one HSET so a reader never sees a half-updated model. A fetch asks
 for ``version`` first and downloads the blob only when it is newer.
 """
@@ -37,10 +37,11 @@ class RedisModelStore:
         have = self.client.hget(key, "version")
         if have is not None and int(have) >= snap.version:
             return
-        self.client.hset(key, mapping={
-            "version": snap.version, "examples": snap.examples, "river": snap.river, "blob": snap.blob,
-            "updated_ms": int(time.time() * 1000),
-        })
+        fields = {"version": snap.version, "examples": snap.examples, "river": snap.river, "blob": snap.blob,
+                  "updated_ms": int(time.time() * 1000)}
+        if snap.positives is not None:
+            fields["positives"] = snap.positives
+        self.client.hset(key, mapping=fields)
 
     def fetch(self, name: str, newer_than: int = 0) -> Snapshot | None:
         """The stored snapshot if its version is above ``newer_than``; None otherwise or when absent."""
@@ -53,7 +54,8 @@ class RedisModelStore:
         except TRANSIENT as e:  # scoring goes on with the model it has
             log.warning("cannot fetch model %s: %s", name, e)
             return None
-        return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"])
+        positives = int(h[b"positives"]) if b"positives" in h else None
+        return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"], positives)
 
 
 class _ModelPartition(StatelessSinkPartition[Snapshot]):

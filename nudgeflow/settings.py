@@ -799,7 +799,7 @@ class ModelDef(Strict):
     params: dict[str, Any] = {}
     #: at most one pending example per user per interval of event time
     sample_every: Duration = 3600.0
-    #: the score before the model has learned ``min_examples`` examples
+    #: the score until the model has learned ``min_examples`` examples of each outcome
     prior: float = Field(0.05, ge=0, le=1)
     min_examples: int = Field(200, ge=0)
     #: event types that are scored and may start a pending example; ``any`` scores every event

@@ -170,6 +170,43 @@ def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(any_redis_url:
     assert store.fetch("buy").version == 2
 
 
+def test_a_model_is_served_only_once_it_has_learned_each_outcome(any_redis_url: str, key_prefix: str) -> None:
+    """A purchase head learns positives as orders come and its first negative only a horizon later: a model
+    that has seen one class must not be served (it would score everyone near 1), the prior is. Through the
+    real store, with a hash written before positives were counted served on its total as before."""
+    d = CFG.models[0].model_copy(update={"min_examples": 10})
+    cfg = CFG.model_copy(update={"models": [d]})
+    store = RedisModelStore(any_redis_url, key_prefix)
+    clock = [0]
+    scorer = Scorer(cfg, store.fetch, now_ms=lambda: clock[0])
+
+    def served() -> float:
+        clock[0] += 2000  # past the refresh bound
+        return scorer.score_batch([("0", Enriched(Event("e", "u", "browse", 0), {"views_1h": 1}))])[0][1].scores["buy"]
+
+    learner = Learner(d, cfg)
+    for i in range(40):  # positives only: the first day of a purchase head
+        learner.learn([Resolved("buy", "u", f"p{i}", i, i, {"views_1h": float(i % 5)}, 0.5, 0, True)])
+    store.publish(learner.maybe_publish(now=0, force=True))
+    assert store.fetch("buy").positives == 40
+    assert served() == d.prior and scorer.version("buy") == 1
+    for i in range(9):
+        learner.learn([Resolved("buy", "u", f"n{i}", i, i, {"views_1h": 0.0}, 0.5, 0, False)])
+    store.publish(learner.maybe_publish(now=0, force=True))
+    assert served() == d.prior and scorer.version("buy") == 2  # 9 negatives: still one short
+    learner.learn([Resolved("buy", "u", "n9", 9, 9, {"views_1h": 0.0}, 0.5, 0, False)])
+    store.publish(learner.maybe_publish(now=0, force=True))
+    assert served() == pytest.approx(learner.model.predict_proba_one({"views_1h": 1.0})[True]) != d.prior
+    # a warm start keeps the count, so a restarted learner's snapshots stay served
+    resumed = LearnerLogic(cfg, None, warm=store.fetch)._learner("buy")
+    assert (resumed.examples, resumed.positives) == (50, 40)
+    # a hash from before positives were counted: its total decides, as it did then
+    store.client.hdel(f"{key_prefix}:model:buy", "positives")
+    store.client.hset(f"{key_prefix}:model:buy", "version", 9)
+    assert store.fetch("buy").positives is None
+    assert served() != d.prior and scorer.version("buy") == 9
+
+
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 
 
