@@ -94,13 +94,20 @@ def draw_latency(title: str, t: Table) -> str:
                 [Series(q, _numbers(t, f"ingest_{q}_ms")) for q in qs], "ms from ingest to decision (log)", log=True)
 
 
+def _learner_and_served(t: Table, value: str) -> tuple[list[Any], list[Series]]:
+    """Per model, the learner's ``value`` and the served score's (``served_<value>``) over days."""
+    xs, learner = _over_time(t, "day", "model", value)
+    _, served = _over_time(t, "day", "model", f"served_{value}")
+    return xs, learner + [Series(f"{s.name}, served", s.values) for s in served]
+
+
 def draw_auc(title: str, t: Table) -> str:
-    xs, series = _over_time(t, "day", "model", "auc")
+    xs, series = _learner_and_served(t, "auc")
     return lines(title, xs, series, "AUC", y_range=(0.0, 1.0))
 
 
 def draw_calibration(title: str, t: Table) -> str:
-    xs, series = _over_time(t, "day", "model", "ece")
+    xs, series = _learner_and_served(t, "ece")
     return lines(title, xs, series, "expected calibration error")
 
 
@@ -114,8 +121,8 @@ SECTIONS: list[Section] = [
     Section("Suppressions and holdouts by reason", "suppressions", draw_refusals),
     Section("Uplift per trigger against its holdout (95 % CI)", "uplift", draw_uplift),
     Section("Event → action latency percentiles by trigger", "latency", draw_latency),
-    Section("Model AUC by day", "model_calibration", draw_auc),
-    Section("Model calibration by day (ECE)", "model_calibration", draw_calibration),
+    Section("Model AUC by day, learner and served score", "model_calibration", draw_auc),
+    Section("Model calibration by day (ECE), learner and served score", "model_calibration", draw_calibration),
     Section("Daily active users", "dau", draw_dau),
 ]
 

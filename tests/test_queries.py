@@ -92,7 +92,7 @@ def _dump(dsn: str, db: str, out: str) -> None:
             "decisions": f"SELECT trigger_id, user_id, outcome, reason, toUnixTimestamp64Milli(event_ts), "
                          f"latency_event_ms, latency_ingest_ms FROM {db}.decisions FINAL",
             "actions": f"SELECT action_id, trigger_id, user_id, toUnixTimestamp64Milli(event_ts) FROM {db}.actions FINAL",
-            "predictions": f"SELECT model, toUnixTimestamp64Milli(ts), learner_score, label FROM {db}.predictions FINAL",
+            "predictions": f"SELECT model, toUnixTimestamp64Milli(ts), learner_score, label, score FROM {db}.predictions FINAL",
             "identity_links": f"SELECT toUnixTimestamp64Milli(ts), seq, src, dst, canonical, kind, outcome, moved "
                               f"FROM {db}.identity_links FINAL",
         }
@@ -340,20 +340,29 @@ def _auc(scores: list[float], labels: list[int]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def _ece(xs: list[tuple[float, int]]) -> float:
+    """Expected calibration error over 10 equal-width score bins."""
+    bins: dict[int, list[tuple[float, int]]] = defaultdict(list)
+    for s, y in xs:
+        bins[min(math.floor(s * 10), 9)].append((s, y))
+    gaps = (abs(sum(s for s, _ in b) / len(b) - sum(y for _, y in b) / len(b)) * len(b) for b in bins.values())
+    return sum(gaps) / len(xs)
+
+
 def model_calibration(d: Data, since: int, until: int) -> dict[Any, Row]:
-    by: dict[tuple[str, date], list[tuple[float, int]]] = defaultdict(list)
-    for model, ts, score, label in d["predictions"]:
+    by: dict[tuple[str, date], list[tuple[float, int, float]]] = defaultdict(list)
+    for model, ts, learner_score, label, served in d["predictions"]:
         if since <= ts < until:
-            by[model, _day(ts)].append((score, label))
+            by[model, _day(ts)].append((learner_score, label, served))
     out = {}
     for key, xs in by.items():
         n = len(xs)
-        bins: dict[int, list[tuple[float, int]]] = defaultdict(list)
-        for s, y in xs:
-            bins[min(math.floor(s * 10), 9)].append((s, y))
-        ece = sum(abs(sum(s for s, _ in b) / len(b) - sum(y for _, y in b) / len(b)) * len(b) for b in bins.values()) / n
-        out[key] = (n, sum(y for _, y in xs), sum(s for s, _ in xs) / n, sum(y for _, y in xs) / n, ece,
-                    sum((s - y) ** 2 for s, y in xs) / n, _auc([s for s, _ in xs], [y for _, y in xs]))
+        learner = [(s, y) for s, y, _ in xs]
+        served = [(v, y) for _, y, v in xs]
+        labels = [y for _, y, _ in xs]
+        out[key] = (n, sum(labels), sum(s for s, _ in learner) / n, sum(labels) / n, _ece(learner),
+                    sum((s - y) ** 2 for s, y in learner) / n, _auc([s for s, _ in learner], labels),
+                    sum(v for v, _ in served) / n, _ece(served), _auc([v for v, _ in served], labels))
     return out
 
 

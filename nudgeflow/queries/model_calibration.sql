@@ -1,9 +1,13 @@
--- Online models' calibration and AUC per day.
--- Per model and UTC day of the scored event in [since, until), from the predictions table's
--- progressive-validation scores (learner_score, the score model_metrics reports): examples, positives,
+-- Online models' calibration and AUC per day: the learner's and the served score's.
+-- Per model and UTC day of the scored event in [since, until), from the predictions table: examples,
+-- positives; for the progressive-validation score (learner_score, the score model_metrics reports) the
 -- mean score against the observed positive rate (calibration in the large), ECE over 10 equal-width
--- score bins, Brier score and AUC (ties count half).
-SELECT p.model AS model, p.day AS day, examples, positives, mean_score, positive_rate, ece, brier, auc
+-- score bins, Brier score and AUC (ties count half); then mean, ECE and AUC of the score that was served
+-- when the example was sampled (score: the published snapshot, or the prior), which is what triggers
+-- acted on. Labels come late and not all at once (an order answers at once, its absence only at the
+-- horizon), so the learner scores positives and negatives at different times: trust served_auc.
+SELECT p.model AS model, p.day AS day, examples, positives, mean_score, positive_rate, ece, brier, auc,
+       served_mean_score, served_ece, served_auc
 FROM
 (
     SELECT model, toDate(ts) AS day,
@@ -12,7 +16,9 @@ FROM
            avg(learner_score)                            AS mean_score,
            avg(label)                                    AS positive_rate,
            avg(pow(learner_score - label, 2))            AS brier,
-           arrayAUC(groupArray(learner_score), groupArray(label)) AS auc
+           arrayAUC(groupArray(learner_score), groupArray(label)) AS auc,
+           avg(score)                                    AS served_mean_score,
+           arrayAUC(groupArray(score), groupArray(label)) AS served_auc
     FROM {db}.predictions FINAL
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
     GROUP BY model, day
@@ -30,4 +36,17 @@ INNER JOIN
     )
     GROUP BY model, day
 ) AS c ON c.model = p.model AND c.day = p.day
+INNER JOIN
+(
+    SELECT model, day, sum(abs(bin_score - bin_rate) * n) / sum(n) AS served_ece
+    FROM
+    (
+        SELECT model, toDate(ts) AS day, least(toUInt8(floor(score * 10)), 9) AS bin,
+               count() AS n, avg(score) AS bin_score, avg(label) AS bin_rate
+        FROM {db}.predictions FINAL
+        WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
+        GROUP BY model, day, bin
+    )
+    GROUP BY model, day
+) AS s ON s.model = p.model AND s.day = p.day
 ORDER BY model, day
