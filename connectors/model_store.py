@@ -1,9 +1,10 @@
 """Model snapshots in Redis: the learner publishes, every scoring worker fetches the newest.
 
 One hash per model, ``<prefix>:model:<name>``: ``version``, ``examples``,
-``positives`` (absent in hashes written before it was), ``river`` (the River version that pickled it), ``blob`` and ``updated_ms``,
-written in one HSET so a reader never sees a half-updated model. A fetch asks
-for ``version`` first and downloads the blob only when it is newer.
+``positives`` (absent in hashes written before it was), ``river`` (the River
+version that pickled it), ``blob`` and ``updated_ms``, written in one HSET so a
+reader never sees a half-updated model. A fetch asks for ``version`` first and
+downloads the blob only when it is newer.
 """
 
 from __future__ import annotations
