@@ -90,6 +90,8 @@ class Heuristic:
         top = sum(len(t) for _, t, _ in points)
         self.n = [0] * (top + 1)
         self.pos = [0] * (top + 1)
+        #: (event time, n, pos): the table as it stood, at most one entry a minute of event time
+        self.history: list[tuple[int, list[int], list[int]]] = []
 
     def score(self, x: dict[str, float]) -> int:
         s = 0
@@ -97,10 +99,6 @@ class Heuristic:
             v = x[name]
             s += bisect.bisect_right(thresholds, v) if up else len(thresholds) - bisect.bisect_left(thresholds, v)
         return s
-
-    def rank(self, x: dict[str, float]) -> float:
-        """The points scaled to [0, 1]: the heuristic's ranking alone, the same whenever it is asked."""
-        return self.score(x) / (len(self.n) - 1)
 
     def predict(self, x: dict[str, float]) -> float:
         s = self.score(x)
@@ -110,6 +108,27 @@ class Heuristic:
         s = self.score(x)
         self.n[s] += 1
         self.pos[s] += int(y)
+
+    def keep(self, at: int) -> None:
+        """Note the table as of event time ``at`` (at most once a minute), for :meth:`served`."""
+        if not self.history or at - self.history[-1][0] >= 60_000:
+            self.history.append((at, self.n[:], self.pos[:]))
+
+    def served(self, x: dict[str, float], at: int) -> float:
+        """What the heuristic answered at event time ``at``, from the labels it had then (to a minute), as
+        the served model score did: the fair baseline for it.
+
+        >>> h = Heuristic([("n", (1,), True)], prior=0.5, strength=2)
+        >>> h.keep(0); h.learn({"n": 1}, True); h.learn({"n": 0}, False); h.keep(60_000)
+        >>> h.served({"n": 1}, 59_999), round(h.served({"n": 1}, 60_000), 3), round(h.predict({"n": 0}), 3)
+        (0.5, 0.667, 0.333)
+        """
+        i = bisect.bisect_right(self.history, at, key=lambda h: h[0]) - 1
+        if i < 0:
+            return self.prior
+        _, n, pos = self.history[i]
+        s = self.score(x)
+        return (pos[s] + self.prior * self.strength) / (n[s] + self.strength)
 
 
 def heuristic_for(d: ModelDef) -> Heuristic:
@@ -138,7 +157,7 @@ class Scores:
     #: the learner has seen both outcomes, not while it waits for its first deadline
     served_late: Metrics
     baseline: Metrics
-    #: the heuristic's points (its ranking, not its calibration) on the examples of ``served_late``
+    #: the heuristic as it stood when each example of ``served_late`` was sampled
     baseline_late: Metrics
     #: the label horizon, ms
     within: int
@@ -232,9 +251,10 @@ class Replay:
             m.baseline.update(r.label, h)
             if r.ts - (self.start or 0) >= m.within:
                 m.served_late.update(r.label, r.score)
-                m.baseline_late.update(r.label, m.heuristic.rank(r.x))
+                m.baseline_late.update(r.label, m.heuristic.served(r.x, r.ts))
             m.heuristic.learn(r.x, r.label)
         for name, m in self.models.items():
+            m.heuristic.keep(self.clock)
             snap = m.learner.maybe_publish(self.clock)
             if snap is not None:
                 self.published[name] = snap
@@ -390,10 +410,11 @@ deadline passed by the last event is resolved. Every run is also one object in `
 none resolved both ways: churn's horizon is 3 days, the stream 5.4); **heur.** a
 recency/frequency points score (purchase: `carts_24h`, `views_1h`, `orders_30d`,
 `since_last_event_s`; churn: `since_last_event_s`, `events_7d`) calibrated online by the positive
-rate per score, on exactly the same examples; **heur. AUC after H** ranks the served score's examples by
-the points alone. Scores given when a label resolves flatter both the learner and the calibrated
-heuristic (an order resolves at once, its absence a horizon later, and each is scored by the model of
-that moment), so the fair comparison is the served score against the points. **wall s** the whole run. Targets (issue 4):
+rate per score, on exactly the same examples; **heur. AUC after H** is the heuristic on the served
+score's examples as it stood when each was sampled (its table of that minute). Scores given when a label
+resolves flatter both the learner and the heuristic (an order resolves at once, its absence a horizon
+later, and each is scored by the model of that moment), so the fair comparison is served against served.
+**wall s** the whole run. Targets (issue 4):
 `purchase_propensity` AUC >= 0.80 and above the heuristic, ECE <= 0.05.
 """
 RUN_COLUMNS = ["utc", "rev", "cpu", "nproc", "seed", "wall s"]
