@@ -301,10 +301,10 @@ def sizes(events: int, users: int) -> list[tuple[int, int]]:
     return short + [(events, users)]
 
 
-def batches(events: int, users: int, seed: int) -> Iterator[list[tuple[str, bytes]]]:
+def batches(events: int, users: int, seed: int, span_days: float | None = None) -> Iterator[list[tuple[str, bytes]]]:
     """(position, record) batches of one simulator partition (so the stream is in event-time order)."""
     batch: list[tuple[str, bytes]] = []
-    for i, rec in enumerate(iter_records(simulator_config(users, events, seed))):
+    for i, rec in enumerate(iter_records(simulator_config(users, events, seed, span_days))):
         batch.append((f"sim:0:{i}", rec))
         if len(batch) == BATCH:
             yield batch
@@ -313,11 +313,11 @@ def batches(events: int, users: int, seed: int) -> Iterator[list[tuple[str, byte
         yield batch
 
 
-def run(dep: Deployment, events: int, users: int, seed: int) -> dict[str, Any]:
+def run(dep: Deployment, events: int, users: int, seed: int, span_days: float | None = None) -> dict[str, Any]:
     """Replay ``events`` simulated records through a deployment's operators; every model's figures at the end."""
     replay = Replay(dep)
     t0 = time.perf_counter()
-    for batch in batches(events, users, seed):
+    for batch in batches(events, users, seed, span_days):
         replay.feed(batch)
     replay.finish()
     return {
@@ -414,7 +414,8 @@ rate per score, on exactly the same examples; **heur. AUC after H** is the heuri
 score's examples as it stood when each was sampled (its table of that minute). Scores given when a label
 resolves flatter both the learner and the heuristic (an order resolves at once, its absence a horizon
 later, and each is scored by the model of that moment), so the fair comparison is served against served.
-**wall s** the whole run. Targets (issue 4):
+**seed** carries the span of event time when it is not the simulator's week (`--span-days`). **wall s**
+the whole run. Targets (issue 4):
 `purchase_propensity` AUC >= 0.80 and above the heuristic, ECE <= 0.05.
 """
 RUN_COLUMNS = ["utc", "rev", "cpu", "nproc", "seed", "wall s"]
@@ -440,7 +441,8 @@ def record(res: dict[str, Any], out_dir: Path) -> None:
         add += ("" if (text + add).endswith("\n\n") else "\n") + header + "\n" + _md(["---"] * len(cols)) + "\n"
     env = res["env"]
     wall = sum(r["wall_s"] for r in res["runs"].values())
-    run_cells = [env["utc"], f"`{env['rev']}`", env["cpu"], str(env["nproc"]), str(res["seed"]), f"{wall:.1f}"]
+    seed = str(res["seed"]) + (f" ({res['span_days']:g} days)" if res.get("span_days") is not None else "")
+    run_cells = [env["utc"], f"`{env['rev']}`", env["cpu"], str(env["nproc"]), seed, f"{wall:.1f}"]
     add += "".join(_md(run_cells + r) + "\n" for r in rows(res))
     with md.open("a") as f:
         f.write(add)
@@ -453,6 +455,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--events", type=int, default=DEFAULT_EVENTS, help=f"records to replay (default {DEFAULT_EVENTS:,})")
     p.add_argument("--users", type=int, default=DEFAULT_USERS, help=f"simulated shoppers (default {DEFAULT_USERS:,})")
     p.add_argument("--seed", type=int, default=42, help="simulator seed (default 42)")
+    p.add_argument("--span-days", type=float, default=None,
+                   help="days the simulated events span (default the simulator's week; a month lets churn's 3-day "
+                        "horizon pass many times)")
     p.add_argument("--config", type=Path, default=CONFIG, help="deployment config (default config/local.yaml)")
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md / models.jsonl")
     p.add_argument("--out-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
@@ -462,15 +467,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     env = environment()
-    print(f"nudgeflow model bench: {a.events:,} events, {a.users:,} users, seed {a.seed}; "
+    span = f", over {a.span_days:g} days" if a.span_days is not None else ""
+    print(f"nudgeflow model bench: {a.events:,} events, {a.users:,} users{span}, seed {a.seed}; "
           f"rev {env['rev']}, {env['cpu']} x{env['nproc']}, load {env['load1']}", flush=True)
     dep = load_deployment(a.config)
     runs: dict[str, dict[str, Any]] = {}
     for events, users in sizes(a.events, a.users):
-        runs[label(events)] = r = run(dep, events, users, a.seed)
+        runs[label(events)] = r = run(dep, events, users, a.seed, a.span_days)
         print(f"  {events:>10,} events, {users:,} users: {r['wall_s']:.1f}s; scoring {r['score_us_per_event']:.1f} µs "
               f"CPU per event ({len(dep.models.models)} models)", flush=True)
-    res = {"env": env, "seed": a.seed, "config": os.path.relpath(a.config.resolve(), REPO), "runs": runs}
+    res = {"env": env, "seed": a.seed, "span_days": a.span_days, "config": os.path.relpath(a.config.resolve(), REPO),
+           "runs": runs}
     print()
     print(table(res))
     print(verdict(res))

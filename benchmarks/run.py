@@ -169,16 +169,18 @@ def user_key(rec: bytes) -> bytes | None:
     return None
 
 
-def simulator_config(users: int, events: int, seed: int) -> SimulatorConfig:
+def simulator_config(users: int, events: int, seed: int, span_days: float | None = None) -> SimulatorConfig:
     """One simulator partition (so the topic is in event-time order per user and overall), 0.1 % bad records.
 
     The start is the simulator's own (now minus the history the events need)
     moved back to midnight UTC: the same arguments give the same records on any
     day up to a whole-day shift of every time stamp, which changes nothing the
     flow computes (local night is periodic), while the ``future_ts`` bad records
-    still lie in the future.
+    still lie in the future. ``span_days``: the simulator's span (its default, a week, when None).
     """
     cfg = SimulatorConfig(users=users, events=events, seed=seed, partitions=1, bad_rate=BAD_RATE)
+    if span_days is not None:
+        cfg = cfg.model_copy(update={"span_s": int(span_days * 86400)})
     start = resolve_start_ms(cfg)
     return cfg.model_copy(update={"start_ms": start - start % 86_400_000})
 
