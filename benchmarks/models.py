@@ -109,6 +109,10 @@ class Heuristic:
         self.n[s] += 1
         self.pos[s] += int(y)
 
+    def rank(self, x: dict[str, float]) -> float:
+        """The points scaled to [0, 1]: the heuristic's ranking alone, which learns nothing from labels."""
+        return self.score(x) / (len(self.n) - 1)
+
     def keep(self, at: int) -> None:
         """Note the table as of event time ``at`` (at most once a minute), for :meth:`served`."""
         if not self.history or at - self.history[-1][0] >= 60_000:
@@ -159,6 +163,8 @@ class Scores:
     baseline: Metrics
     #: the heuristic as it stood when each example of ``served_late`` was sampled
     baseline_late: Metrics
+    #: the heuristic's points alone on the same examples
+    points_late: Metrics
     #: the label horizon, ms
     within: int
 
@@ -178,7 +184,7 @@ class Replay:
         bins = mf.calibration_bins
         self.models = {
             d.name: Scores(Learner(d, mf), heuristic_for(d), Metrics(bins), Metrics(bins), Metrics(bins), Metrics(bins),
-                           int(d.label.within * 1000))
+                           Metrics(bins), int(d.label.within * 1000))
             for d in mf.models
         }
         self.published: dict[str, Snapshot] = {}
@@ -252,6 +258,7 @@ class Replay:
             if r.ts - (self.start or 0) >= m.within:
                 m.served_late.update(r.label, r.score)
                 m.baseline_late.update(r.label, m.heuristic.served(r.x, r.ts))
+                m.points_late.update(r.label, m.heuristic.rank(r.x))
             m.heuristic.learn(r.x, r.label)
         for name, m in self.models.items():
             m.heuristic.keep(self.clock)
@@ -269,6 +276,7 @@ class Replay:
                 "served_late": figures(m.served_late),
                 "heuristic": figures(m.baseline),
                 "heuristic_late": figures(m.baseline_late),
+                "points_late": figures(m.points_late),
             }
             for name, m in self.models.items()
         }
@@ -331,7 +339,7 @@ def run(dep: Deployment, events: int, users: int, seed: int, span_days: float | 
 
 COLUMNS = ["events", "users", "model", "examples", "positives", "AUC", "log loss", "ECE", "served AUC", "served ECE",
            "served AUC after H", "served ECE after H", "heur. AUC", "heur. log loss", "heur. ECE",
-           "heur. AUC after H"]  # fmt: skip
+           "heur. AUC after H", "points AUC after H"]  # fmt: skip
 
 
 def fig(v: float) -> str:
@@ -348,11 +356,11 @@ def rows(res: dict[str, Any]) -> list[list[str]]:
     out = []
     for r in res["runs"].values():
         for name, f in r["models"].items():
-            h, sv, late, hl = f["heuristic"], f["served"], f["served_late"], f["heuristic_late"]
+            h, sv, late, hl, pl = f["heuristic"], f["served"], f["served_late"], f["heuristic_late"], f["points_late"]
             out.append([
                 f"{r['events']:,}", f"{r['users']:,}", name, f"{f['examples']:,}", f"{f['positives']:,}",
                 *map(fig, (f["auc"], f["logloss"], f["ece"], sv["auc"], sv["ece"], late["auc"], late["ece"], h["auc"],
-                           h["logloss"], h["ece"], hl["auc"])),
+                           h["logloss"], h["ece"], hl["auc"], pl["auc"])),
             ])  # fmt: skip
     return out
 
@@ -390,7 +398,8 @@ def verdict(res: dict[str, Any]) -> str:
     late = f["served_late"]
     return (f"{MAIN_MODEL} at {at}: AUC {f['auc']:.4f} (target >= {TARGET_AUC}, heuristic {f['heuristic']['auc']:.4f}), "
             f"ECE {f['ece']:.4f} (target <= {TARGET_ECE}): {'met' if ok else 'NOT met'}; "
-            f"served after a horizon: AUC {fig(late['auc'])} (heuristic {fig(f['heuristic_late']['auc'])}), "
+            f"served after a horizon: AUC {fig(late['auc'])} (heuristic {fig(f['heuristic_late']['auc'])}, its points "
+            f"alone {fig(f['points_late']['auc'])}), "
             f"ECE {fig(late['ece'])}")
 
 
@@ -411,7 +420,8 @@ none resolved both ways: churn's horizon is 3 days, the stream 5.4); **heur.** a
 recency/frequency points score (purchase: `carts_24h`, `views_1h`, `orders_30d`,
 `since_last_event_s`; churn: `since_last_event_s`, `events_7d`) calibrated online by the positive
 rate per score, on exactly the same examples; **heur. AUC after H** is the heuristic on the served
-score's examples as it stood when each was sampled (its table of that minute). Scores given when a label
+score's examples as it stood when each was sampled (its table of that minute), **points AUC after H** its
+points alone (no table: nothing learned from labels, ties count half). Scores given when a label
 resolves flatter both the learner and the heuristic (an order resolves at once, its absence a horizon
 later, and each is scored by the model of that moment), so the fair comparison is served against served.
 **seed** carries the span of event time when it is not the simulator's week (`--span-days`). **wall s**
