@@ -24,29 +24,19 @@ FROM
     GROUP BY model, day
 ) AS p
 INNER JOIN
-(
-    SELECT model, day, sum(abs(bin_score - bin_rate) * n) / sum(n) AS ece
+(   -- ECE of both scores: each prediction once per score (ARRAY JOIN zips the two arrays), binned
+    SELECT model, day,
+           sumIf(abs(bin_score - bin_rate) * n, kind = 'learner') / sumIf(n, kind = 'learner') AS ece,
+           sumIf(abs(bin_score - bin_rate) * n, kind = 'served') / sumIf(n, kind = 'served')   AS served_ece
     FROM
     (
-        SELECT model, toDate(ts) AS day, least(toUInt8(floor(learner_score * 10)), 9) AS bin,
-               count() AS n, avg(learner_score) AS bin_score, avg(label) AS bin_rate
+        SELECT model, toDate(ts) AS day, kind, least(toUInt8(floor(v * 10)), 9) AS bin,
+               count() AS n, avg(v) AS bin_score, avg(label) AS bin_rate
         FROM {db}.predictions FINAL
+        ARRAY JOIN ['learner', 'served'] AS kind, [learner_score, score] AS v
         WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
-        GROUP BY model, day, bin
+        GROUP BY model, day, kind, bin
     )
     GROUP BY model, day
 ) AS c ON c.model = p.model AND c.day = p.day
-INNER JOIN
-(
-    SELECT model, day, sum(abs(bin_score - bin_rate) * n) / sum(n) AS served_ece
-    FROM
-    (
-        SELECT model, toDate(ts) AS day, least(toUInt8(floor(score * 10)), 9) AS bin,
-               count() AS n, avg(score) AS bin_score, avg(label) AS bin_rate
-        FROM {db}.predictions FINAL
-        WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
-        GROUP BY model, day, bin
-    )
-    GROUP BY model, day
-) AS s ON s.model = p.model AND s.day = p.day
 ORDER BY model, day
