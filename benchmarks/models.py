@@ -183,8 +183,11 @@ class Replay:
         self.label_states: dict[str, LabelState] = {}
         bins = mf.calibration_bins
         self.models = {
-            d.name: Scores(Learner(d, mf), heuristic_for(d), Metrics(bins), Metrics(bins), Metrics(bins), Metrics(bins),
-                           Metrics(bins), int(d.label.within * 1000))
+            d.name: Scores(
+                learner=Learner(d, mf), heuristic=heuristic_for(d), served=Metrics(bins), served_late=Metrics(bins),
+                baseline=Metrics(bins), baseline_late=Metrics(bins), points_late=Metrics(bins),
+                within=int(d.label.within * 1000),
+            )
             for d in mf.models
         }
         self.published: dict[str, Snapshot] = {}
