@@ -38,10 +38,14 @@ GROUP BY table ORDER BY table
 
 
 MODELS_SQL = """
-SELECT model, argMax(examples, window_start) AS examples, round(argMax(auc, window_start), 3) AS auc,
-       round(argMax(logloss, window_start), 3) AS logloss, round(argMax(ece, window_start), 3) AS ece,
+SELECT model, argMaxIf(examples, window_start, span = 'cumulative') AS learned,
+       round(argMaxIf(auc, window_start, span = 'cumulative'), 3) AS learner_auc,
+       round(argMaxIf(logloss, window_start, span = 'cumulative'), 3) AS learner_logloss,
+       round(argMaxIf(ece, window_start, span = 'cumulative'), 3) AS learner_ece,
+       round(argMaxIf(auc, window_start, span = 'served_cumulative'), 3) AS served_auc,
+       round(argMaxIf(ece, window_start, span = 'served_cumulative'), 3) AS served_ece,
        max(model_version) AS version
-FROM {db}.model_metrics FINAL WHERE span = 'cumulative'
+FROM {db}.model_metrics FINAL WHERE span IN ('cumulative', 'served_cumulative')
 GROUP BY model ORDER BY model
 """
 
@@ -94,8 +98,10 @@ def print_summary(rt: Runtime, console: Console) -> None:
     console.print(table("analyst query: funnel browse → cart → order by platform (ClickHouse)",
                          ["platform", "browsers", "carters", "buyers", "revenue"], f["funnel"]))
     if f["models"]:
-        console.print(table("online models: progressive validation so far (ClickHouse model_metrics)",
-                             ["model", "examples", "AUC", "log loss", "ECE", "version"], f["models"]))
+        console.print(table("online models so far (ClickHouse model_metrics): the learner's progressive validation, "
+                            "and the score served at decision time",
+                             ["model", "examples", "AUC", "log loss", "ECE", "served AUC", "served ECE", "version"],
+                             f["models"]))
     console.print(f"features in Redis for the busiest user: {f['sample_features']}")
 
 

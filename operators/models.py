@@ -584,7 +584,10 @@ class Metrics:
 class MetricRow:
     model: str
     window_start: int
-    window: str  # "window" or "cumulative"
+    #: ``window`` (the examples learned since the last row: see :meth:`Learner.learn`) or ``cumulative`` (every
+    #: example so far), of the learner's progressive score; ``served_window`` and ``served_cumulative`` the same
+    #: of the score served when each example was sampled
+    window: str
     version: int
     values: dict[str, Any]
 
@@ -614,12 +617,20 @@ class Learner:
         self.examples = examples
         self.positives = positives
         self.version = version
-        self.window_ms = int(cfg.metrics_window * 1000)
-        self.window_start: int | None = None
-        self.window_metrics = Metrics(cfg.calibration_bins)
-        self.total = Metrics(cfg.calibration_bins)
         self.updates_since = 0
         self.published_wall = 0
+        bins = cfg.calibration_bins
+        self.window_ms = int(cfg.metrics_window * 1000)
+        self.window_start: int | None = None
+        #: the learner's and the served score's metrics, of the window and of every example so far
+        self.window_metrics, self.served_window = Metrics(bins), Metrics(bins)
+        self.total, self.served_total = Metrics(bins), Metrics(bins)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "served_total" not in state:  # pickled before the served score was measured: from now on
+            bins = self.cfg.calibration_bins
+            self.served_window, self.served_total = Metrics(bins), Metrics(bins)
 
     def learn(self, batch: list[Resolved]) -> tuple[list[MetricRow], list[PredictionRow]]:
         """Score every example of the batch, then learn each once (progressive validation).
@@ -640,6 +651,8 @@ class Learner:
                 self.window_start = start
             self.window_metrics.update(r.label, p)
             self.total.update(r.label, p)
+            self.served_window.update(r.label, r.score)
+            self.served_total.update(r.label, r.score)
             self.model.learn_one(r.x, r.label)
         self.examples += len(batch)
         self.positives += sum(1 for r in batch if r.label)
@@ -647,14 +660,23 @@ class Learner:
         return rows, [PredictionRow(r, p) for r, p in zip(batch, scores)]
 
     def close_window(self) -> list[MetricRow]:
-        """Rows for the window so far and the cumulative figures; starts a new window."""
+        """Rows for the window so far and the cumulative figures, of both scores; starts a new window.
+
+        A window is closed when an example sampled in a later window is learned, so a window row holds the
+        examples learned since the row before: mostly those sampled in its window, and the negatives of
+        examples sampled a horizon earlier (they resolve only then). Per window of sampling time exactly,
+        the `model_calibration` query computes the figures from `predictions`.
+        """
         if self.window_start is None or not self.window_metrics.count:
             return []
+        name, start, v, bins = self.d.name, self.window_start, self.version, self.cfg.calibration_bins
         rows = [
-            MetricRow(self.d.name, self.window_start, "window", self.version, self.window_metrics.row()),
-            MetricRow(self.d.name, self.window_start, "cumulative", self.version, self.total.row()),
+            MetricRow(name, start, "window", v, self.window_metrics.row()),
+            MetricRow(name, start, "cumulative", v, self.total.row()),
+            MetricRow(name, start, "served_window", v, self.served_window.row()),
+            MetricRow(name, start, "served_cumulative", v, self.served_total.row()),
         ]
-        self.window_metrics = Metrics(self.cfg.calibration_bins)
+        self.window_metrics, self.served_window = Metrics(bins), Metrics(bins)
         return rows
 
     def maybe_publish(self, now: int, force: bool = False) -> Snapshot | None:

@@ -68,5 +68,10 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
     assert all(0.0 <= float(h["score_churn_risk"]) <= 1.0 for h in hashes)
     assert sum("score_purchase_propensity" in h for h in hashes) >= len(keys) // 2
     assert "funnel browse → cart → order by platform" in proc.stdout
+    # the models' figures so far, the learner's and the served score's (a number, or nan before both outcomes)
+    models = proc.stdout.split("online models so far")[1].split("features in Redis")[0]
+    assert "served AUC" in models
+    for name in ("purchase_propensity", "purchase_propensity_30m", "churn_risk"):
+        assert re.search(rf"│ {name}\s+│\s+\d+ │(\s+(\d\.\d+|nan) │){{5}}\s+\d+ │", models), (name, models)
     rows = dict(re.findall(r"│ (\w+)\s+│\s+(\d+) │", proc.stdout.split("rows in ClickHouse")[1]))
     assert int(rows["events"]) == accepted and int(rows["dlq"]) == dead and int(rows["actions"]) == fired

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from nudgeflow.settings import EventsConfig, ModelDef, ModelsFile
 from nudgeflow.yamlconf import ConfigError
 from operators.features import Enriched
 from operators.models import (
-    LabelEngine, Learner, LearnerLogic, Linear, Resolved, Scorer, Snapshot, SnapshotVersionError, build_model,
-    proba, vector,
+    LabelEngine, Learner, LearnerLogic, Linear, Metrics, Resolved, Scorer, Snapshot, SnapshotVersionError,
+    build_model, proba, vector,
 )
 
 MIN, HOUR = 60_000, 3_600_000
@@ -136,6 +137,44 @@ def test_examples_resolved_together_are_all_scored_before_any_is_learned() -> No
     _, preds = learner.learn(burst)
     assert [p.learner_score for p in preds] == pytest.approx([expected] * 5)
     assert learner.examples == 35
+
+
+def test_metric_rows_cover_the_learner_and_the_served_score() -> None:
+    """A window row holds the examples learned since the row before (a negative resolved a horizon late
+    counts in the window current when it is learned); the served rows measure the score served when each
+    example was sampled, the cumulative ones every example so far."""
+    learner = Learner(CFG.models[0], CFG)  # windows of 1 h
+    ex = lambda i, ts, at, y, served: Resolved("buy", "u", f"e{i}", ts, at, {"views_1h": float(i)}, served, 1, y)  # noqa: E731
+    first = [ex(1, 10 * MIN, 20 * MIN, True, 0.9), ex(2, 50 * MIN, 55 * MIN, True, 0.6)]
+    assert learner.learn(first)[0] == []
+    late = [ex(3, 5 * MIN, 65 * MIN, False, 0.4), ex(4, 70 * MIN, 75 * MIN, True, 0.7)]  # window 0's negative first
+    rows, _ = learner.learn(late)
+    assert [(r.window, r.window_start, r.values["examples"], r.values["positives"]) for r in rows] == [
+        ("window", 0, 3, 2), ("cumulative", 0, 3, 2), ("served_window", 0, 3, 2), ("served_cumulative", 0, 3, 2)]
+    served = Metrics(CFG.calibration_bins)
+    for r in first + late[:1]:
+        served.update(r.label, r.score)
+    assert rows[2].values == served.row() and rows[3].values == served.row()
+    assert rows[0].values != served.row()  # the learner scored them itself
+    rows = learner.close_window()  # the end of input
+    assert [(r.window, r.window_start // HOUR, r.values["examples"]) for r in rows] == [
+        ("window", 1, 1), ("cumulative", 1, 4), ("served_window", 1, 1), ("served_cumulative", 1, 4)]
+
+
+def test_a_learner_from_an_older_recovery_store_resumes() -> None:
+    """Recovery stores pickle the learner: one pickled before positives were counted and the served score
+    measured keeps its model, counts and figures; the served figures start from then."""
+    learner = Learner(CFG.models[0], CFG)
+    learner.learn([Resolved("buy", "u", "e", 0, 1, {"views_1h": 1.0}, 0.5, 0, True)])
+    old = Learner.__new__(Learner)
+    old.__dict__.update({k: v for k, v in learner.__dict__.items()
+                         if k not in ("positives", "served_window", "served_total")})
+    resumed = pickle.loads(pickle.dumps(old))
+    assert (resumed.examples, resumed.positives, resumed.total.count, resumed.served_total.count) == (1, 0, 1, 0)
+    resumed.learn([Resolved("buy", "u", "f", 10, 20, {"views_1h": 2.0}, 0.5, 0, False)])
+    assert (resumed.examples, resumed.positives) == (2, 0)
+    assert [(r.window, r.values["examples"]) for r in resumed.close_window()] == [
+        ("window", 2), ("cumulative", 2), ("served_window", 1), ("served_cumulative", 1)]
 
 
 def test_snapshot_from_another_river_is_refused() -> None:

@@ -95,6 +95,8 @@ def _dump(dsn: str, db: str, out: str) -> None:
             "predictions": f"SELECT model, toUnixTimestamp64Milli(ts), learner_score, label, score FROM {db}.predictions FINAL",
             "identity_links": f"SELECT toUnixTimestamp64Milli(ts), seq, src, dst, canonical, kind, outcome, moved "
                               f"FROM {db}.identity_links FINAL",
+            "model_metrics": f"SELECT model, toUnixTimestamp64Milli(window_start), span, examples, positives, auc "
+                             f"FROM {db}.model_metrics FINAL",
         }
         data = {k: [tuple(r) for r in client.query(sql).result_rows] for k, sql in raw.items()}
         queries = {name: run_query(client, db, name, since, until) for name in QUERIES}
@@ -108,14 +110,18 @@ def store(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     """A chDB store from two real runs (shoppers, then feedback on their actions), read back in a subprocess."""
     tmp = tmp_path_factory.mktemp("queries")
     prefix = f"nftestq{random.randrange(16**8):08x}"
+    def dump(name: str) -> dict[str, Any]:
+        out = tmp / name
+        proc = subprocess.run([sys.executable, __file__, f"chdb://{tmp / 'ch'}", "analyst", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return pickle.loads(out.read_bytes())
+
     _run_flow(tmp, redis_url, prefix, SIMULATOR, 1)
+    first = dump("first.pkl")
     assert _feedback(tmp / "out" / "actions1.jsonl", tmp / "feedback.jsonl") > 20
     _run_flow(tmp, redis_url, prefix, f"{{kind: file, file: {{paths: [{tmp / 'feedback.jsonl'}]}}}}", 2)
-    dump = tmp / "dump.pkl"
-    proc = subprocess.run([sys.executable, __file__, f"chdb://{tmp / 'ch'}", "analyst", str(dump)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    yield {**pickle.loads(dump.read_bytes()), "config": tmp / "run1.yaml"}
+    yield {**dump("dump.pkl"), "first_run": first["data"], "config": tmp / "run1.yaml"}
     r = redis.Redis.from_url(redis_url)
     keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
     for i in range(0, len(keys), 500):
@@ -471,6 +477,30 @@ def test_the_run_exercises_holdouts_feedback_and_models(store: dict[str, Any]) -
     assert {r[0] for r in q["model_calibration"][1]} >= {"purchase_propensity"}
     assert any(r[0] != "unseen" for r in q["lifecycle_transitions"][1])  # since lies inside the history
     assert sum(r[2] for r in q["cross_platform"][1]) > 0  # shoppers switch platforms within a journey
+
+
+def test_model_metrics_count_every_prediction_once_for_both_scores(store: dict[str, Any]) -> None:
+    """In one run, every learned example is in exactly one window row of model_metrics, for the learner's
+    score and for the served one, and the newest cumulative rows count them all with the AUC of its
+    predictions (to the 1/1000 of a score the histograms keep). One run: a learner restarted without
+    recovery starts its windows afresh, and its rows replace those of the same hours."""
+    data = store["first_run"]
+    preds: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
+    for model, _, learner_score, label, served in data["predictions"]:
+        preds[model].append((learner_score, label, served))
+    rows: dict[str, dict[str, list[tuple[int, int, int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for model, window_start, span, n, pos, auc in data["model_metrics"]:
+        rows[model][span].append((window_start, n, pos, auc))
+    assert rows.keys() == preds.keys()
+    for model, xs in preds.items():
+        n, pos = len(xs), sum(y for _, y, _ in xs)
+        spans = rows[model]
+        for span in ("window", "served_window"):
+            assert (sum(r[1] for r in spans[span]), sum(r[2] for r in spans[span])) == (n, pos), (model, span)
+        for span, score in (("cumulative", 0), ("served_cumulative", 2)):
+            _, total, total_pos, auc = max(spans[span])
+            assert (total, total_pos) == (n, pos), (model, span)
+            assert auc == pytest.approx(_auc([x[score] for x in xs], [y for _, y, _ in xs]), abs=0.002), (model, span)
 
 
 def test_the_cli_prints_a_saved_query_as_json_and_as_a_table(store: dict[str, Any]) -> None:
