@@ -665,7 +665,7 @@ class Learner:
         A window is closed when an example sampled in a later window is learned, so a window row holds the
         examples learned since the row before: mostly those sampled in its window, and the negatives of
         examples sampled a horizon earlier (they resolve only then). Per window of sampling time exactly,
-        the `model_calibration` query computes the figures from `predictions`.
+        the ``model_calibration`` query computes the figures from ``predictions``.
         """
         if self.window_start is None or not self.window_metrics.count:
             return []
