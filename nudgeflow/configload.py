@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.csvlog import CsvMapping
-from nudgeflow.events import BUILTIN_TYPES
+from nudgeflow.events import BUILTIN_TYPES, FEEDBACK_TYPES
 from nudgeflow.settings import (
     AbsenceTrigger, CrossingTrigger, EventsConfig, EventTrigger, FeatureDefs, ModelsFile, Settings, TriggersFile, load_settings,
 )
@@ -130,11 +130,15 @@ def load_features(path: str | Path, events: EventsConfig) -> FeatureDefs:
     defs = validate(FeatureDefs, data, path, lines)
     known = BUILTIN_TYPES | set(events.custom_types)
     problems: list[tuple[int | None, str, str]] = []
-    for kind in ("counts", "sums", "distinct"):
-        for i, d in enumerate(getattr(defs, kind)):
-            _types_known(d.types, known, (kind, i, "types"), lines, problems)
-    for name, types in defs.recency.items():
-        _types_known(types, known, ("recency", name), lines, problems)
+    checks = [((kind, i, "types"), d.types) for kind in ("counts", "sums", "distinct")
+              for i, d in enumerate(getattr(defs, kind))] + [(("recency", name), t) for name, t in defs.recency.items()]
+    for loc, types in checks:
+        _types_known(types, known, loc, lines, problems)
+        for j, et in enumerate(types if isinstance(types, list) else ()):
+            if et in FEEDBACK_TYPES:
+                problems.append((line_of(lines, loc + (j,)), ".".join(map(str, loc + (j,))),
+                                 f"{et!r} is feedback on our messages, not shopping: features never count it "
+                                 "(the feedback query does)"))
     seen: dict[str, tuple[str, int]] = {}
     for kind in ("counts", "sums", "distinct"):
         for i, d in enumerate(getattr(defs, kind)):

@@ -174,7 +174,8 @@ class FeaturesConfig(Strict):
 
 
 AnyTypes = Literal["any"] | list[str]
-"""``any`` or a list of event types."""
+"""``any`` or a list of event types. Features, and models' labels and scoring, take ``any`` without the
+feedback on our messages (``delivered``, ``opened``, ``clicked``, ``unsubscribed``): it is not shopping."""
 
 Platform = Literal["web", "app", "mini_program"]
 """A platform as the parser normalises it (``ios`` is ``app``, ``wechat`` is ``mini_program`` …)."""

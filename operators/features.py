@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, get_args
 import lz4.block
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import DeadLetter, Event, Merge
+from nudgeflow.events import FEEDBACK_TYPES, DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
 from operators.clock import Deadline
@@ -722,6 +722,8 @@ class FeatureEngine:
         user = st.users.get(ev.user_id)
         if type(user) is Frozen:
             user = st.users[ev.user_id] = user.thaw(st.zdict)
+        if ev.type in FEEDBACK_TYPES:  # about our messages, not shopping: it changes no feature (see _feedback)
+            return self._feedback(st, ev, user)
         if user is not None and ts < user.last_ts - self.lateness_ms:
             return _refuse(ev, "too_late", f"{(user.last_ts - ts) / 1000:.0f}s behind the user's newest event")
         seen[ev.event_id] = ts
@@ -744,6 +746,17 @@ class FeatureEngine:
         if st.since_evict >= EVICT_EVERY:
             self.evict(st)
         return Enriched(ev, self.read_needed(user, user.last_ts)) if self.enrich else None
+
+    def _feedback(self, st: ShardState, ev: Event, user: UserState | None) -> Enriched | None:
+        """A delivery, open, click or unsubscribe of one of our messages passes with the shopper's features as
+        they are: counted as activity it would make a shopper just sent a win-back message look active
+        (``events_*``, ``since_last_event_s``, sessions, lifecycle). The ``feedback`` query measures them."""
+        st.dedup.ids[ev.event_id] = ev.ts
+        st.accepted += 1
+        if not self.enrich:
+            return None
+        return Enriched(ev, self.read_needed(user, user.last_ts) if user is not None
+                        else self.read_needed(UserState(ev.ts, self.plan), ev.ts))
 
     def _update(self, u: UserState, ev: Event) -> None:
         ts, etype, props = ev.ts, ev.type, ev.props

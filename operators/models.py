@@ -41,7 +41,7 @@ from bytewax.operators import StatefulBatchLogic
 from river import compose, facto, forest, linear_model, metrics, optim, preprocessing, tree
 from river.utils.math import sigmoid
 
-from nudgeflow.events import Merge
+from nudgeflow.events import FEEDBACK_TYPES, Merge
 from nudgeflow.settings import ModelDef, ModelsFile
 from operators.clock import PartitionClock
 from operators.features import Enriched
@@ -280,9 +280,9 @@ class Scorer:
                 continue
             models = self.plan.get(en.event.type)
             if models is None:  # once per event type (the parser admits known types only)
-                models = self.plan[en.event.type] = [
-                    (d, tuple(d.features)) for d in self.any + self.by_type.get(en.event.type, [])
-                ]
+                etype = en.event.type
+                anytype = self.any if etype not in FEEDBACK_TYPES else []  # ``any``: shopping, not our messages
+                models = self.plan[etype] = [(d, tuple(d.features)) for d in anytype + self.by_type.get(etype, [])]
             inputs: dict[tuple[str, ...], dict[str, float]] = {}  # models reading the same features share one input
             for d, key in models:
                 s, v, x = self.score(d, en.features, inputs.get(key))
@@ -376,7 +376,7 @@ class LabelEngine:
             self.max_ts = ts
         out: list[Resolved] = []
         for name, types in self.label_types.items():
-            if types is not None and ev.type not in types:
+            if (ev.type in FEEDBACK_TYPES) if types is None else (ev.type not in types):  # ``any``: not our messages
                 continue
             key = (name, uid)
             if st.last_label.get(key, -1) < ts:

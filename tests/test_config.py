@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from nudgeflow.configload import load_deployment, load_triggers
+from nudgeflow.configload import load_deployment, load_features, load_triggers
 from nudgeflow.settings import SCHEMAS, EventsConfig, Settings
 from nudgeflow.yamlconf import ConfigError, load_model, load_yaml
 
@@ -152,6 +152,16 @@ def test_trigger_file_checks(tmp_path: Path) -> None:
     channels = "channels:\n  push: {consent: opt_in}\n  sms: {rate: 5}\ntriggers: []\n"
     assert ":3: channels.sms: Value error, a rate limit needs both rate and burst" in trigger_error(tmp_path, channels)
 
+
+def test_feature_definitions_refuse_feedback_types(tmp_path: Path) -> None:
+    """Features describe shopping; a delivery or an open of our message is feedback, which they never count."""
+    text = "counts:\n  - {name: events, types: any, windows: [1h]}\n  - name: opens\n    types: [browse, opened]\n" \
+           "    windows: [7d]\nrecency:\n  message: [delivered]\n"
+    with pytest.raises(ConfigError) as e:
+        load_features(write(tmp_path, text, "features.yaml"), EventsConfig())
+    msg = str(e.value)
+    assert "features.yaml:4: counts.1.types.1: 'opened' is feedback on our messages, not shopping" in msg
+    assert "features.yaml:7: recency.message.0: 'delivered' is feedback" in msg
 
 def test_validate_command(tmp_path: Path) -> None:
     run = lambda cfg: subprocess.run([sys.executable, "-m", "nudgeflow.cli", "validate", "--config", str(cfg)],  # noqa: E731

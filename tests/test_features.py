@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nudgeflow.configload import load_features
-from nudgeflow.events import DeadLetter, Event
+from nudgeflow.events import FEEDBACK_TYPES, DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen, ShardState,
                                 UserFeatures, shard_of, window_label)
@@ -69,8 +69,8 @@ def test_packed_window_is_exact_to_one_bucket_and_slots_never_carry(adds: list[t
     assert exact <= count <= wider
 
 
-event_lists = st.lists(
-    st.tuples(st.integers(0, 2), st.integers(0, 9 * DAY), st.sampled_from(["browse", "order", "search"]),
+event_lists = st.lists(  # feedback on our messages (delivered, opened) is no shopping: it must change nothing
+    st.tuples(st.integers(0, 2), st.integers(0, 9 * DAY), st.sampled_from(["browse", "order", "search", "delivered", "opened"]),
               st.integers(1, 400), st.sampled_from(["shoes", "bags", "toys", "tv"])),
     min_size=1, max_size=60,
 )
@@ -91,9 +91,12 @@ def test_window_features_equal_brute_force_under_out_of_order_arrival(evs: list,
         out = eng.apply(state, ev)
         assert isinstance(out, Enriched), out  # nothing is too late when disorder stays within the lateness
         seen.append(ev)
-        mine = [e for e in seen if e.user_id == ev.user_id]
-        at = max(e.ts for e in mine)
+        mine = [e for e in seen if e.user_id == ev.user_id and e.type not in FEEDBACK_TYPES]
         f = out.features
+        if not mine:  # feedback for a shopper not seen shopping: blank features, and no state kept
+            assert f["events_7d"] == 0 and f["last_event_ts"] == -1 and ev.user_id not in state.users
+            continue
+        at = max(e.ts for e in mine)
         for name, (window, pred, value) in WINDOW_FEATURES.items():
             assert abs(f[name] - bucketed(mine, at, window, pred, value)) < 1e-6, name
         orders_7d = bucketed(mine, at, 7 * DAY, lambda e: e.type == "order", lambda e: 1)
@@ -117,6 +120,22 @@ def test_refusals_keep_the_original_bytes() -> None:
     assert isinstance(dup, DeadLetter) and (dup.reason, dup.raw) == ("duplicate", b"A2")
     assert isinstance(eng.apply(s, Event("d", "u2", "browse", 0)), Enriched)  # lateness is per user
 
+
+def test_feedback_on_our_messages_changes_no_feature() -> None:
+    """A win-back message delivered, opened and clicked must not make a lapsed shopper look active."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(), EventsConfig())
+    s = eng.new_state()
+    eng.apply(s, Event("b", "u", "browse", 0, props={"item_id": "i1", "category": "shoes"}))
+    before = eng.apply(s, Event("o", "u", "order", 5 * MIN, props={"amount": 20.0, "item_count": 1}))
+    state = pickle.dumps(s.users["u"])
+    for i, kind in enumerate(("delivered", "opened", "clicked", "unsubscribed")):
+        fb = eng.apply(s, Event(f"f{i}", "u", kind, 45 * DAY + i * MIN, platform="app", props={"action_id": "a1"}))
+        assert isinstance(fb, Enriched) and fb.features == before.features
+    assert pickle.dumps(s.users["u"]) == state
+    assert before.features["lifecycle_stage"] == "active" and before.features["events_30d"] == 2
+    back = eng.apply(s, Event("b2", "u", "browse", 46 * DAY, props={"item_id": "i2", "category": "bags"})).features
+    assert back["since_last_event_s"] == (46 * DAY - 5 * MIN) // 1000 and back["lifecycle_stage"] == "dormant"
+    assert isinstance(eng.apply(s, Event("f0", "u", "opened", 46 * DAY)), DeadLetter)  # duplicates still refused
 
 def shopper(defs: FeatureDefs) -> tuple[FeatureEngine, list[Enriched]]:
     """A scripted shopper through the repo's own features.yaml."""

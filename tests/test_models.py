@@ -92,6 +92,22 @@ def test_every_example_resolves_exactly_once_and_state_is_bounded(evs: list[tupl
     assert not any(s.pending.values())
 
 
+def test_feedback_on_our_messages_is_no_activity_for_any_label_or_score() -> None:
+    """``any`` means shopping: a delivered or opened message neither answers a churn example (the shopper did
+    nothing) nor is scored by a model scoring any event; a model naming a feedback type still sees it."""
+    eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
+    s = eng.new_state()
+    eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0"), ["churn"]), 0)
+    for i, kind in enumerate(("delivered", "opened")):
+        assert eng.on_event(s, scored(Event(f"f{i}", "u1", kind, (10 + i) * MIN, position="p:0"), []), 0) == []
+    assert [(r.model, r.label) for r in eng.advance(s, HOUR)] == [("churn", True)]  # no activity within the hour
+    clicks = CFG.models[0].model_copy(update={"name": "clicks", "score_on": ["opened"]})
+    scorer = Scorer(CFG.model_copy(update={"models": [*CFG.models, clicks]}), lambda name, have: None)
+    opened, browse = Enriched(Event("o", "u", "opened", 0), {"views_1h": 1}), Enriched(Event("b", "u", "browse", 0), {"views_1h": 1})
+    scorer.score_batch([("0", opened), ("0", browse)])
+    assert set(opened.scores) == {"clicks"} and set(browse.scores) == {"buy", "churn"}
+
+
 def test_learner_learns_each_example_once_scores_before_learning_and_publishes() -> None:
     d = CFG.models[0]
     learner = Learner(d, CFG)
