@@ -604,9 +604,6 @@ class PredictionRow:
 class Learner:
     """One model's learner: progressive validation, learn once, publish snapshots."""
 
-    #: a learner pickled before positives were counted resumes counting from 0
-    positives = 0
-
     def __init__(
         self, d: ModelDef, cfg: ModelsFile, model: Any | None = None, examples: int = 0, version: int = 0,
         positives: int = 0,
@@ -627,8 +624,11 @@ class Learner:
         self.total, self.served_total = Metrics(bins), Metrics(bins)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """A learner from an older recovery store: positives are counted, and the served score measured,
+        from now on."""
         self.__dict__.update(state)
-        if "served_total" not in state:  # pickled before the served score was measured: from now on
+        self.__dict__.setdefault("positives", 0)
+        if "served_total" not in state:
             bins = self.cfg.calibration_bins
             self.served_window, self.served_total = Metrics(bins), Metrics(bins)
 
