@@ -227,8 +227,8 @@ class Replay:
                 self.clock = ev.ts
             if self.start is None:
                 self.start = ev.ts
-        for key in touched:  # what FeatureLogic does per batch (the Redis side): keeps the state as in the flow
-            self.features.flush(self.feature_states[key])
+        for key in touched:  # what FeatureLogic does per batch: the Redis side (dropped here) and the looks
+            enriched += [(key, x) for x in self.features.flush(self.feature_states[key]) if type(x) is Enriched]
         c0 = time.process_time()
         self.scorer.score_batch(enriched)
         self.score_cpu_s += time.process_time() - c0

@@ -32,7 +32,7 @@ from connectors.webhook import WebhookSender
 from nudgeflow import logs
 from nudgeflow.configload import Deployment, load_deployment
 from connectors.identity_store import IdentitySink, RedisHandoff, load_graph
-from nudgeflow.events import DeadLetter, Decision, Event, Link, Merge
+from nudgeflow.events import IDLE, DeadLetter, Decision, Event, Link, Merge
 from nudgeflow.settings import Reloadable, Settings, SinkConfig, TriggersFile
 from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
 from operators.identity import IdentityEngine, IdentityLogic
@@ -274,7 +274,8 @@ def by_type(step_id: str, up: Stream[Any], cls: type, keyed: bool = False) -> St
 
 
 class FeatureStreams(NamedTuple):
-    #: ``(shard, Enriched)``: each accepted event with the features downstream reads (empty when none does)
+    #: ``(shard, Enriched)``: each accepted event with the features downstream reads (empty when none does);
+    #: not the looks at quiet shoppers (``idle``), which only ``ordered`` carries
     enriched: Stream[tuple[str, Enriched]]
     #: every feature of each changed user, once per batch
     published: Stream[UserFeatures]
@@ -282,7 +283,7 @@ class FeatureStreams(NamedTuple):
     dead: Stream[DeadLetter]
     #: the logics Bytewax builds for the step, as it builds them
     logics: list[FeatureLogic]
-    #: ``(shard, Enriched | Merge)``: what later per-user steps read, merges where they stand among the events
+    #: ``(shard, Enriched | Merge)``: what later per-user steps read (events and looks), merges where they stand
     ordered: Stream[tuple[str, Enriched | Merge]]
     #: every judged identity link (empty without the identity step)
     links: Stream[Link] | None
@@ -395,8 +396,12 @@ def feature_step(
         "dead", op.flat_map_batch("parse_refused", parsed, lambda bs: [x for b in bs for x in b if type(x) is DeadLetter]),
         by_type("refused", feats, DeadLetter),
     )
-    enriched = by_type("enriched", feats, Enriched, keyed=True)
-    ordered = enriched if handoff is None else op.flat_map_batch(
+    if engine.idle:  # the shop's events, not the looks at quiet shoppers, are the events table's rows
+        enriched = op.flat_map_batch("enriched", feats, lambda b: [
+            kv for kv in b if type(kv[1]) is Enriched and kv[1].event.type != IDLE])  # type: ignore[union-attr]
+    else:
+        enriched = by_type("enriched", feats, Enriched, keyed=True)
+    ordered = enriched if handoff is None and not engine.idle else op.flat_map_batch(
         "ordered", feats, lambda b: [kv for kv in b if type(kv[1]) is Enriched or type(kv[1]) is Merge]
     )
     return FeatureStreams(enriched, by_type("published", feats, UserFeatures), dead, logics, ordered, links, handoff)

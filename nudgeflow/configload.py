@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from connectors.csvlog import CsvMapping
-from nudgeflow.events import BUILTIN_TYPES, FEEDBACK_TYPES
+from nudgeflow.events import BUILTIN_TYPES, FEEDBACK_TYPES, IDLE
 from nudgeflow.settings import (
     AbsenceTrigger, CrossingTrigger, EventsConfig, EventTrigger, FeatureDefs, ModelsFile, Settings, TriggersFile, load_settings,
 )
@@ -105,8 +105,12 @@ def load_models(path: str | Path, events: EventsConfig, feature_names: list[str]
             if f not in names:
                 loc = ("models", i, "features", j)
                 problems.append((line_of(lines, loc), ".".join(map(str, loc)), f"unknown feature {f!r} (see nudgeflow features)"))
-        _types_known(m.label.events, known, ("models", i, "label", "events"), lines, problems)
-        _types_known(m.score_on, known, ("models", i, "score_on"), lines, problems)
+        _types_known(m.label.events, known | {IDLE}, ("models", i, "label", "events"), lines, problems)
+        if isinstance(m.label.events, list) and IDLE in m.label.events:
+            loc = ("models", i, "label", "events", m.label.events.index(IDLE))
+            problems.append((line_of(lines, loc), ".".join(map(str, loc)),
+                             f"{IDLE!r} is a look at a quiet shopper, not an outcome: score_on may name it, a label not"))
+        _types_known(m.score_on, known | {IDLE}, ("models", i, "score_on"), lines, problems)
         try:
             build_model(m)
         except ValueError as e:
@@ -139,6 +143,13 @@ def load_features(path: str | Path, events: EventsConfig) -> FeatureDefs:
                 problems.append((line_of(lines, loc + (j,)), ".".join(map(str, loc + (j,))),
                                  f"{et!r} is feedback on our messages, not shopping: features never count it "
                                  "(the feedback query does)"))
+    if defs.idle:
+        keep_s = FeaturePlan(defs).retention_ms / 1000
+        for j, span in enumerate(defs.idle):
+            if span >= keep_s:
+                problems.append((line_of(lines, ("idle", j)), f"idle.{j}",
+                                 f"a shopper quiet for {span:g}s is forgotten by then (state is kept {keep_s:g}s, "
+                                 "the longest window): look earlier"))
     seen: dict[str, tuple[str, int]] = {}
     for kind in ("counts", "sums", "distinct"):
         for i, d in enumerate(getattr(defs, kind)):
@@ -158,7 +169,7 @@ def load_triggers(
     """Load and fully check a trigger file; raises :class:`ConfigError` listing every problem."""
     data, lines = load_yaml(path)
     tf = validate(TriggersFile, data, path, lines)
-    known = BUILTIN_TYPES | set(events.custom_types)
+    known = BUILTIN_TYPES | set(events.custom_types) | {IDLE}
     features = set(feature_names) if feature_names is not None else None
     problems: list[tuple[int | None, str, str]] = []
     models = set(model_names or ())

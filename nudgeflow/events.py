@@ -24,6 +24,11 @@ PROFILE_TYPES = frozenset({"consent", "identify", "alias"})
 #: Feedback from action channels, closing the loop for analytics.
 FEEDBACK_TYPES = frozenset({"delivered", "opened", "clicked", "unsubscribed"})
 BUILTIN_TYPES = BEHAVIOUR_TYPES | PROFILE_TYPES | FEEDBACK_TYPES
+#: A look at a shopper gone quiet (``idle`` in ``features.yaml``): made by the feature step from its state, never
+#: read from the wire. Models and triggers may score and fire on it; it is no activity and no event of the shop.
+IDLE = "idle"
+#: What a model's ``any`` label event and the feature counts never take for shopping activity
+NOT_ACTIVITY = FEEDBACK_TYPES | {IDLE}
 
 PLATFORM_ALIASES = {
     "web": "web",

@@ -22,7 +22,7 @@ from connectors.csvlog import CsvSourceConfig
 from connectors.migrations import TTL_COLUMNS
 from connectors.redis_client import is_cluster
 from connectors.simulator import SimulatorConfig
-from nudgeflow.events import PLATFORM_ALIASES
+from nudgeflow.events import BUILTIN_TYPES, IDLE, PLATFORM_ALIASES
 from nudgeflow.yamlconf import load_yaml, validate
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -147,6 +147,15 @@ class EventsConfig(Strict):
     #: longer ids (user_id, previous_id, anonymous_id, device_id, account_id) are refused (``id_too_long``):
     #: ids key state, Redis and ClickHouse rows
     max_id_length: int = Field(128, ge=1)
+
+    @field_validator("custom_types")
+    @classmethod
+    def _new_types(cls, v: list[str]) -> list[str]:
+        """A custom type named like a built-in one, or like the feature step's looks, would be two things."""
+        taken = sorted(set(v) & (BUILTIN_TYPES | {IDLE}))
+        if taken:
+            raise ValueError(f"{taken} are built-in event types (or the feature step's looks at quiet shoppers)")
+        return v
 
     @field_validator("currency_rates")
     @classmethod
@@ -309,6 +318,16 @@ class FeatureDefs(Strict):
     rfm: RfmDef | None = RfmDef()
     lifecycle: LifecycleDef | None = LifecycleDef()
     affinity: AffinityDef | None = AffinityDef()
+    #: look again at a shopper quiet for each of these spans (shortest first): an ``idle`` event with the
+    #: features as of then goes to the models and triggers, so a shopper can be scored and reached while away
+    idle: list[Duration] = []
+
+    @field_validator("idle")
+    @classmethod
+    def _idle_increasing(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("idle spans must be positive and increasing (shortest first)")
+        return v
 
 
 class RedisConfig(Strict):

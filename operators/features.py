@@ -17,6 +17,11 @@ all of them per event would cost more than the rest of the flow. Per batch,
 each user the batch changed gets one :class:`UserFeatures` with every feature,
 which is what Redis serves.
 
+**Looks at quiet shoppers.** With ``idle`` spans configured, a shopper quiet for
+each of them gets an ``idle`` event carrying their features as of that moment
+(:meth:`FeatureEngine.look`), so models and triggers see shoppers while they are
+away; it changes no state and is not an event of the shop.
+
 **Event time.** Windows are sparse buckets (:mod:`operators.windows`), exact to
 ``1/buckets_per_window`` of their width at the old edge. Features are
 evaluated as of the user's newest event time. Events up to
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
@@ -54,7 +60,7 @@ from typing import Any, NamedTuple, get_args
 import lz4.block
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import FEEDBACK_TYPES, DeadLetter, Event, Merge
+from nudgeflow.events import FEEDBACK_TYPES, IDLE, DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
 from operators.clock import Deadline
@@ -205,7 +211,7 @@ class UserState:
     """One shopper's compact feature state."""
 
     __slots__ = ("first_ts", "ref_ts", "last_ts", "prev_ts", "wins", "last", "prev", "session", "cart", "cart_cut",
-                 "cart_totals", "aff", "top", "distinct", "plat_ts", "platform")
+                 "cart_totals", "aff", "top", "distinct", "plat_ts", "platform", "looks")
 
     def __init__(self, first_ts: int, plan: FeaturePlan):
         self.first_ts = first_ts
@@ -235,11 +241,14 @@ class UserState:
         #: the event time and platform of the newest event that had one (-1, None when none did)
         self.plat_ts = -1
         self.platform: str | None = None
+        #: the ``idle`` looks taken since ``last_ts`` (:meth:`FeatureEngine.look`)
+        self.looks = 0
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, k) for k in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.looks = 0  # a snapshot from before looks
         for k, v in zip(self.__slots__, state):
             setattr(self, k, v)
 
@@ -264,14 +273,23 @@ class Frozen:
     (1, True)
     """
 
-    __slots__ = ("last_ts", "blob")
+    __slots__ = ("last_ts", "blob", "looks")
 
     def __init__(self, user: UserState, zdict: bytes | None):
         self.last_ts = user.last_ts
+        #: looks taken while compacted count here (a look reads a thawed copy and leaves the blob as it is)
+        self.looks = user.looks
         self.blob = lz4.block.compress(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL), dict=zdict)
 
     def thaw(self, zdict: bytes | None) -> UserState:
-        return pickle.loads(lz4.block.decompress(self.blob, dict=zdict))
+        user: UserState = pickle.loads(lz4.block.decompress(self.blob, dict=zdict))
+        user.looks = self.looks
+        return user
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        self.looks = 0  # a snapshot from before looks
+        for k, v in state[1].items():
+            setattr(self, k, v)
 
 
 #: a shard's compression dictionary is made of the pickles of the first shoppers it compacts, at most this many
@@ -610,7 +628,8 @@ def _distinct_getter(di: int, window_ms: int) -> Getter:
 class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
-    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "compacted", "changed", "accepted", "zdict")
+    __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "compacted", "changed", "accepted", "zdict",
+                 "looked_ts", "looked", "looks_due")
 
     def __init__(self, dedup_window_ms: int):
         #: users changed since the last flush are never Frozen (the flush reads them)
@@ -625,6 +644,11 @@ class ShardState:
         self.accepted = 0
         #: the dictionary its Frozen users are compressed with (:class:`Frozen`), made at its first compaction
         self.zdict: bytes | None = None
+        #: ``max_ts`` at the last scan for looks at quiet users (not snapshotted: a restored shard scans at once),
+        #: and the looks taken since this process started
+        self.looked_ts = self.looked = 0
+        #: looks taken as users came back, out with the batch (``apply_batch``) or the next ``look``
+        self.looks_due: list[Enriched] = []
 
     def __getstate__(self) -> tuple[Any, ...]:
         # ``changed``: users not yet published; after a restart they are published from the restored state
@@ -637,7 +661,8 @@ class ShardState:
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
         self.since_evict = self.swept_ts = self.compacted = 0
-        self.accepted = 0
+        self.accepted = self.looked_ts = self.looked = 0
+        self.looks_due = []
 
 
 class FeatureEngine:
@@ -677,6 +702,13 @@ class FeatureEngine:
         #: a shard also sweeps at a flush once event time moved this far since its last sweep, so that a
         #: shard with few events still compacts its idle users
         self.sweep_ms = 1 << 62 if cfg.compact_after is None else self.compact_ms // 2
+        #: ``idle`` looks (ms of silence, shortest first), taken at a flush once event time moved ``look_ms``
+        #: since the last scan: a look comes at most that late (a sweep's interval, a quarter of the shortest)
+        self.idle = [int(d * 1000) for d in defs.idle] if enrich else []
+        self.look_ms = min(self.sweep_ms, self.idle[0] // 4) if self.idle else 1 << 62
+        #: the newest event time any shard of this process has seen: looks go by it, so a shard whose own
+        #: shoppers are all quiet still takes its looks
+        self.max_ts = 0
         #: per distinct feature, its longest window: older values are never counted again (see ``evict``)
         self.distinct_ms = [int(max(d.windows) * 1000) for d in plan.distinct]
         self.read_needed = plan.reader(needed)
@@ -709,10 +741,21 @@ class FeatureEngine:
         return ShardState(self.dedup_ms)
 
     def apply_batch(self, st: ShardState, events: list[Event]) -> list[Enriched | DeadLetter]:
-        """Apply events in order: their Enriched (if enriching) and the refusals."""
+        """Apply events in order: their Enriched (if enriching) and the refusals; a look taken as a quiet user
+        came back (:meth:`look`) goes just before the event that brought them back."""
         apply = self.apply
-        out = [apply(st, ev) for ev in events]
-        return out if self.enrich else [r for r in out if r is not None]
+        if not self.idle:
+            out = [apply(st, ev) for ev in events]
+            return out if self.enrich else [r for r in out if r is not None]
+        out = []
+        for ev in events:
+            r = apply(st, ev)
+            if st.looks_due:
+                out += st.looks_due
+                st.looked += len(st.looks_due)
+                st.looks_due = []
+            out.append(r)
+        return out
 
     def apply(self, st: ShardState, ev: Event) -> Enriched | DeadLetter | None:
         """One event: its Enriched (None when not enriching), or a refusal."""
@@ -734,11 +777,17 @@ class FeatureEngine:
         elif ts < user.first_ts:
             user.first_ts = ts
         if ts > user.last_ts:
+            if self.idle and user.looks < len(self.idle) and user.last_ts + self.idle[user.looks] < ts:
+                # back after a look's moment that the shard's event time passed since its last scan
+                st.looks_due += self._take(ev.user_id, user, max(ts, self.max_ts) - self.lateness_ms, ts, st.zdict)
             user.prev_ts, user.last_ts = user.last_ts, ts
+            user.looks = 0
         elif ts > user.prev_ts and ts != user.last_ts:
             user.prev_ts = ts
         if ts > st.max_ts:
             st.max_ts = ts
+            if ts > self.max_ts:
+                self.max_ts = ts
         self._update(user, ev)
         st.changed.add(ev.user_id)
         st.accepted += 1
@@ -753,6 +802,10 @@ class FeatureEngine:
         (``events_*``, ``since_last_event_s``, sessions, lifecycle). The ``feedback`` query measures them."""
         st.dedup.ids[ev.event_id] = ev.ts
         st.accepted += 1
+        if ev.ts > st.max_ts:  # event time moved on all the same (evictions, compaction and looks go by it)
+            st.max_ts = ev.ts
+            if ev.ts > self.max_ts:
+                self.max_ts = ev.ts
         if not self.enrich:
             return None
         return Enriched(ev, self.read_needed(user, user.last_ts) if user is not None
@@ -885,6 +938,7 @@ class FeatureEngine:
         """
         if part.last_ts > st.max_ts:
             st.max_ts = part.last_ts
+            self.max_ts = max(self.max_ts, part.last_ts)
         st.changed.add(uid)
         user = _thawed(st.users.get(uid), st.zdict)
         if user is None or part.first_ts - user.last_ts > self.idle_ms:
@@ -898,6 +952,8 @@ class FeatureEngine:
     def _merge(self, u: UserState, p: UserState) -> None:
         """Fold ``p`` into ``u`` (both within ``idle_ms`` of each other): see :meth:`absorb`."""
         times = (u.last_ts, u.prev_ts, p.last_ts, p.prev_ts)
+        # looks taken at the newest event time of both stand: the merged shopper has been quiet since then
+        u.looks = u.looks if u.last_ts > p.last_ts else p.looks if p.last_ts > u.last_ts else max(u.looks, p.looks)
         u.last_ts = max(times)
         u.prev_ts = max((t for t in times if t < u.last_ts), default=-1)
         u.first_ts = min(u.first_ts, p.first_ts)
@@ -963,6 +1019,56 @@ class FeatureEngine:
         st.changed.clear()
         if st.max_ts - st.swept_ts >= self.sweep_ms:
             self.evict(st)
+        if max(self.max_ts, st.max_ts) - st.looked_ts >= self.look_ms:
+            out += self.look(st)
+        return out
+
+    def look(self, st: ShardState) -> list[Enriched]:
+        """An ``idle`` event for each look due at a quiet user, and those taken as users came back.
+
+        A look at moment ``m`` (``idle[k]`` after the user's newest event) is taken once the shard's event
+        time passes ``m`` by the allowed lateness (then no event from before ``m`` can still arrive), by
+        this scan or, when the user's next event comes first, as it is applied. So a look is taken exactly
+        when the user stays quiet until ``m`` plus the allowed lateness; one back in between may or may
+        not get it, by when the scans ran. Each look is taken once per quiet spell (``UserState.looks``
+        counts them, also while compacted; a new event starts the next spell).
+
+        Its features are as of ``m`` (windows expired, ``since_*`` grown, the lifecycle stage moved on),
+        read from a copy, so the state stays as its events made it; the event id names the user and the
+        moment, so a replay takes the same looks.
+
+        >>> from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
+        >>> defs = FeatureDefs.model_validate({"recency": {"event": "any"}, "idle": ["1d"]})
+        >>> eng = FeatureEngine(defs, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["since_last_event_s"])
+        >>> st = eng.new_state()
+        >>> _ = eng.apply(st, Event("e1", "u1", "browse", 0)), eng.apply(st, Event("e2", "u2", "browse", 90_000_000))
+        >>> [(x.event.type, x.event.user_id, x.event.ts, x.features) for x in eng.look(st)]
+        [('idle', 'u1', 86400000, {'since_last_event_s': 86400})]
+        >>> eng.look(st)  # once
+        []
+        """
+        st.looked_ts = newest = max(self.max_ts, st.max_ts)
+        out, st.looks_due = st.looks_due, []
+        until, idle, n = newest - self.lateness_ms, self.idle, len(self.idle)
+        for uid, u in st.users.items():
+            k = u.looks
+            if k < n and u.last_ts + idle[k] <= until:
+                out += self._take(uid, u, until, 1 << 62, st.zdict)
+        st.looked += len(out)
+        return out
+
+    def _take(self, uid: str, u: UserState | Frozen, until: int, before: int, zdict: bytes | None) -> list[Enriched]:
+        """The looks at ``u`` due by ``until`` and before ``before`` (its next event), counted in ``u.looks``."""
+        copy = u.thaw(zdict) if type(u) is Frozen else pickle.loads(pickle.dumps(u, pickle.HIGHEST_PROTOCOL))
+        k, last, idle, now = u.looks, u.last_ts, self.idle, time.time_ns() // 1_000_000
+        out = []
+        while k < len(idle) and last + idle[k] <= until and last + idle[k] < before:
+            at = last + idle[k]
+            k += 1
+            ev = Event(f"{IDLE}:{uid}:{at}", uid, IDLE, at, platform=copy.platform, ingest_ms=now,
+                       props={"idle_s": idle[k - 1] // 1000, "look": k})
+            out.append(Enriched(ev, self.read_needed(copy, at)))
+        u.looks = k
         return out
 
     def evict(self, st: ShardState) -> None:
@@ -1071,7 +1177,8 @@ FeatureOut = Enriched | DeadLetter | UserFeatures
 
 class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes]):
     """Bytewax adapter: one shard's state; emits enriched events and refusals as they come, and each
-    changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet).
+    changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet), with
+    the looks at quiet shoppers due by then (``features.idle``: woken on that schedule while it holds any).
 
     ``recover``: whether recovery is on. Bytewax 0.21 asks every stateful step for a snapshot at the end
     of each epoch whether or not anything stores it; without recovery we skip pickling the shard.
@@ -1131,11 +1238,16 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         return out, StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[FeatureOut | Merge], bool]:
+        """Settle, publish, and take the looks the input's end leaves due (a bounded run's last ones)."""
         out = self.desk.finish(self.engine, self.state) if self.desk is not None else []
-        return out + self._publish(), StatefulBatchLogic.RETAIN
+        out += self._publish()
+        if self.engine.idle:
+            out += self.engine.look(self.state)
+        return out, StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        at = self.publish.at if self.state.changed else None
+        # a shard whose shoppers are all quiet still wakes on the publishing schedule: its looks come due
+        at = self.publish.at if self.state.changed or (self.engine.idle and self.state.users) else None
         return self.desk.wake(at) if self.desk is not None else at
 
     def snapshot(self) -> bytes:

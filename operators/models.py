@@ -41,7 +41,7 @@ from bytewax.operators import StatefulBatchLogic
 from river import compose, facto, forest, linear_model, metrics, optim, preprocessing, tree
 from river.utils.math import sigmoid
 
-from nudgeflow.events import FEEDBACK_TYPES, Merge
+from nudgeflow.events import FEEDBACK_TYPES, IDLE, NOT_ACTIVITY, Merge
 from nudgeflow.settings import ModelDef, ModelsFile
 from operators.clock import PartitionClock
 from operators.features import Enriched
@@ -281,7 +281,7 @@ class Scorer:
             models = self.plan.get(en.event.type)
             if models is None:  # once per event type (the parser admits known types only)
                 etype = en.event.type
-                anytype = self.any if etype not in FEEDBACK_TYPES else []  # ``any``: shopping, not our messages
+                anytype = self.any if etype not in FEEDBACK_TYPES else []  # ``any``: shopping and looks, not our messages
                 models = self.plan[etype] = [(d, tuple(d.features)) for d in anytype + self.by_type.get(etype, [])]
             inputs: dict[tuple[str, ...], dict[str, float]] = {}  # models reading the same features share one input
             for d, key in models:
@@ -371,12 +371,14 @@ class LabelEngine:
     def on_event(self, st: LabelState, en: Enriched, now: int) -> list[Resolved]:
         ev = en.event
         ts, uid = ev.ts, ev.user_id
-        st.clock.see(ev.position, ts, now)
-        if ts > self.max_ts:
-            self.max_ts = ts
+        if ev.type != IDLE:  # a look comes from the feature step's watermark, not from a source partition
+            st.clock.see(ev.position, ts, now)
+            if ts > self.max_ts:
+                self.max_ts = ts
         out: list[Resolved] = []
         for name, types in self.label_types.items():
-            if (ev.type in FEEDBACK_TYPES) if types is None else (ev.type not in types):  # ``any``: not our messages
+            # ``any``: shopping, not our messages nor a look at a quiet shopper
+            if (ev.type in NOT_ACTIVITY) if types is None else (ev.type not in types):
                 continue
             key = (name, uid)
             if st.last_label.get(key, -1) < ts:

@@ -67,7 +67,7 @@ from typing import Any, NamedTuple
 import cel
 from bytewax.operators import StatefulBatchLogic
 
-from nudgeflow.events import Action, Consent, Decision, Event, Merge
+from nudgeflow.events import IDLE, Action, Consent, Decision, Event, Merge
 from nudgeflow.settings import (
     AbsenceTrigger, CrossingTrigger, DateTrigger, EventTrigger, Reloadable, SequenceTrigger, TriggerDef, TriggersFile,
 )
@@ -557,9 +557,10 @@ class TriggerEngine:
         ev = en.event
         ts = ev.ts
         uid = ev.user_id
-        st.clock.see(ev.position, ts, now)
-        if ts > self.max_ts:
-            self.max_ts = ts
+        if ev.type != IDLE:  # a look comes from the feature step's watermark, not from a source partition
+            st.clock.see(ev.position, ts, now)
+            if ts > self.max_ts:
+                self.max_ts = ts
         out: list[Action | Decision | Consent] = []
         if ev.type in _PROFILE_TYPES:
             self._profile(st, ev)

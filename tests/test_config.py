@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from nudgeflow.configload import load_deployment, load_features, load_triggers
+from nudgeflow.configload import load_deployment, load_features, load_models, load_triggers
 from nudgeflow.settings import SCHEMAS, EventsConfig, Settings
 from nudgeflow.yamlconf import ConfigError, load_model, load_yaml
 
@@ -162,6 +162,27 @@ def test_feature_definitions_refuse_feedback_types(tmp_path: Path) -> None:
     msg = str(e.value)
     assert "features.yaml:4: counts.1.types.1: 'opened' is feedback on our messages, not shopping" in msg
     assert "features.yaml:7: recency.message.0: 'delivered' is feedback" in msg
+
+def test_looks_at_quiet_shoppers_are_checked_where_they_are_written(tmp_path: Path) -> None:
+    """``idle`` spans come shortest first and before the shopper's state is forgotten; a look is no outcome
+    for a label; no custom event type may take its name."""
+    base = "counts:\n  - {name: events, types: any, windows: [1h, 7d]}\n"
+    with pytest.raises(ConfigError) as e:
+        load_features(write(tmp_path, base + "idle: [3d, 1d]\n", "features.yaml"), EventsConfig())
+    assert "features.yaml:3: idle: Value error, idle spans must be positive and increasing" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_features(write(tmp_path, base + "rfm: null\nlifecycle: null\nidle:\n  - 1d\n  - 8d\n", "features.yaml"),
+                      EventsConfig())
+    assert "features.yaml:7: idle.1: a shopper quiet for 691200s is forgotten by then" in str(e.value)
+    assert load_features(write(tmp_path, base + "idle: [1d, 3d]\n", "features.yaml"), EventsConfig()).idle == [86400, 259200]
+    models = ("models:\n  - name: m\n    label: {events: [order, idle], within: 1d}\n    features: [events_1h]\n"
+              "    score_on: [idle]\n")
+    with pytest.raises(ConfigError) as e:
+        load_models(write(tmp_path, models, "models.yaml"), EventsConfig(), ["events_1h"])
+    assert str(e.value).count("idle") == 1 and "models.0.label.events.1: 'idle' is a look at a quiet shopper" in str(e.value)
+    with pytest.raises(ValueError, match="built-in event types"):
+        EventsConfig(custom_types=["payment", "idle"])
+
 
 def test_validate_command(tmp_path: Path) -> None:
     run = lambda cfg: subprocess.run([sys.executable, "-m", "nudgeflow.cli", "validate", "--config", str(cfg)],  # noqa: E731

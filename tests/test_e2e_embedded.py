@@ -11,6 +11,7 @@ import orjson
 import redis
 
 from connectors.redis_store import FeatureReader
+from tests.helpers import clickhouse_rows
 
 CONFIG = """
 name: nudgeflow_e2e
@@ -75,3 +76,9 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
         assert re.search(rf"│ {name}\s+│\s+\d+ │(\s+(\d\.\d+|nan) │){{5}}\s+\d+ │", models), (name, models)
     rows = dict(re.findall(r"│ (\w+)\s+│\s+(\d+) │", proc.stdout.split("rows in ClickHouse")[1]))
     assert int(rows["events"]) == accepted and int(rows["dlq"]) == dead and int(rows["actions"]) == fired
+    # shoppers gone quiet a day (features.yaml, idle) were looked at: churn_risk scored and sampled them while
+    # away; a look is never a row of events
+    looks = clickhouse_rows(cfg, "SELECT uniqExact(event_id), countIf(model != 'churn_risk'), "
+                                 "(SELECT countIf(type = 'idle') FROM {db}.events FINAL) "
+                                 "FROM {db}.predictions FINAL WHERE startsWith(event_id, 'idle:')")
+    assert looks[0][0] > 20 and looks[0][1:] == [0, 0], looks

@@ -120,3 +120,45 @@ def test_a_scripted_journey_gives_exactly_the_expected_actions_and_decisions(
     for key in fired:
         assert again[key] == {("fired", ""), ("suppressed", "duplicate")}
     assert {k: v for k, v in again.items() if k not in fired} == {k: {v} for k, v in EXPECTED.items() if k not in fired}
+
+
+QUIET = """
+defaults: {cooldown: 0, consent: opt_out}
+triggers:
+  - id: t_miss
+    kind: event
+    on: [idle]
+    condition: "event.props.look == 1 && features.orders_30d >= 1"
+    channel: email
+  - {id: t_back, kind: event, on: [browse], condition: "features.since_last_event_s >= 86400", channel: push}
+"""
+
+
+def test_a_shopper_gone_quiet_is_reached_while_away_and_their_look_is_no_event(
+    journey_settings: Callable[[str, str], Settings], kafka: TansuBroker, tmp_path: Path
+) -> None:
+    """The shipped features look at shoppers after 1, 3 and 7 quiet days: u1 orders, goes quiet for two days
+    and gets the one-day look's message (``on: [idle]``) while away; u2 is back within the day and gets no
+    look; the looks are no rows of ``events``, and u1's return is a return after two days, not after a look."""
+    s = journey_settings("quiet", QUIET)
+    day = 86_400_000
+    t0 = (int(time.time() * 1000) // day - 4) * day + 12 * 3_600_000
+    script = [("u1", "order", 0, {"amount": 30.0}), ("u2", "browse", 1, {}), ("u2", "browse", 20 * 60, {}),
+              ("u3", "browse", 36 * 60, {}), ("u1", "browse", 48 * 60, {})]
+    records = [(u.encode(), ev(f"{u}-{i}", u, etype, t0 + minute * MIN, **props))
+               for i, (u, etype, minute, props) in enumerate(script)]
+    assert produce(kafka.bootstrap, s.kafka.input_topics[0], records) == len(records)
+    run(s, tmp_path)
+    assert decisions(s, tmp_path) == {
+        ("t_miss", "u1", f"idle:u1:{t0 + day}"): {("fired", "")},
+        ("t_back", "u1", "u1-4"): {("fired", "")},
+    }
+    got = [orjson.loads(m.value()) for m in read_topic(kafka.bootstrap, f"{s.kafka.topic_prefix}.actions", timeout_s=30)]
+    assert sorted((a["trigger_id"], a["occurrence"], a["event_ts"]) for a in got) == [
+        ("t_back", "u1-4", t0 + 48 * 60 * MIN), ("t_miss", f"idle:u1:{t0 + day}", t0 + day)]
+    ch = connect(clickhouse_dsn(s, tmp_path))
+    try:
+        rows = ch.query(f"SELECT count(), countIf(type = 'idle') FROM {s.clickhouse.database}.events FINAL").result_rows
+    finally:
+        ch.close()
+    assert rows == [(5, 0)]

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nudgeflow.configload import load_features
-from nudgeflow.events import FEEDBACK_TYPES, DeadLetter, Event
+from nudgeflow.events import FEEDBACK_TYPES, IDLE, DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen, ShardState,
-                                UserFeatures, shard_of, window_label)
+                                UserFeatures, UserState, shard_of, window_label)
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -106,6 +106,83 @@ def test_window_features_equal_brute_force_under_out_of_order_arrival(evs: list,
         assert f["last_event_ts"] == at and f["first_seen_ts"] == min(e.ts for e in mine)
         orders = sorted(e.ts for e in mine if e.type == "order")
         assert f["last_order_ts"] == (orders[-1] if orders else -1)
+
+
+IDLE_SPANS = (HOUR, 6 * HOUR)
+LOOK_DEFS = DEFS.model_copy(update={"idle": [s / 1000 for s in IDLE_SPANS]})
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_lists, st.integers(0, 2**32), st.integers(0, 60))
+def test_looks_at_quiet_shoppers_are_exact_and_taken_once_across_a_restart(evs: list, seed: int, cut: int) -> None:
+    """Every quiet spell of each span gets exactly one look, at its moment, with the features brute force
+    gives as of then, under disorder within the lateness, compaction, and a snapshot restored mid-stream."""
+    rnd = random.Random(seed)
+    events = [
+        Event(f"e{i}", f"u{u}", t, ts, props={"amount": float(a), "category": c}) for i, (u, ts, t, a, c) in enumerate(evs)
+    ]
+    arrivals = sorted(events, key=lambda e: e.ts + rnd.uniform(0, LATENESS))
+    eng = FeatureEngine(LOOK_DEFS, FeaturesConfig(allowed_lateness=LATENESS / 1000, compact_after=1800),
+                        EventsConfig(), needed=list(WINDOW_FEATURES) + ["since_last_event_s", "last_event_ts"])
+    state = eng.new_state()
+    looks: list[Enriched] = []
+    for i, ev in enumerate(arrivals):
+        if i == cut:  # a restart from a snapshot: the looks taken so far are not taken again
+            state = pickle.loads(pickle.dumps(state))
+        assert isinstance(eng.apply(state, ev), Enriched)
+        looks += [x for x in eng.flush(state) if isinstance(x, Enriched)]
+    looks += eng.look(state)
+    assert all(x.event.type == IDLE for x in looks)
+    shopping = [e for e in events if e.type not in FEEDBACK_TYPES]  # our messages end no quiet spell
+    until = max(e.ts for e in events) - LATENESS
+    required, allowed = set(), set()  # quiet past the look's moment plus the lateness / past the moment
+    for uid in {e.user_id for e in shopping}:
+        times = sorted({e.ts for e in shopping if e.user_id == uid})
+        for last, nxt in zip(times, times[1:] + [1 << 62]):
+            allowed |= {(uid, last + span) for span in IDLE_SPANS if last + span < nxt and last + span <= until}
+            required |= {(uid, last + span) for span in IDLE_SPANS if last + span + LATENESS < nxt and last + span <= until}
+    got = [(x.event.user_id, x.event.ts) for x in looks]
+    assert required <= set(got) <= allowed and len(set(got)) == len(got)
+    for x in looks:
+        at, mine = x.event.ts, [e for e in shopping if e.user_id == x.event.user_id and e.ts <= x.event.ts]
+        last = max(e.ts for e in mine)
+        assert x.features["last_event_ts"] == last and x.features["since_last_event_s"] == (at - last) // 1000
+        assert x.event.props == {"idle_s": (at - last) // 1000, "look": IDLE_SPANS.index(at - last) + 1}
+        for name, (window, pred, value) in WINDOW_FEATURES.items():
+            assert abs(x.features[name] - bucketed(mine, at, window, pred, value)) < 1e-6, name
+
+
+def test_a_look_leaves_the_state_as_its_events_made_it_and_a_new_event_starts_a_new_spell() -> None:
+    eng = FeatureEngine(LOOK_DEFS, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["since_last_event_s"])
+    s = eng.new_state()
+    eng.apply(s, Event("a", "u1", "browse", 0))
+    before = pickle.dumps(eng.plan.values(s.users["u1"], 0))
+    eng.apply(s, Event("b", "u2", "browse", 2 * HOUR))
+    (look,) = [x for x in eng.flush(s) if isinstance(x, Enriched)]
+    assert (look.event.event_id, look.event.ts, look.features) == (f"{IDLE}:u1:{HOUR}", HOUR, {"since_last_event_s": 3600})
+    user = s.users["u1"]
+    user = user.thaw(s.zdict) if isinstance(user, Frozen) else user
+    assert pickle.dumps(eng.plan.values(user, 0)) == before and user.looks == 1
+    assert eng.look(s) == []  # taken once
+    eng.apply(s, Event("c", "u1", "browse", 2 * HOUR + MIN))  # back: the next spell gets its own looks
+    eng.apply(s, Event("d", "u2", "browse", 9 * HOUR))  # u2 back: the looks of its spell it had not got yet
+    assert sorted(x.event.event_id for x in eng.look(s)) == [
+        f"{IDLE}:u1:{3 * HOUR + MIN}", f"{IDLE}:u1:{8 * HOUR + MIN}", f"{IDLE}:u2:{3 * HOUR}", f"{IDLE}:u2:{8 * HOUR}"]
+
+
+def test_a_shopper_from_a_snapshot_before_looks_loads_with_none_taken() -> None:
+    eng = FeatureEngine(LOOK_DEFS, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["views_1h"])
+    s = eng.new_state()
+    eng.apply(s, Event("a", "u1", "browse", 0))
+    user = s.users["u1"]
+    user.looks = 2
+    old = UserState.__new__(UserState)
+    old.__setstate__(user.__getstate__()[:-1])  # the slots a snapshot of the older code holds
+    assert old.looks == 0 and old.last_ts == 0
+    frozen = Frozen(user, None)
+    older = Frozen.__new__(Frozen)
+    older.__setstate__((None, {"last_ts": frozen.last_ts, "blob": frozen.blob}))  # a compacted shopper of then
+    assert (older.looks, older.thaw(None).looks, pickle.loads(pickle.dumps(frozen)).thaw(None).looks) == (0, 0, 2)
 
 
 def test_refusals_keep_the_original_bytes() -> None:

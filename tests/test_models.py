@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from connectors.model_store import RedisModelStore
 from nudgeflow.configload import load_models
-from nudgeflow.events import Event
+from nudgeflow.events import IDLE, Event
 from nudgeflow.settings import EventsConfig, ModelDef, ModelsFile
 from nudgeflow.yamlconf import ConfigError
 from operators.features import Enriched
@@ -106,6 +106,25 @@ def test_feedback_on_our_messages_is_no_activity_for_any_label_or_score() -> Non
     opened, browse = Enriched(Event("o", "u", "opened", 0), {"views_1h": 1}), Enriched(Event("b", "u", "browse", 0), {"views_1h": 1})
     scorer.score_batch([("0", opened), ("0", browse)])
     assert set(opened.scores) == {"clicks"} and set(browse.scores) == {"buy", "churn"}
+
+
+def test_a_look_at_a_quiet_shopper_is_scored_and_sampled_but_is_no_activity() -> None:
+    """An ``idle`` look is scored by ``any`` models and may start an example (a churn example taken while the
+    shopper is away), yet answers no ``any`` label and moves no clock: it comes from the feature step's
+    watermark, after the events of the partitions."""
+    eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
+    s = eng.new_state()
+    eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0:1"), ["churn"]), 0)
+    scorer = Scorer(CFG, lambda name, have: None)
+    look = Enriched(Event(f"{IDLE}:u1:{40 * MIN}", "u1", IDLE, 40 * MIN), {"views_1h": 0})
+    scorer.score_batch([("0", look)])
+    assert set(look.scores) == {"churn"}  # scored by the model scoring any type, not by buy (browse only)
+    assert eng.on_event(s, look, 0) == [] and s.clock.max_ts == 0
+    assert [p.event_id for p in s.pending[("churn", "u1")]] == ["b1", look.event.event_id]
+    out = eng.on_event(s, scored(Event("b2", "u1", "browse", 90 * MIN, position="p:0:2"), []), 0)
+    assert [(r.event_id, r.label) for r in out] == [(look.event.event_id, False)]  # back within the hour
+    assert [(r.event_id, r.label) for r in eng.advance(s, 2 * HOUR)] == [("b1", True)]  # the look was no activity
+    assert not s.pending.get(("churn", "u1"))
 
 
 def test_learner_learns_each_example_once_scores_before_learning_and_publishes() -> None:

@@ -11,13 +11,14 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nudgeflow.events import Event
+from nudgeflow.events import IDLE, Event
 from nudgeflow.settings import TriggersFile
 from operators import triggers
 from operators.features import Enriched
 from operators.triggers import After, TriggerEngine, drop_settled, resolve_absence
 
 W = 30 * 60_000
+DAY = 86_400_000
 LATENESS = 5 * 60_000
 
 TRIGGERS = TriggersFile.model_validate({"triggers": [
@@ -289,6 +290,22 @@ def test_crossing_fires_once_per_rise_with_hysteresis(values: list[float]) -> No
         elif not armed and v < 0.6:
             armed = True
     assert fired == expected
+
+
+def test_a_look_at_a_quiet_shopper_fires_crossings_and_idle_triggers_and_moves_no_timer() -> None:
+    """Win-back while the shopper is away: the churn score of a look crosses; ``on: [idle]`` fires on looks
+    only; and a look (made from the feature step's watermark) never lets an absence timer fire early."""
+    tf = TriggersFile.model_validate({"triggers": [
+        *[t.model_dump() for t in CROSS], *[t.model_dump(by_alias=True) for t in TRIGGERS[:1]],
+        {"id": "miss_you", "kind": "event", "on": [IDLE], "condition": "features.orders_30d >= 1"},
+    ]}).triggers
+    engine = TriggerEngine(tf, lateness_ms=0, idle_ms=10**12, now_ms=lambda: 0)
+    s = engine.new_state()
+    engine.on_event(s, Enriched(Event("a", "u1", "add_to_cart", 0, position="t:0:0"), {}, scores={"churn": 0.1}), 0)
+    look = Event(f"{IDLE}:u2:{DAY}", "u2", IDLE, DAY, props={"idle_s": 86400, "look": 1})
+    fired = engine.on_event(s, Enriched(look, {"orders_30d": 2}, scores={"churn": 0.9}), 0)
+    assert sorted((a.trigger_id, a.occurrence) for a in fired) == [("miss_you", look.event_id), ("risk", look.event_id)]
+    assert s.clock.max_ts == 0 and engine.advance(s, engine.watermark(s, 0)) == []  # the cart's 30 min: not yet
 
 
 def test_date_trigger_fires_in_the_users_zone_yearly_and_follows_a_changed_attribute() -> None:
