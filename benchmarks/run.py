@@ -419,7 +419,7 @@ def table(run: dict[str, Any]) -> str:
         rows.append(
             f"full: flow {sk['flow_s']:.2f}s + close {sk['close_s']:.2f}s; ClickHouse rows events={sk.get('ch_events')} "
             f"dlq={sk.get('ch_dlq')} actions={sk.get('ch_actions')}; Kafka actions={sk.get('kafka_actions')} "
-            f"dlq={sk.get('kafka_dlq')}; Redis users={sk.get('redis_users')}"
+            f"dlq={sk.get('kafka_dlq')}; Redis users={sk.get('redis_users')}; looks at quiet shoppers={sk.get('idle_looks')}"
         )
     return "\n".join(rows)
 

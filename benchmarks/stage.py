@@ -424,6 +424,7 @@ def build_full(ctx: StageContext, identity: bool = True, recovery_s: float | Non
         out["ch_insert_failures"] = rt.writer.failures
         out["kafka_actions"] = _topic_size(ctx.bootstrap, f"{ctx.prefix}.actions")
         out["kafka_dlq"] = _topic_size(ctx.bootstrap, f"{ctx.prefix}.dlq")
+        out["idle_looks"] = sum(lg.state.looked for lg in rt.feature_logics)  # extra items past the feature step
         return out | _redis_report(ctx, before) | _state_report(rt.feature_logics)
 
     def cleanup() -> None:

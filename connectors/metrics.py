@@ -230,6 +230,8 @@ class FlowMetrics:
             held.add_metric(["active"], users - compacted)
             held.add_metric(["compacted"], compacted)
             yield held
+            yield CounterMetricFamily("nudgeflow_idle_looks", "Looks taken at quiet shoppers (features.idle): idle "
+                                      "events to the models and triggers", value=sum(st.looked for st in states))
         if self.scorer is not None:
             versions = GaugeMetricFamily("nudgeflow_model_version", "Model snapshot version scoring (0: the prior)",
                                          labels=["model"])

@@ -90,6 +90,8 @@ class Scripts:
     def __init__(self, client: Client, *sources: str):
         self.client = client
         self.registered = [client.register_script(source) for source in sources]
+        #: whether a call ran yet: a node without the scripts after that lost them (worth a log line)
+        self.ran = False
 
     def load(self) -> None:
         for script in self.registered:
@@ -100,10 +102,12 @@ class Scripts:
         out = self._send(calls)
         missing = [i for i, r in enumerate(out) if isinstance(r, NoScriptError)]
         if missing:
-            log.info("a Redis node lost its scripts: loading them again")
+            if self.ran:
+                log.info("a Redis node lost its scripts: loading them again")
             self.load()
             for i, r in zip(missing, self._send([calls[i] for i in missing])):
                 out[i] = r
+        self.ran = True
         errors = [r for r in out if isinstance(r, Exception)]
         if errors:
             raise errors[0]

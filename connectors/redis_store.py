@@ -3,8 +3,9 @@
 Layout: one hash per user, ``<prefix>:u:<user_id>``, holding every feature
 (``layout: fields``, one field each; or ``layout: json``, all of them as JSON in
 field ``f``, which costs Redis a fraction of the time), scores as
-``score_<model>`` fields, ``_ts`` (the event time the values are valid at) and
-``_v`` (the feature set's version). The key's TTL is refreshed on every write.
+``score_<model>`` fields, ``_ts`` (the event time the features are valid at: scores
+may be newer, a look at a quiet shopper scores them again) and ``_v`` (the feature
+set's version). The key's TTL is refreshed on every write.
 
 Bytewax state is the source of truth; Redis is its published copy. A sink
 batch holds many events of few users, so the writer keeps only each user's
@@ -85,8 +86,9 @@ class _FeaturePartition(StatelessSinkPartition[UserFeatures]):
                 mapping: dict[str, Any] = {"f": orjson.dumps(uf.features)}
             else:
                 mapping = {k: v if type(v) in _AS_IS else _encode(v) for k, v in uf.features.items()}
-            mapping["_ts"] = uf.ts
-            mapping["_v"] = FEATURE_SET_VERSION
+            if self.sink.stamped:
+                mapping["_ts"] = uf.ts
+                mapping["_v"] = FEATURE_SET_VERSION
             mappings.append((user_key(self.prefix, uid), mapping))
 
         write = self._run_pipeline if self.scripts is None else self._run_script
@@ -150,13 +152,15 @@ return #KEYS
 class RedisFeatureSink(DynamicSink[UserFeatures]):
     """Publishes each changed user's newest features, one round trip per batch.
 
-    ``fields=True`` writes plain fields whatever the layout (scores).
+    ``fields=True`` writes plain fields whatever the layout, and leaves ``_ts`` and ``_v`` to the features
+    (scores: those of a look at a quiet shopper are newer than the features, which stay as of their last event).
     """
 
     def __init__(self, cfg: RedisConfig, url: str, fields: bool = False):
         self.cfg = cfg
         self.url = url
         self.as_json = cfg.layout == "json" and not fields
+        self.stamped = not fields
         #: failed writes of its partitions (each retried until Redis answers)
         self.failures = 0
 

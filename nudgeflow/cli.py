@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     from nudgeflow.configload import Deployment
 
 app = typer.Typer(help="nudgeflow: real-time marketing on Bytewax, Kafka, Redis and ClickHouse.", no_args_is_help=True)
-console = Console()
+#: piped (a log, ``make demo > out``) there is no terminal to fit: tables get 160 columns rather than rich's 80,
+#: which cut model names (``purchas…`` twice); ``COLUMNS`` still decides where it is set
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="deployment config (YAML)")]

@@ -644,8 +644,8 @@ class ShardState:
         self.accepted = 0
         #: the dictionary its Frozen users are compressed with (:class:`Frozen`), made at its first compaction
         self.zdict: bytes | None = None
-        #: ``max_ts`` at the last scan for looks at quiet users (not snapshotted: a restored shard scans at once),
-        #: and the looks taken since this process started
+        #: event time at the last scan for looks at quiet users (not snapshotted: a restored shard scans at once),
+        #: and the looks taken since this process started (``nudgeflow_idle_looks``)
         self.looked_ts = self.looked = 0
         #: looks taken as users came back, out with the batch (``apply_batch``) or the next ``look``
         self.looks_due: list[Enriched] = []
@@ -778,7 +778,7 @@ class FeatureEngine:
             user.first_ts = ts
         if ts > user.last_ts:
             if self.idle and user.looks < len(self.idle) and user.last_ts + self.idle[user.looks] < ts:
-                # back after a look's moment that the shard's event time passed since its last scan
+                # back after a look's moment that event time passed since the shard's last scan
                 st.looks_due += self._take(ev.user_id, user, max(ts, self.max_ts) - self.lateness_ms, ts, st.zdict)
             user.prev_ts, user.last_ts = user.last_ts, ts
             user.looks = 0
@@ -1026,9 +1026,9 @@ class FeatureEngine:
     def look(self, st: ShardState) -> list[Enriched]:
         """An ``idle`` event for each look due at a quiet user, and those taken as users came back.
 
-        A look at moment ``m`` (``idle[k]`` after the user's newest event) is taken once the shard's event
-        time passes ``m`` by the allowed lateness (then no event from before ``m`` can still arrive), by
-        this scan or, when the user's next event comes first, as it is applied. So a look is taken exactly
+        A look at moment ``m`` (``idle[k]`` after the user's newest event) is taken once event time (the
+        newest any shard of the process has seen) passes ``m`` by the allowed lateness (then no event from
+        before ``m`` can still arrive), by this scan or, when the user's next event comes first, as it is applied. So a look is taken exactly
         when the user stays quiet until ``m`` plus the allowed lateness; one back in between may or may
         not get it, by when the scans ran. Each look is taken once per quiet spell (``UserState.looks``
         counts them, also while compacted; a new event starts the next spell).

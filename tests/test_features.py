@@ -168,6 +168,7 @@ def test_a_look_leaves_the_state_as_its_events_made_it_and_a_new_event_starts_a_
     eng.apply(s, Event("d", "u2", "browse", 9 * HOUR))  # u2 back: the looks of its spell it had not got yet
     assert sorted(x.event.event_id for x in eng.look(s)) == [
         f"{IDLE}:u1:{3 * HOUR + MIN}", f"{IDLE}:u1:{8 * HOUR + MIN}", f"{IDLE}:u2:{3 * HOUR}", f"{IDLE}:u2:{8 * HOUR}"]
+    assert s.looked == 5  # nudgeflow_idle_looks
 
 
 def test_a_shopper_from_a_snapshot_before_looks_loads_with_none_taken() -> None:

@@ -94,6 +94,7 @@ def test_main_flow_metrics_and_health(kafka: TansuBroker, redis_url: str, key_pr
     # u1 and u2 (u9 sent nothing valid), each its shard's newest: held as objects, not compacted
     assert (value(m, "nudgeflow_feature_users", state="active"), value(m, "nudgeflow_feature_users", state="compacted")) \
         == (2, 0)
+    assert value(m, "nudgeflow_idle_looks_total") == 0  # nobody quiet a day yet (counted in test_features)
     assert value(m, "nudgeflow_sink_errors_total", sink="clickhouse") == 0
     assert value(m, "nudgeflow_sink_errors_total", sink="redis_guards") == 0
     lag = value(m, "nudgeflow_event_lag_seconds")

@@ -26,7 +26,7 @@ def test_write_coalesce_and_read_back(any_redis_url: str, key_prefix: str, layou
         UserFeatures("u1", 20, {"views_1h": 2, "top_categories": ["a"]}),
         UserFeatures("u2", 15, {"views_1h": 7, "top_categories": []}),
     ])
-    scores.write_batch([UserFeatures("u1", 30, {"score_buy": 0.25})])
+    scores.write_batch([UserFeatures("u1", 40, {"score_buy": 0.25})])  # scores of a later look: _ts is the features'
     reader = FeatureReader(any_redis_url, key_prefix)
     u1 = reader.get("u1")
     assert u1["_ts"] == "30" and u1["_v"] == "1" and u1["score_buy"] == "0.25"
