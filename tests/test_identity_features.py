@@ -19,7 +19,7 @@ from nudgeflow.configload import load_features
 from nudgeflow.events import PLATFORM_ALIASES, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform
 from nudgeflow.yamlconf import ConfigError
-from operators.features import CartLine, Enriched, FeatureEngine, ShardState, UserState
+from operators.features import CartLine, Enriched, FeatureEngine, ShardState, UserFeatures, UserState
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -85,7 +85,7 @@ def _arrivals(raw: list[tuple]) -> list[Event]:
 
 
 def _features(eng: FeatureEngine, st_: ShardState) -> tuple[dict[str, Any], UserState]:
-    out = [f for f in eng.flush(st_) if f.user_id == KNOWN]
+    out = [f for f in eng.flush(st_) if type(f) is UserFeatures and f.user_id == KNOWN]  # not the looks
     assert len(out) == 1
     return out[0].features, st_.users[KNOWN]
 
