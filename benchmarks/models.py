@@ -208,27 +208,27 @@ class Replay:
         """Parse, enrich, score, label and learn one source batch."""
         self.read += len(batch)
         enriched: list[tuple[str, Enriched]] = []
-        touched: set[str] = set()
+        by_shard: dict[str, list[Event]] = {}  # as the flow keys them: each shard's events in order, one call
         for ev in self.parser.parse_batch(batch):
             if type(ev) is not Event:
                 self.refused += 1
                 continue
-            key = shard_of(ev.user_id, self.shards)
-            st = self.feature_states.get(key)
-            if st is None:
-                st = self.feature_states[key] = self.features.new_state()
-            out = self.features.apply(st, ev)
-            if type(out) is not Enriched:
-                self.refused += 1
-                continue
-            touched.add(key)
-            enriched.append((key, out))
+            by_shard.setdefault(shard_of(ev.user_id, self.shards), []).append(ev)
             if ev.ts > self.clock:
                 self.clock = ev.ts
             if self.start is None:
                 self.start = ev.ts
-        for key in touched:  # what FeatureLogic does per batch: the Redis side (dropped here) and the looks
-            enriched += [(key, x) for x in self.features.flush(self.feature_states[key]) if type(x) is Enriched]
+        for key, events in by_shard.items():
+            st = self.feature_states.get(key)
+            if st is None:
+                st = self.feature_states[key] = self.features.new_state()
+            for out in self.features.apply_batch(st, events):
+                if type(out) is Enriched:
+                    enriched.append((key, out))
+                else:
+                    self.refused += 1
+            # what FeatureLogic does per batch: the Redis side (dropped here) and the looks at quiet shoppers
+            enriched += [(key, x) for x in self.features.flush(st) if type(x) is Enriched]
         c0 = time.process_time()
         self.scorer.score_batch(enriched)
         self.score_cpu_s += time.process_time() - c0

@@ -346,8 +346,10 @@ class ShopperSimulator:
         self._id_prefix = f"sim-{partition}-"
         self.index = 0  # records emitted so far (the position index)
         self.remaining = _partition_share(cfg, partition)
-        self._gap_scale, _ = _plan(cfg)
+        self._gap_scale, history_s = _plan(cfg)
         self._start_ms = resolve_start_ms(cfg)
+        #: where the planned history ends: now, for a start resolved from the clock (``future_ts`` goes past it)
+        self._end_ms = self._start_ms + int(history_s * 1000)
         self._rng = random.Random(f"nudgeflow-sim:{cfg.seed}:{partition}")
         self._bad_rng = random.Random(f"nudgeflow-sim-bad:{cfg.seed}:{partition}")
         self._last_good: bytes | None = None
@@ -656,8 +658,9 @@ class ShopperSimulator:
             rec["type"] = "teleport"
         elif kind == "oversized":
             rec["props"] = {**rec["props"], "blob": _BLOB}
-        else:  # future_ts
-            rec["ts"] += _FUTURE_MS
+        else:  # future_ts: past the end of the history, not only past the record's own time, which in a
+            # month of history lay in the past, so a parser took it for a record ten days ahead of its neighbours
+            rec["ts"] = max(rec["ts"], self._end_ms) + _FUTURE_MS
         return orjson.dumps(rec)
 
 

@@ -63,7 +63,7 @@ from bytewax.operators import StatefulBatchLogic
 from nudgeflow.events import FEEDBACK_TYPES, IDLE, DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
-from operators.clock import Deadline
+from operators.clock import Deadline, PartitionClock
 from operators.merge import Handoff, MergeDesk, restore, snapshot
 from operators.windows import SLOT_BITS, PackedWindow, unpacker
 
@@ -302,6 +302,10 @@ DICT_MAX_BYTES = 16_384
 def shard_dictionary(users: Iterable[UserState]) -> bytes:
     """A compression dictionary from a few shoppers' pickles (the newest bytes count most to LZ4: at the end)."""
     return b"".join(pickle.dumps(u, protocol=pickle.HIGHEST_PROTOCOL) for u in users)[-DICT_MAX_BYTES:]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _thawed(user: UserState | Frozen | None, zdict: bytes | None) -> UserState | None:
@@ -629,7 +633,7 @@ class ShardState:
     """The users, the dedup memory and the event-time high mark of one shard."""
 
     __slots__ = ("users", "dedup", "max_ts", "since_evict", "swept_ts", "compacted", "changed", "accepted", "zdict",
-                 "looked_ts", "looked", "looks_due")
+                 "looked_ts", "looked", "looks_due", "clock")
 
     def __init__(self, dedup_window_ms: int):
         #: users changed since the last flush are never Frozen (the flush reads them)
@@ -649,15 +653,18 @@ class ShardState:
         self.looked_ts = self.looked = 0
         #: looks taken as users came back, out with the batch (``apply_batch``) or the next ``look``
         self.looks_due: list[Enriched] = []
+        #: event time per source partition, for the looks' watermark (fed only when looks are configured)
+        self.clock = PartitionClock()
 
     def __getstate__(self) -> tuple[Any, ...]:
         # ``changed``: users not yet published; after a restart they are published from the restored state
-        return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts, self.changed, self.zdict)
+        return (self.users, self.dedup.ids, self.dedup.window_ms, self.max_ts, self.changed, self.zdict, self.clock)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.users, ids, window_ms, self.max_ts, self.changed, *rest = state
         # a snapshot of a version without dictionaries: its compacted users were compressed without one
         self.zdict = rest[0] if rest else b""
+        self.clock = rest[1] if len(rest) > 1 else PartitionClock()  # a snapshot from before looks: none yet
         self.dedup = Deduper(window_ms)
         self.dedup.ids = ids
         self.since_evict = self.swept_ts = self.compacted = 0
@@ -702,12 +709,15 @@ class FeatureEngine:
         #: a shard also sweeps at a flush once event time moved this far since its last sweep, so that a
         #: shard with few events still compacts its idle users
         self.sweep_ms = 1 << 62 if cfg.compact_after is None else self.compact_ms // 2
-        #: ``idle`` looks (ms of silence, shortest first), taken at a flush once event time moved ``look_ms``
-        #: since the last scan: a look comes at most that late (a sweep's interval, a quarter of the shortest)
+        #: ``idle`` looks (ms of silence, shortest first), taken at a flush once the shard's watermark moved
+        #: ``look_ms`` since its last scan (a scan is O(users in the shard), at most one a publication): a look
+        #: comes at most that late, 1/96 of the shortest span (15 min for a day)
         self.idle = [int(d * 1000) for d in defs.idle] if enrich else []
-        self.look_ms = min(self.sweep_ms, self.idle[0] // 4) if self.idle else 1 << 62
-        #: the newest event time any shard of this process has seen: looks go by it, so a shard whose own
-        #: shoppers are all quiet still takes its looks
+        self.look_ms = max(1, self.idle[0] // 96) if self.idle else 1 << 62
+        #: wall time after which a silent source partition stops holding the looks' watermark back
+        self.silent_ms = int(cfg.idle_timeout * 1000)
+        #: the newest event time any shard of this process has seen: at the end of a bounded input every
+        #: partition is read, and the last looks go by it
         self.max_ts = 0
         #: per distinct feature, its longest window: older values are never counted again (see ``evict``)
         self.distinct_ms = [int(max(d.windows) * 1000) for d in plan.distinct]
@@ -742,13 +752,15 @@ class FeatureEngine:
 
     def apply_batch(self, st: ShardState, events: list[Event]) -> list[Enriched | DeadLetter]:
         """Apply events in order: their Enriched (if enriching) and the refusals; a look taken as a quiet user
-        came back (:meth:`look`) goes just before the event that brought them back."""
+        came back (:meth:`look`) goes just before the event that brought them back. With looks configured,
+        the way in for events: it feeds the shard's partition clock, which :meth:`apply` alone does not."""
         apply = self.apply
         if not self.idle:
             out = [apply(st, ev) for ev in events]
             return out if self.enrich else [r for r in out if r is not None]
-        out = []
+        out, see, now = [], st.clock.see, _wall_ms()
         for ev in events:
+            see(ev.position, ev.ts, now)
             r = apply(st, ev)
             if st.looks_due:
                 out += st.looks_due
@@ -778,8 +790,9 @@ class FeatureEngine:
             user.first_ts = ts
         if ts > user.last_ts:
             if self.idle and user.looks < len(self.idle) and user.last_ts + self.idle[user.looks] < ts:
-                # back after a look's moment that event time passed since the shard's last scan
-                st.looks_due += self._take(ev.user_id, user, max(ts, self.max_ts) - self.lateness_ms, ts, st.zdict)
+                # back after a look's moment: no event of theirs before ts minus the lateness can still come
+                until = max(ts - self.lateness_ms, st.clock.wm)
+                st.looks_due += self._take(ev.user_id, user, until, ts, st.zdict)
             user.prev_ts, user.last_ts = user.last_ts, ts
             user.looks = 0
         elif ts > user.prev_ts and ts != user.last_ts:
@@ -1019,16 +1032,20 @@ class FeatureEngine:
         st.changed.clear()
         if st.max_ts - st.swept_ts >= self.sweep_ms:
             self.evict(st)
-        if max(self.max_ts, st.max_ts) - st.looked_ts >= self.look_ms:
+        if self.idle and st.clock.watermark(self.lateness_ms, self.silent_ms, _wall_ms()) - st.looked_ts >= self.look_ms:
             out += self.look(st)
         return out
 
-    def look(self, st: ShardState) -> list[Enriched]:
+    def look(self, st: ShardState, final: bool = False) -> list[Enriched]:
         """An ``idle`` event for each look due at a quiet user, and those taken as users came back.
 
-        A look at moment ``m`` (``idle[k]`` after the user's newest event) is taken once event time (the
-        newest any shard of the process has seen) passes ``m`` by the allowed lateness (then no event from
-        before ``m`` can still arrive), by this scan or, when the user's next event comes first, as it is applied. So a look is taken exactly
+        A look at moment ``m`` (``idle[k]`` after the user's newest event) is taken once the shard's
+        watermark passes ``m`` (the oldest of its source partitions' newest event times, less the allowed
+        lateness, as the label and trigger steps keep theirs: a partition behind the others, say catching
+        up after a restart, holds the looks at its shoppers back; one silent for ``idle_timeout`` of wall
+        time does not, so looks come due in a shop gone quiet), by this scan or, when the user's next
+        event comes first, as it is applied (no event of theirs from before it less the lateness can then
+        come). ``final``: the input has ended, every partition is read, the newest event time counts. So a look is taken exactly
         when the user stays quiet until ``m`` plus the allowed lateness; one back in between may or may
         not get it, by when the scans ran. Each look is taken once per quiet spell (``UserState.looks``
         counts them, also while compacted; a new event starts the next spell).
@@ -1041,15 +1058,17 @@ class FeatureEngine:
         >>> defs = FeatureDefs.model_validate({"recency": {"event": "any"}, "idle": ["1d"]})
         >>> eng = FeatureEngine(defs, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["since_last_event_s"])
         >>> st = eng.new_state()
-        >>> _ = eng.apply(st, Event("e1", "u1", "browse", 0)), eng.apply(st, Event("e2", "u2", "browse", 90_000_000))
+        >>> _ = eng.apply_batch(st, [Event("e1", "u1", "browse", 0), Event("e2", "u2", "browse", 90_000_000)])
         >>> [(x.event.type, x.event.user_id, x.event.ts, x.features) for x in eng.look(st)]
         [('idle', 'u1', 86400000, {'since_last_event_s': 86400})]
         >>> eng.look(st)  # once
         []
         """
-        st.looked_ts = newest = max(self.max_ts, st.max_ts)
+        wm = st.clock.watermark(self.lateness_ms, self.silent_ms, _wall_ms())
+        until = max(self.max_ts, st.max_ts) - self.lateness_ms if final else wm
+        st.looked_ts = wm
         out, st.looks_due = st.looks_due, []
-        until, idle, n = newest - self.lateness_ms, self.idle, len(self.idle)
+        idle, n = self.idle, len(self.idle)
         for uid, u in st.users.items():
             k = u.looks
             if k < n and u.last_ts + idle[k] <= until:
@@ -1060,7 +1079,7 @@ class FeatureEngine:
     def _take(self, uid: str, u: UserState | Frozen, until: int, before: int, zdict: bytes | None) -> list[Enriched]:
         """The looks at ``u`` due by ``until`` and before ``before`` (its next event), counted in ``u.looks``."""
         copy = u.thaw(zdict) if type(u) is Frozen else pickle.loads(pickle.dumps(u, pickle.HIGHEST_PROTOCOL))
-        k, last, idle, now = u.looks, u.last_ts, self.idle, time.time_ns() // 1_000_000
+        k, last, idle, now = u.looks, u.last_ts, self.idle, _wall_ms()
         out = []
         while k < len(idle) and last + idle[k] <= until and last + idle[k] < before:
             at = last + idle[k]
@@ -1242,7 +1261,7 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         out = self.desk.finish(self.engine, self.state) if self.desk is not None else []
         out += self._publish()
         if self.engine.idle:
-            out += self.engine.look(self.state)
+            out += self.engine.look(self.state, final=True)
         return out, StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:

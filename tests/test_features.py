@@ -129,9 +129,11 @@ def test_looks_at_quiet_shoppers_are_exact_and_taken_once_across_a_restart(evs: 
     for i, ev in enumerate(arrivals):
         if i == cut:  # a restart from a snapshot: the looks taken so far are not taken again
             state = pickle.loads(pickle.dumps(state))
-        assert isinstance(eng.apply(state, ev), Enriched)
+        batch = eng.apply_batch(state, [ev])
+        assert isinstance(batch[-1], Enriched) and batch[-1].event is ev  # a look taken as they came back: before
+        looks += batch[:-1]
         looks += [x for x in eng.flush(state) if isinstance(x, Enriched)]
-    looks += eng.look(state)
+    looks += eng.look(state, final=True)
     assert all(x.event.type == IDLE for x in looks)
     shopping = [e for e in events if e.type not in FEEDBACK_TYPES]  # our messages end no quiet spell
     until = max(e.ts for e in events) - LATENESS
@@ -155,18 +157,19 @@ def test_looks_at_quiet_shoppers_are_exact_and_taken_once_across_a_restart(evs: 
 def test_a_look_leaves_the_state_as_its_events_made_it_and_a_new_event_starts_a_new_spell() -> None:
     eng = FeatureEngine(LOOK_DEFS, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["since_last_event_s"])
     s = eng.new_state()
-    eng.apply(s, Event("a", "u1", "browse", 0))
+    eng.apply_batch(s, [Event("a", "u1", "browse", 0)])
     before = pickle.dumps(eng.plan.values(s.users["u1"], 0))
-    eng.apply(s, Event("b", "u2", "browse", 2 * HOUR))
+    eng.apply_batch(s, [Event("b", "u2", "browse", 2 * HOUR)])
     (look,) = [x for x in eng.flush(s) if isinstance(x, Enriched)]
     assert (look.event.event_id, look.event.ts, look.features) == (f"{IDLE}:u1:{HOUR}", HOUR, {"since_last_event_s": 3600})
     user = s.users["u1"]
     user = user.thaw(s.zdict) if isinstance(user, Frozen) else user
     assert pickle.dumps(eng.plan.values(user, 0)) == before and user.looks == 1
     assert eng.look(s) == []  # taken once
-    eng.apply(s, Event("c", "u1", "browse", 2 * HOUR + MIN))  # back: the next spell gets its own looks
-    eng.apply(s, Event("d", "u2", "browse", 9 * HOUR))  # u2 back: the looks of its spell it had not got yet
-    assert sorted(x.event.event_id for x in eng.look(s)) == [
+    eng.apply_batch(s, [Event("c", "u1", "browse", 2 * HOUR + MIN)])  # back: the next spell gets its own looks
+    back = eng.apply_batch(s, [Event("d", "u2", "browse", 9 * HOUR)])  # u2 back: its spell's looks, just before
+    assert [x.event.event_id for x in back] == [f"{IDLE}:u2:{3 * HOUR}", f"{IDLE}:u2:{8 * HOUR}", "d"]
+    assert sorted(x.event.event_id for x in back[:2] + eng.look(s)) == [
         f"{IDLE}:u1:{3 * HOUR + MIN}", f"{IDLE}:u1:{8 * HOUR + MIN}", f"{IDLE}:u2:{3 * HOUR}", f"{IDLE}:u2:{8 * HOUR}"]
     assert s.looked == 5  # nudgeflow_idle_looks
 
@@ -260,7 +263,8 @@ def test_session_cart_recency_rfm_lifecycle_affinity_by_example() -> None:
 
 
 def test_flush_publishes_each_changed_user_once_with_every_feature() -> None:
-    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(), EventsConfig(), needed=["views_1h"])
+    defs = load_features(CONFIG, EventsConfig()).model_copy(update={"idle": []})  # publication alone, no looks
+    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig(), needed=["views_1h"])
     s = eng.new_state()
     for i in range(10):
         out = eng.apply(s, Event(f"e{i}", f"u{i % 3}", "browse", i * MIN))
@@ -333,8 +337,9 @@ steps = st.lists(st.one_of(
 @given(steps)
 def test_compacting_idle_users_never_changes_a_feature(script: list[tuple]) -> None:
     """The same events and identity merges through an engine that never compacts and one that compacts every
-    user at every step (``compact_after: 0``, a sweep after each): every enriched event, every published
-    user and the refusals are the same, so features do not depend on when a user was compacted."""
+    user at every step (``compact_after: 0``, a sweep after each): every enriched event, every look at a quiet
+    user, every published user and the refusals are the same, so features do not depend on when a user was
+    compacted."""
     defs = load_features(CONFIG, EventsConfig())
     never = FeatureEngine(defs, FeaturesConfig(allowed_lateness="30d", compact_after=None), EventsConfig())
     always = FeatureEngine(defs, FeaturesConfig(allowed_lateness="30d", compact_after=0), EventsConfig())
@@ -345,9 +350,9 @@ def test_compacting_idle_users_never_changes_a_feature(script: list[tuple]) -> N
             ev = Event(f"e{i}", f"u{u}", etype, ts, platform=platform, props={
                 "item_id": f"i{item}", "category": cat, "price": 10.0 + item, "quantity": 1 + item % 2,
                 "amount": 20.0 * (item + 1), "item_count": 1})
-            got, want = always.apply(b, ev), never.apply(a, ev)
-            assert (got.features if isinstance(got, Enriched) else got.reason) == \
-                (want.features if isinstance(want, Enriched) else want.reason)
+            got, want = always.apply_batch(b, [ev]), never.apply_batch(a, [ev])  # with the looks they bring
+            assert [g.features if isinstance(g, Enriched) else g.reason for g in got] == \
+                [w.features if isinstance(w, Enriched) else w.reason for w in want]
         else:
             _, src, dst = step
             if src != dst:

@@ -34,7 +34,9 @@ from connectors.simulator import (
     iter_records,
     resolve_start_ms,
 )
-from nudgeflow.events import ID_FIELDS
+from nudgeflow.events import ID_FIELDS, DeadLetter, Event
+from nudgeflow.settings import EventsConfig
+from operators.parse import Parser
 
 START = 1_700_000_000_000
 REQUIRED = {"event_id": str, "type": str, "ts": int}
@@ -466,6 +468,18 @@ def test_bad_rate_injects_every_kind() -> None:
     assert 0.2 < 1 - kinds["good"] / len(raws) < 0.3
     clean = stream(cfg.model_copy(update={"bad_rate": 0.0}))
     assert all(classify(r, p) == "good" for p, r in zip([None, *clean], clean))
+
+
+def test_a_future_record_of_a_long_history_still_lies_in_the_future() -> None:
+    """A month of history ending now: every ``future_ts`` record is refused by a parser reading it now (ten
+    days past its own time, one from the history's first weeks lay in the past and passed as an outlier)."""
+    cfg = SimulatorConfig(users=200, events=20_000, seed=3, span_s=30 * 86400, bad_rate=0.05)
+    now = time.time_ns() // 1_000_000
+    parser = Parser(EventsConfig())
+    parsed = parser.parse_batch([(f"sim:0:{i}", r) for i, r in enumerate(iter_records(cfg))])
+    reasons = collections.Counter(x.reason for x in parsed if isinstance(x, DeadLetter))
+    assert reasons["future_ts"] > 20
+    assert max(x.ts for x in parsed if isinstance(x, Event)) <= now  # no accepted record ahead of the clock
 
 
 # -- Bytewax ---------------------------------------------------------------------
