@@ -174,6 +174,18 @@ def test_a_look_leaves_the_state_as_its_events_made_it_and_a_new_event_starts_a_
     assert s.looked == 5  # nudgeflow_idle_looks
 
 
+def test_a_lagging_partition_holds_the_looks_at_its_shoppers_back() -> None:
+    """Catching up after a restart, partition 1 is a day behind partition 0: its shopper's look waits for it
+    (their events of that day are still to be read); once partition 1 is read past the moment, it comes."""
+    eng = FeatureEngine(LOOK_DEFS, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["since_last_event_s"])
+    s = eng.new_state()
+    eng.apply_batch(s, [Event("a", "u1", "browse", 0, position="t:1:0"), Event("b", "u2", "browse", 0, position="t:0:0")])
+    eng.apply_batch(s, [Event("c", "u2", "browse", DAY, position="t:0:1")])  # partition 0 a day on
+    assert eng.look(s) == []  # partition 1 still at 0: u1 may have shopped since
+    eng.apply_batch(s, [Event("d", "u3", "browse", 2 * HOUR, position="t:1:1")])  # partition 1 read to 2 h
+    assert [x.event.event_id for x in eng.look(s)] == [f"{IDLE}:u1:{HOUR}"]
+
+
 def test_a_shopper_from_a_snapshot_before_looks_loads_with_none_taken() -> None:
     eng = FeatureEngine(LOOK_DEFS, FeaturesConfig(allowed_lateness=0), EventsConfig(), needed=["views_1h"])
     s = eng.new_state()
