@@ -24,6 +24,11 @@ import time
 from datetime import datetime, timedelta, timezone
 
 
+def wall_ms() -> int:
+    """Wall-clock epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
 class PartitionClock:
     """Newest event time per source partition, and the watermark they allow."""
 

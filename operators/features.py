@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
@@ -63,7 +62,7 @@ from bytewax.operators import StatefulBatchLogic
 from nudgeflow.events import FEEDBACK_TYPES, IDLE, DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform, Reloadable, TriggersFile
 from operators.dedup import Deduper
-from operators.clock import Deadline, PartitionClock
+from operators.clock import Deadline, PartitionClock, wall_ms
 from operators.merge import Handoff, MergeDesk, restore, snapshot
 from operators.windows import SLOT_BITS, PackedWindow, unpacker
 
@@ -302,10 +301,6 @@ DICT_MAX_BYTES = 16_384
 def shard_dictionary(users: Iterable[UserState]) -> bytes:
     """A compression dictionary from a few shoppers' pickles (the newest bytes count most to LZ4: at the end)."""
     return b"".join(pickle.dumps(u, protocol=pickle.HIGHEST_PROTOCOL) for u in users)[-DICT_MAX_BYTES:]
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _thawed(user: UserState | Frozen | None, zdict: bytes | None) -> UserState | None:
@@ -758,7 +753,7 @@ class FeatureEngine:
         if not self.idle:
             out = [apply(st, ev) for ev in events]
             return out if self.enrich else [r for r in out if r is not None]
-        out, see, now = [], st.clock.see, _wall_ms()
+        out, see, now = [], st.clock.see, wall_ms()
         for ev in events:
             see(ev.position, ev.ts, now)
             r = apply(st, ev)
@@ -1032,7 +1027,7 @@ class FeatureEngine:
         st.changed.clear()
         if st.max_ts - st.swept_ts >= self.sweep_ms:
             self.evict(st)
-        if self.idle and st.clock.watermark(self.lateness_ms, self.silent_ms, _wall_ms()) - st.looked_ts >= self.look_ms:
+        if self.idle and st.clock.watermark(self.lateness_ms, self.silent_ms, wall_ms()) - st.looked_ts >= self.look_ms:
             out += self.look(st)
         return out
 
@@ -1064,7 +1059,7 @@ class FeatureEngine:
         >>> eng.look(st)  # once
         []
         """
-        wm = st.clock.watermark(self.lateness_ms, self.silent_ms, _wall_ms())
+        wm = st.clock.watermark(self.lateness_ms, self.silent_ms, wall_ms())
         until = max(self.max_ts, st.max_ts) - self.lateness_ms if final else wm
         st.looked_ts = wm
         out, st.looks_due = st.looks_due, []
@@ -1079,7 +1074,7 @@ class FeatureEngine:
     def _take(self, uid: str, u: UserState | Frozen, until: int, before: int, zdict: bytes | None) -> list[Enriched]:
         """The looks at ``u`` due by ``until`` and before ``before`` (its next event), counted in ``u.looks``."""
         copy = u.thaw(zdict) if type(u) is Frozen else pickle.loads(pickle.dumps(u, pickle.HIGHEST_PROTOCOL))
-        k, last, idle, now = u.looks, u.last_ts, self.idle, _wall_ms()
+        k, last, idle, now = u.looks, u.last_ts, self.idle, wall_ms()
         out = []
         while k < len(idle) and last + idle[k] <= until and last + idle[k] < before:
             at = last + idle[k]

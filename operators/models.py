@@ -46,7 +46,7 @@ from nudgeflow.settings import ModelDef, ModelsFile
 from operators.clock import PartitionClock
 from operators.features import Enriched
 from operators.merge import Handoff, MergeDesk, pop_user, restore, snapshot
-from operators.parse import wall_ms
+from operators.clock import wall_ms
 
 RIVER_VERSION = river.__version__
 

@@ -33,7 +33,6 @@ id, as is) to ``user_id``. A JSON ``null`` id is absent (Segment-style senders w
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -44,6 +43,7 @@ import orjson
 
 from nudgeflow.events import BUILTIN_TYPES, ID_FIELDS, PLATFORM_ALIASES, DeadLetter, Event
 from nudgeflow.settings import EventsConfig
+from operators.clock import wall_ms
 from operators.features import MAX_VALUE
 
 Raw = tuple[str, bytes]
@@ -58,11 +58,6 @@ class Refused(Exception):
     def __init__(self, reason: str, detail: str):
         self.reason = reason
         self.detail = detail
-
-
-def wall_ms() -> int:
-    """Wall-clock epoch milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 def _ts_ms(value: Any) -> int:

@@ -27,8 +27,8 @@ class ScoreFields(StatefulBatchLogic[Enriched | Merge, UserFeatures, Pending]):
     longer than that. A shopper merged into another (identity) leaves a ``gone`` item, which deletes their
     hash after their last scores: later than any score (``GONE_TS``), it replaces what was pending.
     Per event only a reference is kept (a copy only where events score different models, such as an order,
-    which the purchase models do not score, or a look at a quiet shopper, which only churn scores: each model's
-    score comes from the newest event it scored); the fields are built at the flush.
+    which the purchase models do not score, or a look at a quiet shopper, which only models scoring ``any``
+    type do: each model's score comes from the newest event it scored); the fields are built at the flush.
 
     ``recover``: the pending scores go into the shard's snapshot (else a crash could lose the scores of
     events before the snapshot, which are not replayed).

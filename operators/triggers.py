@@ -75,7 +75,7 @@ from operators.clock import PartitionClock
 from operators.features import Enriched
 from operators.guards import Profile, StateGuards, variant_of, zone
 from operators.merge import Handoff, MergeDesk, pop_user, restore, snapshot
-from operators.parse import wall_ms
+from operators.clock import wall_ms
 from operators.payload import PayloadTemplate
 
 IDLE_TICK_S = 1.0
