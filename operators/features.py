@@ -1040,10 +1040,10 @@ class FeatureEngine:
         up after a restart, holds the looks at its shoppers back; one silent for ``idle_timeout`` of wall
         time does not, so looks come due in a shop gone quiet), by this scan or, when the user's next
         event comes first, as it is applied (no event of theirs from before it less the lateness can then
-        come). ``final``: the input has ended, every partition is read, the newest event time counts. So a look is taken exactly
-        when the user stays quiet until ``m`` plus the allowed lateness; one back in between may or may
-        not get it, by when the scans ran. Each look is taken once per quiet spell (``UserState.looks``
-        counts them, also while compacted; a new event starts the next spell).
+        come). So a look is taken exactly when the user stays quiet until ``m`` plus the allowed lateness;
+        one back in between may or may not get it, by when the scans ran. Each look is taken once per quiet
+        spell (``UserState.looks`` counts them, also while compacted; a new event starts the next spell).
+        ``final``: the input has ended, every partition is read, and the newest event time counts.
 
         Its features are as of ``m`` (windows expired, ``since_*`` grown, the lifecycle stage moved on),
         read from a copy, so the state stays as its events made it; the event id names the user and the
