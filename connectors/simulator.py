@@ -40,8 +40,9 @@ to buy), 2-3 preferred categories, a platform and a timezone. Sessions have
 ``1 + floor(Exp(mean 1.5 + 14 i))`` actions seconds to minutes apart; between
 sessions the gap is ``20 min + Exp(mean G / a)`` hours to days, pushed out of
 the user's local night (00:00-07:00). ``G`` is calibrated so that
-``cfg.events`` spread over about 80 % of ``span_s`` (with ``start_ms``
-defaulting to now minus that span, the newest events land before now; when
+``cfg.events`` spread over about 70 % of ``span_s`` (with ``start_ms``
+defaulting to the UTC midnight before now minus that span, the newest events
+land before now, and the stream is the same whatever the hour; when
 that would need mean gaps under 30 min the history is lengthened instead).
 
 After a product view in category ``c`` (the ``k``-th view of ``c`` in this
@@ -173,7 +174,8 @@ BAD_KINDS = (
     "oversized", "future_ts", "duplicate",
 )  # fmt: skip
 _BLOB = "x" * 100_000
-_FUTURE_MS = 10 * 86400 * 1000
+_DAY_MS = 86400 * 1000
+_FUTURE_MS = 10 * _DAY_MS
 
 # Behaviour constants shared by the generator and the calibration in _plan().
 _IN_GAP_S = 40.0  # mean gap between actions of a session (plus 2 s)
@@ -184,7 +186,7 @@ _NIGHT_BLOCKED = 8.5 / 15.5  # night + average morning delay over the active hou
 _PROFILE_EVENTS = 2.2  # identify + mean consents at first appearance
 _MIN_MEAN_GAP_S = 1800.0
 _NATURAL_GAP_S = 86400.0  # mean gap when events is unbounded
-_FILL = 0.8  # fraction of span the calibrated events cover (margin: the end varies ~10 %)
+_FILL = 0.7  # fraction of span the calibrated events cover (margin: the end of a small stream varies ~25 %)
 
 
 def _draw_traits(rng: random.Random) -> tuple[float, float, tuple[int, ...], str, int]:
@@ -266,14 +268,19 @@ def _plan_for(events: int | None, users: int, span_s: int) -> tuple[float, float
 
 
 def resolve_start_ms(cfg: SimulatorConfig) -> int:
-    """``cfg.start_ms``, else now minus the history the events need (at least span_s).
+    """``cfg.start_ms``, else now minus the history the events need (at least span_s), at UTC midnight.
 
-    Resolve once per run and pass the result to every partition, so all
-    partitions share one clock origin.
+    Behaviour depends on the time of day (local nights), so a start taken to
+    the minute made a different stream every minute: one that ended hours
+    before now, or after it. Starting at midnight makes the stream the same
+    whenever it is made, but for whole days of shift, so a configuration that
+    ends before now does so every time. Resolve once per run and pass the
+    result to every partition, so all partitions share one clock origin.
     """
     if cfg.start_ms is not None:
         return cfg.start_ms
-    return time.time_ns() // 1_000_000 - int(_plan(cfg)[1] * 1000)
+    start = time.time_ns() // 1_000_000 - int(_plan(cfg)[1] * 1000)
+    return start - start % _DAY_MS
 
 
 def _partition_share(cfg: SimulatorConfig, partition: int) -> int | None:
@@ -348,7 +355,7 @@ class ShopperSimulator:
         self.remaining = _partition_share(cfg, partition)
         self._gap_scale, history_s = _plan(cfg)
         self._start_ms = resolve_start_ms(cfg)
-        #: where the planned history ends: now, for a start resolved from the clock (``future_ts`` goes past it)
+        #: where the planned history ends: at most a day before now for a start resolved from the clock (``future_ts`` goes past it)
         self._end_ms = self._start_ms + int(history_s * 1000)
         self._rng = random.Random(f"nudgeflow-sim:{cfg.seed}:{partition}")
         self._bad_rng = random.Random(f"nudgeflow-sim-bad:{cfg.seed}:{partition}")

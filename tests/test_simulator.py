@@ -482,6 +482,24 @@ def test_a_future_record_of_a_long_history_still_lies_in_the_future() -> None:
     assert max(x.ts for x in parsed if isinstance(x, Event)) <= now  # no accepted record ahead of the clock
 
 
+@pytest.mark.parametrize("made_at", ["2026-12-07T01:25:30", "2026-12-07T01:30:00", "2026-12-09T17:59:59"])
+def test_a_stream_from_the_clock_is_the_same_whenever_it_is_made(monkeypatch: pytest.MonkeyPatch, made_at: str) -> None:
+    """Behaviour follows the time of day, so a start taken to the minute made another stream each minute;
+    one made at 01:25:30 UTC ended 24 min after now and the parser refused its last events. A start at
+    UTC midnight gives one stream, shifted by whole days, that ends before now whenever it is made."""
+    cfg = SimulatorConfig(users=400, events=24_000, partitions=3, seed=11, anonymous_share=0)
+    reference = [orjson.loads(r) for r in iter_records(cfg.model_copy(update={"start_ms": 1_800_000_000_000 - 1_800_000_000_000 % 86_400_000}))]
+    now_ms = int(dt.datetime.fromisoformat(made_at).replace(tzinfo=dt.timezone.utc).timestamp() * 1000)
+    monkeypatch.setattr(time, "time_ns", lambda: now_ms * 1_000_000)
+    start = resolve_start_ms(cfg)
+    assert start % 86_400_000 == 0 and start <= now_ms - cfg.span_s * 1000
+    records = [orjson.loads(r) for r in iter_records(cfg)]
+    shift = records[0]["ts"] - reference[0]["ts"]
+    assert shift % 86_400_000 == 0
+    assert [{**r, "ts": r["ts"] - shift} for r in records] == reference
+    assert max(r["ts"] for r in records) < now_ms
+
+
 # -- Bytewax ---------------------------------------------------------------------
 
 
