@@ -236,7 +236,7 @@ class FlowMetrics:
             versions = GaugeMetricFamily("nudgeflow_model_version", "Model snapshot version scoring (0: the prior)",
                                          labels=["model"])
             for m in self.scorer.cfg.models:
-                versions.add_metric([m.name], self.scorer.version(m.name))
+                versions.add_metric([m.name], self.scorer.serving(m.name))
             yield versions
             yield CounterMetricFamily("nudgeflow_model_input_faults", "Model inputs missing or not numeric (scored as 0)",
                                       value=self.scorer.faults)

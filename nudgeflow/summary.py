@@ -38,15 +38,24 @@ GROUP BY table ORDER BY table
 
 
 MODELS_SQL = """
-SELECT model, argMaxIf(examples, window_start, span = 'cumulative') AS learned,
-       round(argMaxIf(auc, window_start, span = 'cumulative'), 3) AS learner_auc,
-       round(argMaxIf(logloss, window_start, span = 'cumulative'), 3) AS learner_logloss,
-       round(argMaxIf(ece, window_start, span = 'cumulative'), 3) AS learner_ece,
-       round(argMaxIf(auc, window_start, span = 'served_cumulative'), 3) AS served_auc,
-       round(argMaxIf(ece, window_start, span = 'served_cumulative'), 3) AS served_ece,
-       max(model_version) AS version
-FROM {db}.model_metrics FINAL WHERE span IN ('cumulative', 'served_cumulative')
-GROUP BY model ORDER BY model
+SELECT m.model, learned, learner_auc, learner_logloss, learner_ece, served_auc, served_ece, p.model_share, version
+FROM
+(
+    SELECT model, argMaxIf(examples, window_start, span = 'cumulative') AS learned,
+           round(argMaxIf(auc, window_start, span = 'cumulative'), 3) AS learner_auc,
+           round(argMaxIf(logloss, window_start, span = 'cumulative'), 3) AS learner_logloss,
+           round(argMaxIf(ece, window_start, span = 'cumulative'), 3) AS learner_ece,
+           round(argMaxIf(auc, window_start, span = 'served_cumulative'), 3) AS served_auc,
+           round(argMaxIf(ece, window_start, span = 'served_cumulative'), 3) AS served_ece,
+           max(model_version) AS version
+    FROM {db}.model_metrics FINAL WHERE span IN ('cumulative', 'served_cumulative')
+    GROUP BY model
+) AS m
+LEFT JOIN
+(   -- the share of examples a learned model scored: the prior answers until one is warm (version 0)
+    SELECT model, round(avg(model_version > 0), 3) AS model_share FROM {db}.predictions FINAL GROUP BY model
+) AS p ON p.model = m.model
+ORDER BY m.model
 """
 
 
@@ -99,8 +108,10 @@ def print_summary(rt: Runtime, console: Console) -> None:
                          ["platform", "browsers", "carters", "buyers", "revenue"], f["funnel"]))
     if f["models"]:
         console.print(table("online models so far (ClickHouse model_metrics): the learner's progressive validation, "
-                            "and the score served at decision time",
-                             ["model", "examples", "AUC", "log loss", "ECE", "served AUC", "served ECE", "version"],
+                            "and the score served at decision time (by a learned model for the share shown, "
+                            "by the prior until it was warm)",
+                             ["model", "examples", "AUC", "log loss", "ECE", "served AUC", "served ECE",
+                              "model share", "version"],
                              f["models"]))
     console.print(f"features in Redis for the busiest user: {f['sample_features']}")
 

@@ -249,12 +249,19 @@ class Scorer:
                 self.models[m.name] = (snap.version, snap.warm(m.min_examples), model, Linear.of(model, m.features))
 
     def version(self, name: str) -> int:
+        """The newest snapshot loaded, warm or not (what ``refresh`` asks the store to beat)."""
         return self.models.get(name, _NO_MODEL)[0]
+
+    def serving(self, name: str) -> int:
+        """The snapshot version that scores, 0 while the prior answers (the model is not warm yet)."""
+        version, warm, _, _ = self.models.get(name, _NO_MODEL)
+        return version if warm else 0
 
     def score(
         self, d: ModelDef, feats: dict[str, Any], x: dict[str, float] | None = None,
     ) -> tuple[float, int, dict[str, float] | None]:
-        """(score, model version, input) for one model; the prior until the model is warm. The input is
+        """(score, the version that made it, input) for one model: the prior, version 0, until the model is
+        warm or when it raises, so a prediction never names a model that did not score it. The input is
         None where the flat form scored the features as they are (the label step builds it if it samples)."""
         version, warm, model, linear = self.models.get(d.name, _NO_MODEL)
         if linear is not None and warm:
@@ -265,12 +272,12 @@ class Scorer:
             x, faults = vector(d.features, feats)
             self.faults += faults
         if model is None or not warm:
-            return d.prior, version, x
+            return d.prior, 0, x
         try:
             return proba(model, x), version, x
         except Exception:  # a model fault must not stop the event
             self.errors += 1
-            return d.prior, version, x
+            return d.prior, 0, x
 
     def score_batch(self, items: list[tuple[str, Enriched | Merge]]) -> list[tuple[str, Enriched | Merge]]:
         """Score each event for the models that score its type (Bytewax ``flat_map_batch``); merges pass."""

@@ -73,7 +73,7 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
     models = proc.stdout.split("online models so far")[1].split("features in Redis")[0]
     assert "served AUC" in models
     for name in ("purchase_propensity", "purchase_propensity_30m", "churn_risk"):
-        assert re.search(rf"│ {name}\s+│\s+\d+ │(\s+(\d\.\d+|nan) │){{5}}\s+\d+ │", models), (name, models)
+        assert re.search(rf"│ {name}\s+│\s+\d+ │(\s+(\d\.\d+|nan) │){{6}}\s+\d+ │", models), (name, models)
     rows = dict(re.findall(r"│ (\w+)\s+│\s+(\d+) │", proc.stdout.split("rows in ClickHouse")[1]))
     assert int(rows["events"]) == accepted and int(rows["dlq"]) == dead and int(rows["actions"]) == fired
     # shoppers gone quiet a day (features.yaml, idle) were looked at: churn_risk scored and sampled them while

@@ -256,14 +256,17 @@ def test_a_model_is_served_only_once_it_has_learned_each_outcome(any_redis_url: 
 
     def served() -> float:
         clock[0] += 2000  # past the refresh bound
-        return scorer.score_batch([("0", Enriched(Event("e", "u", "browse", 0), {"views_1h": 1}))])[0][1].scores["buy"]
+        en = scorer.score_batch([("0", Enriched(Event("e", "u", "browse", 0), {"views_1h": 1}))])[0][1]
+        # the version a prediction logs is the model that made its score: 0 for the prior
+        assert en.scored["buy"][0] == scorer.serving("buy") == (0 if en.scores["buy"] == d.prior else scorer.version("buy"))
+        return en.scores["buy"]
 
     learner = Learner(d, cfg)
     for i in range(40):  # positives only: the first day of a purchase head
         learner.learn([Resolved("buy", "u", f"p{i}", i, i, {"views_1h": float(i % 5)}, 0.5, 0, True)])
     store.publish(learner.maybe_publish(now=0, force=True))
     assert store.fetch("buy").positives == 40
-    assert served() == d.prior and scorer.version("buy") == 1
+    assert served() == d.prior and scorer.version("buy") == 1 and scorer.serving("buy") == 0
     for i in range(9):
         learner.learn([Resolved("buy", "u", f"n{i}", i, i, {"views_1h": 0.0}, 0.5, 0, False)])
     store.publish(learner.maybe_publish(now=0, force=True))
@@ -271,6 +274,7 @@ def test_a_model_is_served_only_once_it_has_learned_each_outcome(any_redis_url: 
     learner.learn([Resolved("buy", "u", "n9", 9, 9, {"views_1h": 0.0}, 0.5, 0, False)])
     store.publish(learner.maybe_publish(now=0, force=True))
     assert served() == pytest.approx(learner.model.predict_proba_one({"views_1h": 1.0})[True]) != d.prior
+    assert scorer.serving("buy") == 3
     # a warm start keeps the count, so a restarted learner's snapshots stay served
     resumed = LearnerLogic(cfg, None, warm=store.fetch)._learner("buy")
     assert (resumed.examples, resumed.positives) == (50, 40)

@@ -92,7 +92,8 @@ def _dump(dsn: str, db: str, out: str) -> None:
             "decisions": f"SELECT trigger_id, user_id, outcome, reason, toUnixTimestamp64Milli(event_ts), "
                          f"latency_event_ms, latency_ingest_ms FROM {db}.decisions FINAL",
             "actions": f"SELECT action_id, trigger_id, user_id, toUnixTimestamp64Milli(event_ts) FROM {db}.actions FINAL",
-            "predictions": f"SELECT model, toUnixTimestamp64Milli(ts), learner_score, label, score FROM {db}.predictions FINAL",
+            "predictions": f"SELECT model, toUnixTimestamp64Milli(ts), learner_score, label, score, model_version "
+                           f"FROM {db}.predictions FINAL",
             "identity_links": f"SELECT toUnixTimestamp64Milli(ts), seq, src, dst, canonical, kind, outcome, moved "
                               f"FROM {db}.identity_links FINAL",
             "model_metrics": f"SELECT model, toUnixTimestamp64Milli(window_start), span, examples, positives, auc "
@@ -356,19 +357,20 @@ def _ece(xs: list[tuple[float, int]]) -> float:
 
 
 def model_calibration(d: Data, since: int, until: int) -> dict[Any, Row]:
-    by: dict[tuple[str, date], list[tuple[float, int, float]]] = defaultdict(list)
-    for model, ts, learner_score, label, served in d["predictions"]:
+    by: dict[tuple[str, date], list[tuple[float, int, float, int]]] = defaultdict(list)
+    for model, ts, learner_score, label, served, version in d["predictions"]:
         if since <= ts < until:
-            by[model, _day(ts)].append((learner_score, label, served))
+            by[model, _day(ts)].append((learner_score, label, served, version))
     out = {}
     for key, xs in by.items():
         n = len(xs)
-        learner = [(s, y) for s, y, _ in xs]
-        served = [(v, y) for _, y, v in xs]
-        labels = [y for _, y, _ in xs]
+        learner = [(s, y) for s, y, _, _ in xs]
+        served = [(v, y) for _, y, v, _ in xs]
+        labels = [y for _, y, _, _ in xs]
         out[key] = (n, sum(labels), sum(s for s, _ in learner) / n, sum(labels) / n, _ece(learner),
                     sum((s - y) ** 2 for s, y in learner) / n, _auc([s for s, _ in learner], labels),
-                    sum(v for v, _ in served) / n, _ece(served), _auc([v for v, _ in served], labels))
+                    sum(v for v, _ in served) / n, _ece(served), _auc([v for v, _ in served], labels),
+                    sum(1 for *_, version in xs if version) / n)
     return out
 
 
@@ -486,7 +488,7 @@ def test_model_metrics_count_every_prediction_once_for_both_scores(store: dict[s
     recovery starts its windows afresh, and its rows replace those of the same hours."""
     data = store["first_run"]
     preds: dict[str, list[tuple[float, int, float]]] = defaultdict(list)
-    for model, _, learner_score, label, served in data["predictions"]:
+    for model, _, learner_score, label, served, _ in data["predictions"]:
         preds[model].append((learner_score, label, served))
     rows: dict[str, dict[str, list[tuple[int, int, int, float]]]] = defaultdict(lambda: defaultdict(list))
     for model, window_start, span, n, pos, auc in data["model_metrics"]:

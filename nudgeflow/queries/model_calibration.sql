@@ -4,10 +4,11 @@
 -- mean score against the observed positive rate (calibration in the large), ECE over 10 equal-width
 -- score bins, Brier score and AUC (ties count half); then mean, ECE and AUC of the score that was served
 -- when the example was sampled (score: the published snapshot, or the prior), which is what triggers
--- acted on. Labels come late and not all at once (an order answers at once, its absence only at the
+-- acted on, and model_share, the share of examples a learned model scored (model_version > 0) rather
+-- than the prior (a model is served once it has learned min_examples of each outcome). Labels come late and not all at once (an order answers at once, its absence only at the
 -- horizon), so the learner scores positives and negatives at different times: trust served_auc.
 SELECT p.model AS model, p.day AS day, examples, positives, mean_score, positive_rate, ece, brier, auc,
-       served_mean_score, served_ece, served_auc
+       served_mean_score, served_ece, served_auc, model_share
 FROM
 (
     SELECT model, toDate(ts) AS day,
@@ -18,7 +19,8 @@ FROM
            avg(pow(learner_score - label, 2))            AS brier,
            arrayAUC(groupArray(learner_score), groupArray(label)) AS auc,
            avg(score)                                    AS served_mean_score,
-           arrayAUC(groupArray(score), groupArray(label)) AS served_auc
+           arrayAUC(groupArray(score), groupArray(label)) AS served_auc,
+           avg(model_version > 0)                        AS model_share
     FROM {db}.predictions FINAL
     WHERE ts >= {since:DateTime64(3, 'UTC')} AND ts < {until:DateTime64(3, 'UTC')}
     GROUP BY model, day
