@@ -833,7 +833,7 @@ class ModelsFile(Strict):
     #: a learner publishes its model after this many updates or this long, whichever first
     publish_every_updates: int = Field(500, ge=1)
     publish_every: Duration = 10.0
-    #: scoring workers look for a newer snapshot this often
+    #: scoring workers look for a newer snapshot this often, of wall time or of event time (a replay)
     refresh_every: Duration = 2.0
     #: model_metrics rows cover windows of event time this long
     metrics_window: Duration = 3600.0

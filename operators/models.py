@@ -215,6 +215,19 @@ class Linear:
 _NO_MODEL: tuple[int, bool, Any, Linear | None] = (0, False, None, None)
 
 
+def newest_ts(items: list[tuple[str, Enriched | Merge]]) -> int:
+    """The event time of a batch's last event (0 when it has none): a batch comes about in event-time order.
+
+    >>> from nudgeflow.events import Event
+    >>> newest_ts([("0", Enriched(Event("a", "u", "browse", 5), {})), ("0", Enriched(Event("b", "u", "browse", 9), {}))])
+    9
+    """
+    for _, x in reversed(items):
+        if type(x) is Enriched:
+            return x.event.ts
+    return 0
+
+
 class Scorer:
     """Scores with the newest published snapshot of each model (per worker, refreshed on a bound)."""
 
@@ -224,7 +237,8 @@ class Scorer:
         self.now_ms = now_ms
         self.refresh_ms = int(cfg.refresh_every * 1000)
         self.models: dict[str, tuple[int, bool, Any, Linear | None]] = {}  # name -> (version, warm, model, flat form)
-        self.next_refresh = 0
+        #: the next look for snapshots, by the wall clock and by event time, whichever comes first
+        self.next_refresh = self.next_refresh_ts = 0
         self.faults = 0
         self.errors = 0
         self.by_type: dict[str, list[ModelDef]] = {}
@@ -236,11 +250,14 @@ class Scorer:
                 for t in m.score_on:
                     self.by_type.setdefault(t, []).append(m)
 
-    def refresh(self, now: int) -> None:
-        """Load any newer snapshot (at most once per ``refresh_every``)."""
-        if now < self.next_refresh:
+    def refresh(self, now: int, event_ts: int = 0) -> None:
+        """Load any newer snapshot, once ``refresh_every`` of wall time or of event time has passed. Live the
+        two go together; replaying history a day of events may take a second, and a model refreshed by the
+        wall clock alone served the whole day with the snapshot of its start."""
+        if now < self.next_refresh and event_ts < self.next_refresh_ts:
             return
         self.next_refresh = now + self.refresh_ms
+        self.next_refresh_ts = event_ts + self.refresh_ms
         for m in self.cfg.models:
             have = self.version(m.name)
             snap = self.fetch(m.name, have)
@@ -281,7 +298,7 @@ class Scorer:
 
     def score_batch(self, items: list[tuple[str, Enriched | Merge]]) -> list[tuple[str, Enriched | Merge]]:
         """Score each event for the models that score its type (Bytewax ``flat_map_batch``); merges pass."""
-        self.refresh(self.now_ms())
+        self.refresh(self.now_ms(), newest_ts(items))
         for _, en in items:
             if type(en) is not Enriched:
                 continue

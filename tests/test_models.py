@@ -244,6 +244,22 @@ def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(any_redis_url:
     assert store.fetch("buy").version == 2
 
 
+def test_replayed_history_refreshes_the_model_by_event_time(any_redis_url: str, key_prefix: str) -> None:
+    """Replaying history, a day of events may pass in a second of wall time: the scorer looks for a newer
+    snapshot once ``refresh_every`` of event time has passed too, or it would serve a day's start model."""
+    store = RedisModelStore(any_redis_url, key_prefix)
+    scorer = Scorer(CFG, store.fetch, now_ms=lambda: 0)  # the wall clock stands still
+    en = lambda ts: Enriched(Event("e", "u", "browse", ts), {"views_1h": 9})  # noqa: E731
+    scorer.score_batch([("0", en(10_000))])
+    learner = Learner(CFG.models[0], CFG)
+    learner.learn([Resolved("buy", "u", "e", 1, 1, {"views_1h": 1.0}, 0.5, 0, True)])
+    store.publish(learner.maybe_publish(now=0, force=True))
+    scorer.score_batch([("0", en(11_999))])  # within 2 s of event time: not yet
+    assert scorer.version("buy") == 0
+    scorer.score_batch([("0", en(9_000)), ("0", en(12_000))])  # a batch's last event tells its time
+    assert scorer.version("buy") == 1
+
+
 def test_a_model_is_served_only_once_it_has_learned_each_outcome(any_redis_url: str, key_prefix: str) -> None:
     """A purchase head learns positives as orders come and its first negative only a horizon later: a model
     that has seen one class must not be served (it would score everyone near 1), the prior is. Through the
