@@ -7,13 +7,16 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nudgeflow.charts import Series, bars, lines
 from nudgeflow.report import SECTIONS
+from tests.helpers import delete_keys
 
 CONFIG = Path(__file__).parents[1] / "config"
 FLOW_CONFIG = f"""
@@ -56,16 +59,22 @@ def nudgeflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Path:
-    """A report of a run of the main flow: simulator → flow → chDB (its own folder, read in a subprocess)."""
+def report(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Path]:
+    """A report of a run of the main flow: simulator → flow → chDB (its own folder, read in a subprocess).
+    Its own key prefix: on a Redis kept from an earlier run, that run's idempotency keys made every action
+    of this one a duplicate (the stream is the same), and the report had no latency to draw."""
     tmp = tmp_path_factory.mktemp("report")
     cfg = tmp / "local.yaml"
-    cfg.write_text(FLOW_CONFIG.replace("{redis_url}", redis_url).replace("{prefix}", f"nfreport{tmp.name[-6:]}"))
-    run = nudgeflow("run", "--config", str(cfg), "--workers", "2", "--no-summary", cwd=tmp)
-    assert run.returncode == 0, run.stderr[-3000:]
-    made = nudgeflow("report", "--config", str(cfg), "--out", str(tmp / "report.html"), cwd=tmp)
-    assert made.returncode == 0, made.stderr[-3000:]
-    return tmp / "report.html"
+    prefix = f"nfreport{uuid.uuid4().hex[:12]}"
+    cfg.write_text(FLOW_CONFIG.replace("{redis_url}", redis_url).replace("{prefix}", prefix))
+    try:
+        run = nudgeflow("run", "--config", str(cfg), "--workers", "2", "--no-summary", cwd=tmp)
+        assert run.returncode == 0, run.stderr[-3000:]
+        made = nudgeflow("report", "--config", str(cfg), "--out", str(tmp / "report.html"), cwd=tmp)
+        assert made.returncode == 0, made.stderr[-3000:]
+        yield tmp / "report.html"
+    finally:
+        delete_keys(redis_url, prefix)
 
 
 def test_report_is_self_contained_and_has_every_section(report: Path) -> None:
