@@ -112,9 +112,11 @@ def _git(*args: str) -> str:
 
 
 def git_revision() -> str:
-    """``git rev-parse --short HEAD``, plus ``+dirty`` when the tree has changes (untracked files count)."""
+    """``git rev-parse --short HEAD``, plus ``+dirty`` when the tree has changes (untracked files count) other
+    than the benchmarks' own records: a run after another of the same session is still of that revision."""
     rev = _git("rev-parse", "--short", "HEAD") or "unknown"
-    return rev + ("+dirty" if _git("status", "--porcelain") else "")
+    records = (":(exclude)benchmarks/RESULTS.md", ":(exclude)benchmarks/*.jsonl")
+    return rev + ("+dirty" if _git("status", "--porcelain", "--", ".", *records) else "")
 
 
 def cpu_model() -> str:
@@ -471,7 +473,7 @@ figures, and more (build time, CPU split, broker CPU, row counts), are in `resul
 object per run. Read `README.md` in this folder for what each stage measures.
 
 Columns: **utc** when the run started; **rev** `git rev-parse --short HEAD` (`+dirty`: the tree had
-changes); **machine** `platform.processor()/machine`; **cpu** model from `/proc/cpuinfo`; **nproc**
+changes besides these records); **machine** `platform.processor()/machine`; **cpu** model from `/proc/cpuinfo`; **nproc**
 cores; **py** Python version; **load1** 1-minute load average at the start (this machine is shared:
 a high load means noisy figures); **events** records on the topic (users, Kafka partitions).
 Then per stage (`raw`, `bare`, `features`, `full`): **ev/s** records read per second of wall time from

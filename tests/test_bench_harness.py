@@ -1,13 +1,18 @@
-"""The benchmark harness's bookkeeping: which latency run the ``BENCH`` line reports, the peers' shared job."""
+"""The benchmark harness's bookkeeping: which latency run the ``BENCH`` line reports, the revision a row names,
+the peers' shared job."""
 
 from __future__ import annotations
 
 import doctest
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from benchmarks import run
 from benchmarks.peers import job
-from benchmarks.run import checks, latest_latency
+from benchmarks.run import checks, git_revision, latest_latency
 
 
 def _run(utc: str, p99: float, **source: object) -> str:
@@ -27,6 +32,24 @@ def test_the_bench_line_reports_the_newest_latency_run_through_kafka_with_defaul
     p99, which = latest_latency(log)  # type: ignore[misc]
     assert p99 == 90.0 and "2026-12-06 11:00:00" in which
     assert latest_latency(tmp_path / "none.jsonl") is None
+
+
+def test_a_row_is_dirty_for_changes_but_not_for_the_records_of_earlier_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("RESULTS.md", "results.jsonl", "run.py"):
+        (tmp_path / "benchmarks" / name).write_text("x\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.setattr(run, "REPO", tmp_path)
+    clean = git_revision()
+    assert clean and not clean.endswith("+dirty")
+    for name in ("RESULTS.md", "results.jsonl"):  # what a benchmark run appends
+        (tmp_path / "benchmarks" / name).write_text("x\ny\n")
+    assert git_revision() == clean
+    (tmp_path / "benchmarks" / "run.py").write_text("changed\n")
+    assert git_revision() == clean + "+dirty"
 
 
 def test_the_peers_job_does_what_its_docstrings_show() -> None:
