@@ -237,7 +237,7 @@ class Replay:
             st = self.label_states.get(key)
             if st is None:
                 st = self.label_states[key] = self.labels.new_state()
-            resolved.extend(self.labels.on_event(st, en, self.clock))
+            self.labels.on_event(st, en, self.clock)
         for st in self.label_states.values():  # LabelLogic's batch end and its once-a-second wake-up
             if st.heap:
                 resolved.extend(self.labels.advance(st, self.labels.watermark(st, self.clock)))

@@ -1,19 +1,25 @@
-"""Online propensity models: score live, keep pending examples, learn when the label arrives.
+"""Online propensity models: score live, keep pending examples, learn them once their horizon has passed.
 
 Three steps, each a Bytewax step in the main flow:
 
 1. **Score** (stateless, every worker): :class:`Scorer` scores events with the
-   newest *published* snapshot of each model, looking for a newer one at most
-   every ``refresh_every``. Until a model has learned ``min_examples`` of each
+   newest *published* snapshot of each model, looking for a newer one every
+   ``refresh_every`` of wall or of event time. Until a model has learned ``min_examples`` of each
    outcome it answers its ``prior``. Non-finite or missing features are set to 0 and
    counted; a model that raises answers its prior and is counted.
 2. **Label** (keyed by shard, event time): :class:`LabelEngine` keeps a pending
    example (the feature snapshot *taken when scoring*, the score, the model
-   version) for at most one event per user per ``sample_every``. It resolves
-   when a label event arrives within ``within`` (``occurs``: positive;
-   ``absent``: negative) or when the watermark passes the deadline (the
-   opposite). So a user holds at most ``ceil(within / sample_every) + 1``
-   pending examples per model, and only while active.
+   version) for at most one event per user per ``sample_every``. A label event
+   within ``within`` labels it (``occurs``: positive; ``absent``: negative);
+   none by the deadline, the opposite. Either way it is resolved when the
+   watermark passes its deadline, so the learner takes examples in the order
+   they were sampled: learning an order's positive at once, while the
+   negatives of the same hour come only a horizon later, made a learner that
+   had seen a day of positives and no negative (the served purchase score's
+   ECE after a horizon 0.088 on a week of simulated events, 0.054 held; churn,
+   whose negatives come first, 0.158 and 0.109 over four weeks). So a user
+   holds at most ``ceil(within / sample_every) + 1`` pending examples per
+   model, each for ``within``.
 3. **Learn** (keyed by model: one learner per model): :class:`Learner` scores
    each resolved example with the current model *before* learning it
    (progressive validation), updates AUC, log loss, Brier score and
@@ -340,6 +346,13 @@ class Pending:
     x: dict[str, float]
     score: float
     version: int
+    #: when its label event came (-1: none yet); the example is learned at its deadline all the same
+    labelled: int = -1
+
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        self.labelled = -1  # a snapshot from before examples were held to their deadline: none labelled
+        for name, value in state[1].items():
+            setattr(self, name, value)
 
 
 @dataclass
@@ -376,7 +389,7 @@ def thin(pending: list[Pending], every: int) -> list[Pending]:
 
 
 class LabelEngine:
-    """Pending examples of one shard, resolved in event time."""
+    """Pending examples of one shard, labelled as their label events come, resolved at their deadlines."""
 
     def __init__(self, cfg: ModelsFile, lateness_ms: int, idle_ms: int):
         self.models = {m.name: m for m in cfg.models}
@@ -392,14 +405,15 @@ class LabelEngine:
     def new_state(self) -> LabelState:
         return LabelState()
 
-    def on_event(self, st: LabelState, en: Enriched, now: int) -> list[Resolved]:
+    def on_event(self, st: LabelState, en: Enriched, now: int) -> None:
+        """Sample the event's scores as pending examples and label those its type answers; nothing is learned
+        before its deadline (:meth:`advance`)."""
         ev = en.event
         ts, uid = ev.ts, ev.user_id
         if ev.type != IDLE:  # a look comes from the feature step's watermark, not from a source partition
             st.clock.see(ev.position, ts, now)
             if ts > self.max_ts:
                 self.max_ts = ts
-        out: list[Resolved] = []
         for name, types in self.label_types.items():
             # ``any``: shopping, not our messages nor a look at a quiet shopper
             if (ev.type in NOT_ACTIVITY) if types is None else (ev.type not in types):
@@ -409,13 +423,9 @@ class LabelEngine:
                 st.last_label[key] = ts
             pend = st.pending.get(key)
             if pend:
-                keep = []
                 for p in pend:
-                    if p.ts < ts <= p.deadline:
-                        out.append(self._resolve(name, uid, p, ts, self.positive_on_event[name]))
-                    else:
-                        keep.append(p)
-                st.pending[key] = keep
+                    if p.ts < ts <= p.deadline and (p.labelled < 0 or ts < p.labelled):
+                        p.labelled = ts
         for name, (version, x) in en.scored.items():
             key = (name, uid)
             if ts - st.last_sample.get(key, -(1 << 62)) < self.every[name]:
@@ -426,11 +436,9 @@ class LabelEngine:
             p = Pending(ts, ts + self.within[name], ev.event_id, x, en.scores[name], version)
             last = st.last_label.get(key, -1)
             if p.ts < last <= p.deadline:  # the label event was seen already (it arrived first)
-                out.append(self._resolve(name, uid, p, last, self.positive_on_event[name]))
-                continue
+                p.labelled = last
             st.pending.setdefault(key, []).append(p)
             heapq.heappush(st.heap, (p.deadline, name, uid, p.ts))
-        return out
 
     def release(self, st: LabelState, uid: str) -> LabelPart | None:
         """Remove and return what this shard keeps about ``uid`` (an identity merge moves it into another user);
@@ -441,18 +449,17 @@ class LabelEngine:
         return part if part.pending or part.last_sample or part.last_label else None
 
     def absorb(self, st: LabelState, uid: str, part: LabelPart) -> list[Resolved]:
-        """Merge a released part into user ``uid``; returns the examples the other id's label settles.
+        """Merge a released part into user ``uid`` (nothing is resolved before its deadline: returns []).
 
-        Exact: an example of one id whose window holds the other id's newest label event resolves now with
-        the label it would have had if that event had carried the same id; the newest label time is the
-        later of the two. Rules: only each id's *newest* label event is known, so an older one of the other
-        id inside a window goes unseen (the example resolves by a later label or at its deadline). The
+        Exact: an example of one id whose window holds the other id's newest label event is labelled as it
+        would have been had that event carried the same id; the newest label time is the later of the two.
+        Rules: only each id's *newest* label event is known, so an older one of the other id inside a window
+        goes unseen (the example is labelled by a later one, or not, at its deadline). The
         sampling bound (one pending example per user per ``sample_every``) holds for the merged user: where
         the two ids kept examples within ``sample_every`` of each other, the earliest stays and the later
         are dropped, never learned, as the canonical user would not have sampled them; the newest sample
         time is that of the newest example kept (or resolved before the merge, which stays learned).
         """
-        out: list[Resolved] = []
         for name in part.pending.keys() | part.last_sample.keys() | part.last_label.keys():
             if name not in self.models:
                 continue
@@ -464,9 +471,8 @@ class LabelEngine:
             pending = []
             for p in kept:
                 other = their_label if id(p) in mine else own_label
-                if other is not None and p.ts < other <= p.deadline:
-                    out.append(self._resolve(name, uid, p, other, self.positive_on_event[name]))
-                    continue
+                if other is not None and p.ts < other <= p.deadline and (p.labelled < 0 or other < p.labelled):
+                    p.labelled = other
                 pending.append(p)
                 if id(p) not in mine:
                     heapq.heappush(st.heap, (p.deadline, name, uid, p.ts))
@@ -482,10 +488,11 @@ class LabelEngine:
                 st.last_sample[key] = max(sampled)
             if their_label is not None and (own_label is None or their_label > own_label):
                 st.last_label[key] = their_label
-        return out
+        return []
 
     def advance(self, st: LabelState, watermark: int) -> list[Resolved]:
-        """Resolve every example whose deadline the watermark passed: the label event did not come."""
+        """Resolve every example whose deadline the watermark passed, in deadline order: by its label event if
+        one came (at that time), else the opposite outcome at the deadline."""
         out: list[Resolved] = []
         heap = st.heap
         while heap and heap[0][0] <= watermark:
@@ -496,7 +503,9 @@ class LabelEngine:
                 continue
             for i, p in enumerate(pend):
                 if p.ts == ts and p.deadline == deadline:
-                    out.append(self._resolve(name, uid, p, deadline, not self.positive_on_event[name]))
+                    labelled = p.labelled >= 0
+                    out.append(self._resolve(name, uid, p, p.labelled if labelled else deadline,
+                                             labelled == self.positive_on_event[name]))
                     del pend[i]
                     break
             if not pend:
@@ -743,7 +752,7 @@ class LabelLogic(StatefulBatchLogic[Enriched | Merge, Resolved, bytes]):
                 assert desk is not None  # merges come only from the identity step, which gives a hand-over
                 out.extend(desk.take(eng, st, en))
             else:
-                out.extend(eng.on_event(st, en, now))
+                eng.on_event(st, en, now)
         if desk is not None:
             out.extend(desk.settle(eng, st))
         if st.heap:

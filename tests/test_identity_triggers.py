@@ -257,28 +257,32 @@ def label_moved(eng: LabelEngine, src: object, dst: object) -> list[Resolved]:
 def test_pending_examples_move_and_resolve_once_for_the_canonical_user() -> None:
     eng = LabelEngine(MODELS, lateness_ms=0, idle_ms=10**12)
     anon, known = eng.new_state(), eng.new_state()
-    assert eng.on_event(anon, scored("a", ANON, 0), 0) == []
-    assert eng.on_event(known, scored("k", USER, 10 * 60_000), 0) == []
+    eng.on_event(anon, scored("a", ANON, 0), 0)
+    eng.on_event(known, scored("k", USER, 10 * 60_000), 0)
     assert label_moved(eng, anon, known) == []
     # one pending example per user per sample_every: the cookie's (earlier) stays, the user's later one goes
     assert [p.event_id for p in known.pending[("buy", USER)]] == ["a"] and eng.release(anon, ANON) is None
-    [r] = eng.on_event(known, scored("o", USER, 20 * 60_000, "order"), 0)
+    eng.on_event(known, scored("o", USER, 20 * 60_000, "order"), 0)  # labels it; learned at its deadline
+    [r] = eng.advance(known, HOUR)
     assert (r.user_id, r.event_id, r.label, r.resolved_ts) == (USER, "a", True, 20 * 60_000)
     # nothing resolves again: not in the user's shard, not in the cookie's
     assert eng.advance(known, 10 * HOUR) == [] and eng.advance(anon, 10 * HOUR) == []
-    assert eng.on_event(known, scored("p", USER, 10 * HOUR), 0) == []  # sampling goes on for the user
+    eng.on_event(known, scored("p", USER, 10 * HOUR), 0)  # sampling goes on for the user
+    assert [p.event_id for p in known.pending[("buy", USER)]] == ["p"]
 
 
-def test_a_label_the_user_already_had_settles_the_cookies_example_at_once() -> None:
+def test_a_label_the_user_already_had_settles_the_cookies_example() -> None:
     eng = LabelEngine(MODELS, lateness_ms=0, idle_ms=10**12)
     anon, known = eng.new_state(), eng.new_state()
     eng.on_event(anon, scored("a", ANON, 0), 0)
     eng.on_event(known, scored("o", USER, 30 * 60_000, "order"), 0)
-    [r] = label_moved(eng, anon, known)
+    assert label_moved(eng, anon, known) == []
+    # labelled by the user's order; the user's own example at 30 min is one the shopper would not have had
+    # (within sample_every of the cookie's): dropped, and the next sample is due an hour after the cookie's
+    assert [(p.event_id, p.labelled) for p in known.pending[("buy", USER)]] == [("a", 30 * 60_000)]
+    assert known.last_sample[("buy", USER)] == 0
+    [r] = eng.advance(known, HOUR)  # learned at its deadline
     assert (r.user_id, r.event_id, r.label, r.resolved_ts) == (USER, "a", True, 30 * 60_000)
-    # the user's own example at 30 min is one the shopper would not have had (within sample_every of the
-    # cookie's): dropped, and the next sample is due an hour after the cookie's
-    assert ("buy", USER) not in known.pending and known.last_sample[("buy", USER)] == 0
     assert eng.advance(known, 10 * HOUR) == [] and eng.advance(anon, 10 * HOUR) == []
 
 

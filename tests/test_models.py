@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from nudgeflow.configload import load_models
 from nudgeflow.events import IDLE, Event
 from nudgeflow.settings import EventsConfig, ModelDef, ModelsFile
 from nudgeflow.yamlconf import ConfigError
+from operators import models
 from operators.features import Enriched
 from operators.models import (
-    LabelEngine, Learner, LearnerLogic, Linear, Metrics, Resolved, Scorer, Snapshot, SnapshotVersionError,
+    LabelEngine, Learner, LearnerLogic, Linear, Metrics, Pending, Resolved, Scorer, Snapshot, SnapshotVersionError,
     build_model, proba, vector,
 )
 
@@ -43,53 +45,70 @@ def scored(ev: Event, names: list[str], score: float = 0.5) -> Enriched:
 
 
 def test_labels_resolve_at_the_right_event_time() -> None:
+    """An example's label is the event time its label event came (or its deadline); it is learned at its
+    deadline either way, so the learner takes examples in the order they were sampled, whatever their label."""
     eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
     s = eng.new_state()
-    out = eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0"), ["buy", "churn"]), 0)
-    assert out == []
-    # another event of u1 at 5 min: not an order; it does answer churn (activity within the hour)
-    out = eng.on_event(s, scored(Event("b2", "u1", "browse", 5 * MIN, position="p:0"), ["buy", "churn"]), 0)
-    assert [(r.model, r.label, r.resolved_ts) for r in out] == [("churn", False, 5 * MIN)]
+    eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0"), ["buy", "churn"]), 0)
+    # another event of u1 at 5 min: not an order; it does answer churn (activity within the hour), held
+    eng.on_event(s, scored(Event("b2", "u1", "browse", 5 * MIN, position="p:0"), ["buy", "churn"]), 0)
+    assert [(p.event_id, p.labelled) for p in s.pending[("churn", "u1")]] == [("b1", 5 * MIN)]
     # sampled at most once per interval: b2 (5 min later) opened no new example of either model
-    assert len(s.pending[("buy", "u1")]) == 1 and s.pending[("churn", "u1")] == []
+    assert [p.event_id for p in s.pending[("buy", "u1")]] == ["b1"]
     # an order at exactly the deadline is inside the window: positive
-    out = eng.on_event(s, scored(Event("o1", "u1", "order", HOUR, position="p:0"), []), 0)
-    assert [(r.model, r.event_id, r.label, r.resolved_ts) for r in out] == [("buy", "b1", True, HOUR)]
+    eng.on_event(s, scored(Event("o1", "u1", "order", HOUR, position="p:0"), []), 0)
+    assert eng.advance(s, HOUR - 1) == []
+    out = eng.advance(s, HOUR)
+    assert sorted((r.model, r.event_id, r.label, r.resolved_ts) for r in out) == [
+        ("buy", "b1", True, HOUR), ("churn", "b1", False, 5 * MIN)]
     # u2 browses and nothing follows: the watermark passing the deadline makes buy negative, churn positive
     eng.on_event(s, scored(Event("c1", "u2", "browse", 2 * HOUR, position="p:0"), ["buy", "churn"]), 0)
     assert eng.advance(s, 3 * HOUR - 1) == []
     out = eng.advance(s, 3 * HOUR)
     assert sorted((r.model, r.user_id, r.label, r.resolved_ts) for r in out) == [
         ("buy", "u2", False, 3 * HOUR), ("churn", "u2", True, 3 * HOUR)]
+    assert s.pending == {}
 
 
 def test_a_label_event_that_arrives_first_still_counts() -> None:
     eng = LabelEngine(CFG, lateness_ms=10 * MIN, idle_ms=10**12)
     s = eng.new_state()
     eng.on_event(s, scored(Event("o", "u1", "order", 5 * MIN, position="p:0"), []), 0)
-    out = eng.on_event(s, scored(Event("b", "u1", "browse", 0, position="p:0"), ["buy"]), 0)  # late browse
-    assert [(r.model, r.label) for r in out] == [("buy", True)]
+    eng.on_event(s, scored(Event("b", "u1", "browse", 0, position="p:0"), ["buy"]), 0)  # late browse
+    assert [(r.model, r.label, r.resolved_ts) for r in eng.advance(s, HOUR)] == [("buy", True, 5 * MIN)]
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 600), st.sampled_from(["browse", "order"])), max_size=60))
 def test_every_example_resolves_exactly_once_and_state_is_bounded(evs: list[tuple[int, int, str]]) -> None:
+    """Every example is learned once, not before its deadline, in the order examples were sampled, with the
+    label and label time the raw events give."""
     eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
     s = eng.new_state()
     resolved: list[Resolved] = []
     created = 0
-    for i, (u, minute, etype) in enumerate(sorted(evs, key=lambda e: e[1])):
+    stream = [(f"u{u}", minute * MIN, etype) for u, minute, etype in sorted(evs, key=lambda e: e[1])]
+    for i, (uid, ts, etype) in enumerate(stream):
         names = ["buy", "churn"] if etype == "browse" else ["churn"]
         before = dict(s.last_sample)
-        resolved += eng.on_event(s, scored(Event(f"e{i}", f"u{u}", etype, minute * MIN, position="p:0"), names), 0)
+        eng.on_event(s, scored(Event(f"e{i}", uid, etype, ts, position="p:0"), names), 0)
         created += sum(1 for k, v in s.last_sample.items() if before.get(k) != v)  # examples sampled
         for (name, _), pend in s.pending.items():  # bound: ceil(within / sample_every) + 1 per user and model
             assert len(pend) <= math.ceil(3600 / (600 if name == "buy" else 1800)) + 1
-        resolved += eng.advance(s, minute * MIN)
+        out = eng.advance(s, ts)
+        assert all(r.ts + HOUR <= ts for r in out)  # learned at the deadline, whatever the label
+        resolved += out
     resolved += eng.advance(s, 10**9)
     keys = [(r.model, r.user_id, r.ts) for r in resolved]
     assert len(keys) == len(set(keys)) == created
     assert not any(s.pending.values())
+    for name in ("buy", "churn"):  # in sampling order
+        assert [r.ts for r in resolved if r.model == name] == sorted(r.ts for r in resolved if r.model == name)
+    for r in resolved:  # brute force: the first label event of the user within the hour after sampling
+        labels = [t for uid, t, etype in stream if uid == r.user_id and r.ts < t <= r.ts + HOUR
+                  and (etype == "order" or r.model == "churn")]
+        assert r.label == (bool(labels) if r.model == "buy" else not labels)
+        assert r.resolved_ts == (min(labels) if labels else r.ts + HOUR)
 
 
 def test_feedback_on_our_messages_is_no_activity_for_any_label_or_score() -> None:
@@ -99,7 +118,7 @@ def test_feedback_on_our_messages_is_no_activity_for_any_label_or_score() -> Non
     s = eng.new_state()
     eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0"), ["churn"]), 0)
     for i, kind in enumerate(("delivered", "opened")):
-        assert eng.on_event(s, scored(Event(f"f{i}", "u1", kind, (10 + i) * MIN, position="p:0"), []), 0) == []
+        eng.on_event(s, scored(Event(f"f{i}", "u1", kind, (10 + i) * MIN, position="p:0"), []), 0)
     assert [(r.model, r.label) for r in eng.advance(s, HOUR)] == [("churn", True)]  # no activity within the hour
     clicks = CFG.models[0].model_copy(update={"name": "clicks", "score_on": ["opened"]})
     scorer = Scorer(CFG.model_copy(update={"models": [*CFG.models, clicks]}), lambda name, have: None)
@@ -119,11 +138,13 @@ def test_a_look_at_a_quiet_shopper_is_scored_and_sampled_but_is_no_activity() ->
     look = Enriched(Event(f"{IDLE}:u1:{40 * MIN}", "u1", IDLE, 40 * MIN), {"views_1h": 0})
     scorer.score_batch([("0", look)])
     assert set(look.scores) == {"churn"}  # scored by the model scoring any type, not by buy (browse only)
-    assert eng.on_event(s, look, 0) == [] and s.clock.max_ts == 0
+    eng.on_event(s, look, 0)
+    assert s.clock.max_ts == 0
     assert [p.event_id for p in s.pending[("churn", "u1")]] == ["b1", look.event.event_id]
-    out = eng.on_event(s, scored(Event("b2", "u1", "browse", 90 * MIN, position="p:0:2"), []), 0)
-    assert [(r.event_id, r.label) for r in out] == [(look.event.event_id, False)]  # back within the hour
-    assert [(r.event_id, r.label) for r in eng.advance(s, 2 * HOUR)] == [("b1", True)]  # the look was no activity
+    eng.on_event(s, scored(Event("b2", "u1", "browse", 90 * MIN, position="p:0:2"), []), 0)
+    out = eng.advance(s, 2 * HOUR)  # both deadlines passed: learned in the order they were sampled
+    # the look was no activity (b1 churned), and the shopper came back within the hour of the look
+    assert [(r.event_id, r.label) for r in out] == [("b1", True), (look.event.event_id, False)]
     assert not s.pending.get(("churn", "u1"))
 
 
@@ -210,6 +231,29 @@ def test_a_learner_from_an_older_recovery_store_resumes() -> None:
     assert (resumed.examples, resumed.positives) == (2, 0)
     assert [(r.window, r.values["examples"]) for r in resumed.close_window()] == [
         ("window", 2), ("cumulative", 2), ("served_window", 1), ("served_cumulative", 1)]
+
+
+def test_a_pending_example_from_a_snapshot_before_labels_were_held_loads_unlabelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label state pickled before examples were held to their deadline: its pending examples had no label
+    yet (a labelled one was learned at once) and load as such."""
+
+    @dataclass(slots=True)
+    class Before:  # the example as it was, pickled under its name
+        ts: int
+        deadline: int
+        event_id: str
+        x: dict[str, float]
+        score: float
+        version: int
+
+    Before.__module__, Before.__qualname__ = models.__name__, "Pending"
+    monkeypatch.setattr(models, "Pending", Before)
+    blob = pickle.dumps(Before(1, 2, "e", {"v": 1.0}, 0.5, 3))
+    monkeypatch.undo()
+    p = pickle.loads(blob)
+    assert p == Pending(1, 2, "e", {"v": 1.0}, 0.5, 3) and p.labelled == -1
+    p.labelled = 2
+    assert pickle.loads(pickle.dumps(p)).labelled == 2
 
 
 def test_snapshot_from_another_river_is_refused() -> None:
