@@ -4,9 +4,10 @@ Three steps, each a Bytewax step in the main flow:
 
 1. **Score** (stateless, every worker): :class:`Scorer` scores events with the
    newest *published* snapshot of each model, looking for a newer one every
-   ``refresh_every`` of wall or of event time. Until a model has learned ``min_examples`` of each
-   outcome it answers its ``prior``. Non-finite or missing features are set to 0 and
-   counted; a model that raises answers its prior and is counted.
+   ``refresh_every`` of wall or of event time. Until a model has learned
+   ``min_examples`` of each outcome it answers its ``prior``. Non-finite or
+   missing features are set to 0 and counted; a model that raises answers its
+   prior and is counted.
 2. **Label** (keyed by shard, event time): :class:`LabelEngine` keeps a pending
    example (the feature snapshot *taken when scoring*, the score, the model
    version) for at most one event per user per ``sample_every``. A label event

@@ -5,8 +5,9 @@
 -- score bins, Brier score and AUC (ties count half); then mean, ECE and AUC of the score that was served
 -- when the example was sampled (score: the published snapshot, or the prior), which is what triggers
 -- acted on, and model_share, the share of examples a learned model scored (model_version > 0) rather
--- than the prior (a model is served once it has learned min_examples of each outcome). Labels come late and not all at once (an order answers at once, its absence only at the
--- horizon), so the learner scores positives and negatives at different times: trust served_auc.
+-- than the prior (a model is served once it has learned min_examples of each outcome). Every example is
+-- learned at its deadline, a horizon after it was sampled: the learner scores it with the model of that
+-- moment, the served score is that of a snapshot a horizon older, which is what triggers acted on.
 SELECT p.model AS model, p.day AS day, examples, positives, mean_score, positive_rate, ece, brier, auc,
        served_mean_score, served_ece, served_auc, model_share
 FROM
