@@ -33,6 +33,7 @@ import clickhouse_connect
 import orjson
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.insert import InsertContext
 
 from connectors.migrations import TTL_COLUMNS
 from connectors.redis_store import FEATURE_SET_VERSION
@@ -228,24 +229,38 @@ def batch_token(table: str, batch: Sequence[Any]) -> str:
     return f"{table}:{digest}"
 
 
-def insert_columns(
-    client: Client, database: str, table: str, columns: list[str], data: Sequence[Sequence[Any]], token: str,
-) -> None:
-    """One batch insert, given as one sequence per column, deduplicated on ``token`` (synchronous: an
-    asynchronous insert ignores tokens).
+class Inserts:
+    """Batch inserts into one client's tables, each deduplicated on its token (synchronous: an asynchronous
+    insert ignores tokens).
 
-    Columns, not rows: clickhouse-connect's insert context holds its data from a reference cycle, so rows
-    handed to it lived until the cyclic collector ran, and every batch's row lists were promoted into the
-    older generations, whose collections then stopped the flow for up to 260 ms. The writer empties its
-    column lists after the insert, so the context, still waiting for the collector, holds no rows."""
-    client.insert(f"{database}.{table}", data, column_names=columns, column_oriented=True, settings={
-        "insert_deduplicate": 1, "insert_deduplication_token": token, "async_insert": 0,
-    })
+    One insert context per table, made once and reused with each batch's data and token: without one,
+    clickhouse-connect asks ClickHouse for the table's column types on every insert (a ``DESCRIBE`` query,
+    a round trip to a server). Columns, not rows: the context holds its last data until the next insert,
+    so the writer empties its column lists once they are stored (a batch's rows kept alive until then were
+    promoted into the cyclic collector's older generations, whose collections stopped the flow for up to
+    260 ms)."""
+
+    def __init__(self, client: Client, database: str):
+        self.client = client
+        self.database = database
+        self._contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
+
+    def insert(self, table: str, columns: list[str], data: Sequence[Sequence[Any]], token: str) -> None:
+        """Insert one batch given as one sequence per column."""
+        key = (table, tuple(columns))
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._contexts[key] = self.client.create_insert_context(
+                f"{self.database}.{table}", column_names=columns, column_oriented=True,
+                settings={"insert_deduplicate": 1, "async_insert": 0},
+            )
+        ctx.settings["insert_deduplication_token"] = token
+        self.client.insert(context=ctx, data=data)
 
 
 def insert_batch(client: Client, database: str, table: str, columns: list[str], rows: Sequence[Row], token: str) -> None:
-    """:func:`insert_columns` of rows."""
-    insert_columns(client, database, table, columns, list(zip(*rows)), token)
+    """One insert of rows (tests and one-off writes: the writer keeps its :class:`Inserts`)."""
+    Inserts(client, database).insert(table, columns, list(zip(*rows)), token)
 
 
 class _Columns:
@@ -280,7 +295,7 @@ class ClickHouseWriter:
     def __init__(self, cfg: ClickHouseConfig, client_factory: Callable[[], Client] | None = None):
         self.cfg = cfg
         self._factory = client_factory or (lambda: connect(cfg.dsn))
-        self._client: Client | None = None
+        self._inserts: Inserts | None = None
         self._buffers: dict[str, _Columns] = {}
         self._rows = 0
         #: rows put and rows stored per table since the start (:meth:`store` waits for the one to reach the other)
@@ -350,9 +365,9 @@ class ClickHouseWriter:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=5)
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._inserts is not None:
+            self._inserts.client.close()
+            self._inserts = None
 
     def _due(self) -> list[str]:
         now = time.monotonic()
@@ -386,15 +401,15 @@ class ClickHouseWriter:
         delay = 0.2
         while True:
             try:
-                if self._client is None:
-                    self._client = self._factory()
-                insert_columns(self._client, self.cfg.database, table, columns, data, token)
-                for column in data:  # the insert context keeps ``data`` until the cyclic collector finds it
+                if self._inserts is None:
+                    self._inserts = Inserts(self._factory(), self.cfg.database)
+                self._inserts.insert(table, columns, data, token)
+                for column in data:  # the table's insert context keeps ``data`` until its next insert
                     column.clear()
                 break
             except Exception as e:  # keep the rows and retry with the same token: nothing is dropped or doubled
                 self.failures += 1
-                self._client = None
+                self._inserts = None
                 log.warning("clickhouse insert into %s failed (%s rows), retrying in %.1fs: %s", table, rows, delay, e)
                 if STOPPING.wait(delay):  # a stop during an outage: the rows stay unstored (recovery replays them)
                     log.error("clickhouse insert into %s: stopped with %d rows not stored: %s", table, rows, e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,18 @@ triggers:{CART_ABANDONMENT}
     condition: "event.props.amount >= 100.0"
     channel: push
 """
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (until something binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dead_endpoint() -> str:
+    """A ClickHouse address nothing answers on: connecting is refused, as when the server is down."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def ev(eid: str, user: str, etype: str, ts: int, **props: object) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import random
-import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -30,7 +29,7 @@ from nudgeflow.configload import deployment
 from nudgeflow.events import Action, DeadLetter, Decision, Event
 from nudgeflow.settings import ClickHouseConfig, PiiConfig, Settings
 from operators.features import UserFeatures
-from tests.helpers import CART_AND_BIG_SPENDER
+from tests.helpers import CART_AND_BIG_SPENDER, dead_endpoint
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
 
@@ -278,13 +277,6 @@ def test_a_retried_batch_is_stored_and_counted_once(client: Client, ch_database:
 
 
 # -- outages
-
-
-def dead_endpoint() -> str:
-    """A loopback port nothing listens on: connecting is refused, as when the server is down."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def test_an_outage_holds_the_flow_back_and_loses_nothing(client: Client, chdb_path: Path, ch_database: str) -> None:

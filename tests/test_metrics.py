@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import socket
 import threading
 import time
 from collections import Counter
@@ -17,22 +16,17 @@ import orjson
 import pytest
 from bytewax.testing import run_main
 
-from connectors.clickhouse import ClickHouseWriter
+from connectors.clickhouse import EVENT_COLUMNS, ClickHouseWriter, connect, event_row, migrate
 from connectors.metrics import FlowMetrics
 from connectors.tansu import TansuBroker, produce
 from flows.main import build
 from nudgeflow.configload import deployment
+from nudgeflow.events import Event
 from nudgeflow.logs import JsonFormatter, SecretMask, configure, secrets_of, tag_worker
 from nudgeflow.settings import ClickHouseConfig, Settings
-from tests.helpers import CART_AND_BIG_SPENDER, MIN, ev, kafka_settings, scrape, value
+from tests.helpers import CART_AND_BIG_SPENDER, MIN, dead_endpoint, ev, free_port, kafka_settings, scrape, value
 
 CONFIG_DIR = Path(__file__).parents[1] / "config"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_main_flow_metrics_and_health(kafka: TansuBroker, redis_url: str, key_prefix: str, topic_prefix: str,
@@ -107,23 +101,13 @@ def test_main_flow_metrics_and_health(kafka: TansuBroker, redis_url: str, key_pr
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
 
 
-class _Client:
-    """A ClickHouse client that refuses inserts until told otherwise."""
-
-    def __init__(self, up: threading.Event):
-        self.up = up
-
-    def insert(self, *args: Any, **kwargs: Any) -> None:
-        if not self.up.is_set():
-            raise ConnectionError("clickhouse is down")
-
-    def close(self) -> None:
-        pass
-
-
-def test_readiness_follows_redis_and_the_clickhouse_backlog(redis_url: str) -> None:
+def test_readiness_follows_redis_and_the_clickhouse_backlog(redis_url: str, chdb_path: Path, ch_database: str) -> None:
     up = threading.Event()
-    writer = ClickHouseWriter(ClickHouseConfig(max_buffer_rows=1, flush_interval=0.01), client_factory=lambda: _Client(up))
+    live = f"chdb://{chdb_path}"
+    client = connect(live)
+    migrate(client, ch_database)
+    cfg = ClickHouseConfig(database=ch_database, max_buffer_rows=1, flush_interval=0.01)
+    writer = ClickHouseWriter(cfg, client_factory=lambda: connect(live if up.is_set() else dead_endpoint()))
     ok, down = FlowMetrics(redis_url, writer), FlowMetrics(f"redis://127.0.0.1:{free_port()}/0")
     ok.watch("clickhouse", writer)
     try:
@@ -136,7 +120,8 @@ def test_readiness_follows_redis_and_the_clickhouse_backlog(redis_url: str) -> N
         assert r.status_code == 503 and r.text.startswith("redis: ConnectionError")
         assert httpx.get(f"{down_url}/healthz").status_code == 200  # alive, just not ready
 
-        writer.put("events", ["x"], [[1]])  # the buffer is full and cannot drain: the flow would be held back
+        # the buffer is full and cannot drain (ClickHouse refuses connections): the flow would be held back
+        writer.put("events", EVENT_COLUMNS, [event_row(Event("e1", "u1", "browse", 1_700_000_000_000))])
         deadline = time.monotonic() + 5
         while writer.failures == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -147,11 +132,14 @@ def test_readiness_follows_redis_and_the_clickhouse_backlog(redis_url: str) -> N
         while writer.buffered and time.monotonic() < deadline + 5:
             time.sleep(0.01)
         assert httpx.get(f"{ok_url}/readyz").status_code == 200
+        assert client.query(f"SELECT event_id FROM {ch_database}.events").result_rows == [("e1",)]
     finally:
         up.set()
         writer.close()
         ok.close()
         down.close()
+        client.command(f"DROP DATABASE IF EXISTS {ch_database}")
+        client.close()
 
 
 SECRET = "whsec-0123456789abcdef"
