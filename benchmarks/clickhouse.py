@@ -18,6 +18,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from benchmarks.run import HERE, environment, log, simulator_config
@@ -79,7 +80,10 @@ models: {config}/models.yaml
 class DiscardingClient:
     """A clickhouse-connect stand-in whose inserts go nowhere: the flow without ClickHouse's cost."""
 
-    def insert(self, table: str, rows: Any, **options: Any) -> None:
+    def create_insert_context(self, table: str, **options: Any) -> SimpleNamespace:
+        return SimpleNamespace(settings={})
+
+    def insert(self, table: str | None = None, data: Any = None, **options: Any) -> None:
         pass
 
     def close(self) -> None:
