@@ -1,18 +1,22 @@
 """The benchmark harness's bookkeeping: which latency run the ``BENCH`` line reports, the revision a row names,
-the peers' shared job."""
+the peers' shared job, the ClickHouse benchmark's discarding client."""
 
 from __future__ import annotations
 
 import doctest
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks import run
+from benchmarks.clickhouse import DiscardingClient
 from benchmarks.peers import job
 from benchmarks.run import checks, git_revision, latest_latency
+from connectors.clickhouse import ClickHouseWriter
+from nudgeflow.settings import ClickHouseConfig
 
 
 def _run(utc: str, p99: float, **source: object) -> str:
@@ -63,3 +67,16 @@ def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None
     same = {"kafka_actions": 120, "redis_users": 2000}
     assert checks({"quix": same, "faust": dict(same)}) == []
     assert checks({"quix": same, "faust": same | {"kafka_actions": 119}}) == ["peers: kafka_actions quix 120 != faust 119"]
+
+
+def test_the_clickhouse_benchmarks_discarding_client_takes_every_row_the_writer_hands_it() -> None:
+    """The ``discard`` run of ``benchmarks.clickhouse`` is the flow without ClickHouse's cost: its client must take
+    the writer's inserts as a real one does, or the writer retries forever and the run measures nothing."""
+    writer = ClickHouseWriter(ClickHouseConfig(batch_rows=10, flush_interval=0.01), client_factory=DiscardingClient)
+    for i in range(5):
+        writer.put("events", ["event_id"], [[f"e{i}-{j}"] for j in range(10)])
+    deadline = time.monotonic() + 10  # the writer's thread inserts by size and age (a failing insert is retried)
+    while writer.inserted < 50 and not writer.failures and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.failures == 0 and writer.inserted == 50 and writer.buffered == 0
+    writer.close()
