@@ -583,7 +583,7 @@ def enriched_batches(dep: Deployment, events: int, users: int, seed: int) -> tup
     features = FeatureEngine(dep.features, s.features, s.events, needed=needed_features(dep))
     states: dict[str, ShardState] = {}
     clock = [0]
-    scorer = Scorer(dep.models, lambda _name, _have: None, now_ms=lambda: clock[0])
+    scorer = Scorer(dep.models, lambda _have: [], now_ms=lambda: clock[0])
     raws = [(f"sim:0:{i}", r) for i, r in enumerate(iter_records(simulator_config(users, events, seed)))]
     batches: list[dict[str, list[Any]]] = []
     clocks: list[int] = []

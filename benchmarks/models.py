@@ -193,16 +193,15 @@ class Replay:
         self.published: dict[str, Snapshot] = {}
         self.clock = 0  # newest event time: the wall clock of a live stream
         self.start: int | None = None  # the first event time
-        self.scorer = Scorer(mf, self.fetch, now_ms=lambda: self.clock)
+        self.scorer = Scorer(mf, self.fetch_newer, now_ms=lambda: self.clock)
         self.read = 0
         self.refused = 0
         #: CPU seconds in the Scorer: the per-event scoring cost of the hot path
         self.score_cpu_s = 0.0
 
-    def fetch(self, name: str, have: int) -> Snapshot | None:
-        """What the model store would answer: the newest published snapshot, if newer than ``have``."""
-        snap = self.published.get(name)
-        return snap if snap is not None and snap.version > have else None
+    def fetch_newer(self, have: dict[str, int]) -> list[Snapshot]:
+        """What the model store would answer: the newest published snapshots newer than those the scorer has."""
+        return [s for name, v in have.items() if (s := self.published.get(name)) is not None and s.version > v]
 
     def feed(self, batch: list[tuple[str, bytes]]) -> None:
         """Parse, enrich, score, label and learn one source batch."""

@@ -3,18 +3,19 @@
 One hash per model, ``<prefix>:model:<name>``: ``version``, ``examples``,
 ``positives`` (absent in hashes written before it was), ``river`` (the River
 version that pickled it), ``blob`` and ``updated_ms``, written in one HSET so a
-reader never sees a half-updated model. A fetch asks for ``version`` first and
-downloads the blob only when it is newer.
+reader never sees a half-updated model. A fetch asks for every model's ``version``
+in one round trip first and downloads the blobs only of those that are newer.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from connectors.redis_client import redis_client
+from connectors.redis_client import redis_client, send_commands
 from connectors.redis_retry import TRANSIENT, until_redis_answers
 from operators.models import Snapshot
 
@@ -46,17 +47,31 @@ class RedisModelStore:
 
     def fetch(self, name: str, newer_than: int = 0) -> Snapshot | None:
         """The stored snapshot if its version is above ``newer_than``; None otherwise or when absent."""
-        key = model_key(self.prefix, name)
+        newer = self.fetch_newer({name: newer_than})
+        return newer[0] if newer else None
+
+    def fetch_newer(self, have: Mapping[str, int]) -> list[Snapshot]:
+        """The stored snapshots of the models named whose version is above the one given: every version in
+        one round trip (a scorer asks each ``refresh_every``, a replay in small batches once a batch), then
+        the newer ones' blobs. Empty while Redis is away: scoring goes on with the models it has."""
+        names = list(have)
         try:
-            version = self.client.hget(key, "version")
-            if version is None or int(version) <= newer_than:
-                return None
-            h = self.client.hgetall(key)
-        except TRANSIENT as e:  # scoring goes on with the model it has
-            log.warning("cannot fetch model %s: %s", name, e)
-            return None
-        positives = int(h[b"positives"]) if b"positives" in h else None
-        return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"], positives)
+            versions = send_commands(self.client, [("HGET", model_key(self.prefix, n), "version") for n in names])
+            newer = [n for n, v in zip(names, versions) if isinstance(v, bytes) and int(v) > have[n]]
+            hashes = send_commands(self.client, [("HGETALL", model_key(self.prefix, n)) for n in newer]) if newer else []
+        except TRANSIENT as e:
+            log.warning("cannot fetch models %s: %s", ", ".join(names), e)
+            return []
+        return [_snapshot(n, h) for n, h in zip(newer, hashes)]
+
+
+def _snapshot(name: str, h: Mapping[bytes, bytes] | list[bytes]) -> Snapshot:
+    """A snapshot from its hash, as HGETALL answers it (a flat list of fields and values on one server, a
+    dict through a cluster's pipeline)."""
+    if isinstance(h, list):
+        h = dict(zip(h[::2], h[1::2]))
+    positives = int(h[b"positives"]) if b"positives" in h else None
+    return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"], positives)
 
 
 class _ModelPartition(StatelessSinkPartition[Snapshot]):

@@ -55,7 +55,7 @@ def model_steps(
     s = dep.settings
     recover = s.recovery is not None
     store = RedisModelStore(url, s.redis.key_prefix)
-    scorer = Scorer(dep.models, store.fetch)
+    scorer = Scorer(dep.models, store.fetch_newer)
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
     scored = op.flat_map_batch("score", enriched, scorer.score_batch)
     scores_sink = RedisFeatureSink(s.redis, url, fields=True)

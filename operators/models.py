@@ -238,7 +238,10 @@ def newest_ts(items: list[tuple[str, Enriched | Merge]]) -> int:
 class Scorer:
     """Scores with the newest published snapshot of each model (per worker, refreshed on a bound)."""
 
-    def __init__(self, cfg: ModelsFile, fetch: Callable[[str, int], Snapshot | None], now_ms: Callable[[], int] = wall_ms):
+    def __init__(
+        self, cfg: ModelsFile, fetch: Callable[[dict[str, int]], list[Snapshot]], now_ms: Callable[[], int] = wall_ms,
+    ):
+        """``fetch``: the published snapshots newer than the versions given, one look for all models."""
         self.cfg = cfg
         self.fetch = fetch
         self.now_ms = now_ms
@@ -265,10 +268,10 @@ class Scorer:
             return
         self.next_refresh = now + self.refresh_ms
         self.next_refresh_ts = event_ts + self.refresh_ms
-        for m in self.cfg.models:
-            have = self.version(m.name)
-            snap = self.fetch(m.name, have)
-            if snap is not None and snap.version > have:
+        defs = {m.name: m for m in self.cfg.models}
+        for snap in self.fetch({name: self.version(name) for name in defs}):
+            m = defs.get(snap.name)
+            if m is not None and snap.version > self.version(m.name):
                 model = snap.load()
                 self.models[m.name] = (snap.version, snap.warm(m.min_examples), model, Linear.of(model, m.features))
 

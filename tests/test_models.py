@@ -121,7 +121,7 @@ def test_feedback_on_our_messages_is_no_activity_for_any_label_or_score() -> Non
         eng.on_event(s, scored(Event(f"f{i}", "u1", kind, (10 + i) * MIN, position="p:0"), []), 0)
     assert [(r.model, r.label) for r in eng.advance(s, HOUR)] == [("churn", True)]  # no activity within the hour
     clicks = CFG.models[0].model_copy(update={"name": "clicks", "score_on": ["opened"]})
-    scorer = Scorer(CFG.model_copy(update={"models": [*CFG.models, clicks]}), lambda name, have: None)
+    scorer = Scorer(CFG.model_copy(update={"models": [*CFG.models, clicks]}), lambda have: [])
     opened, browse = Enriched(Event("o", "u", "opened", 0), {"views_1h": 1}), Enriched(Event("b", "u", "browse", 0), {"views_1h": 1})
     scorer.score_batch([("0", opened), ("0", browse)])
     assert set(opened.scores) == {"clicks"} and set(browse.scores) == {"buy", "churn"}
@@ -134,7 +134,7 @@ def test_a_look_at_a_quiet_shopper_is_scored_and_sampled_but_is_no_activity() ->
     eng = LabelEngine(CFG, lateness_ms=0, idle_ms=10**12)
     s = eng.new_state()
     eng.on_event(s, scored(Event("b1", "u1", "browse", 0, position="p:0:1"), ["churn"]), 0)
-    scorer = Scorer(CFG, lambda name, have: None)
+    scorer = Scorer(CFG, lambda have: [])
     look = Enriched(Event(f"{IDLE}:u1:{40 * MIN}", "u1", IDLE, 40 * MIN), {"views_1h": 0})
     scorer.score_batch([("0", look)])
     assert set(look.scores) == {"churn"}  # scored by the model scoring any type, not by buy (browse only)
@@ -256,10 +256,21 @@ def test_snapshot_from_another_river_is_refused() -> None:
         snap.load()
 
 
+def test_the_store_answers_for_every_model_in_one_look_with_only_newer_snapshots(any_redis_url: str, key_prefix: str) -> None:
+    store = RedisModelStore(any_redis_url, key_prefix)
+    d = CFG.models[0]
+    store.publish(Snapshot.of("buy", 3, 10, build_model(d), positives=4))
+    store.publish(Snapshot.of("churn", 1, 5, build_model(d)))
+    newer = store.fetch_newer({"buy": 2, "churn": 1, "absent": 0})
+    assert [(s.name, s.version, s.examples, s.positives) for s in newer] == [("buy", 3, 10, 4)]
+    assert type(newer[0].load()) is type(build_model(d))
+    assert store.fetch_newer({"buy": 3, "churn": 1}) == [] and store.fetch("churn").positives is None
+
+
 def test_scorer_uses_the_newest_snapshot_within_the_refresh_bound(any_redis_url: str, key_prefix: str) -> None:
     store = RedisModelStore(any_redis_url, key_prefix)
     clock = [0]
-    scorer = Scorer(CFG, store.fetch, now_ms=lambda: clock[0])
+    scorer = Scorer(CFG, store.fetch_newer, now_ms=lambda: clock[0])
     d = CFG.models[0]
     en = lambda: Enriched(Event("e", "u", "browse", 0), {"views_1h": 9})  # noqa: E731
     scorer.score_batch([("0", en())])
@@ -285,7 +296,7 @@ def test_replayed_history_refreshes_the_model_by_event_time(any_redis_url: str, 
     """Replaying history, a day of events may pass in a second of wall time: the scorer looks for a newer
     snapshot once ``refresh_every`` of event time has passed too, or it would serve a day's start model."""
     store = RedisModelStore(any_redis_url, key_prefix)
-    scorer = Scorer(CFG, store.fetch, now_ms=lambda: 0)  # the wall clock stands still
+    scorer = Scorer(CFG, store.fetch_newer, now_ms=lambda: 0)  # the wall clock stands still
     en = lambda ts: Enriched(Event("e", "u", "browse", ts), {"views_1h": 9})  # noqa: E731
     scorer.score_batch([("0", en(10_000))])
     learner = Learner(CFG.models[0], CFG)
@@ -305,7 +316,7 @@ def test_a_model_is_served_only_once_it_has_learned_each_outcome(any_redis_url: 
     cfg = CFG.model_copy(update={"models": [d]})
     store = RedisModelStore(any_redis_url, key_prefix)
     clock = [0]
-    scorer = Scorer(cfg, store.fetch, now_ms=lambda: clock[0])
+    scorer = Scorer(cfg, store.fetch_newer, now_ms=lambda: clock[0])
 
     def served() -> float:
         clock[0] += 2000  # past the refresh bound
@@ -366,7 +377,7 @@ def test_a_flat_scored_example_keeps_the_input_it_was_scored_with() -> None:
     for i in range(30):
         learner.learn([Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i % 7)}, 0.5, 0, i % 7 > 3)])
     snap = learner.maybe_publish(now=0, force=True)
-    scorer = Scorer(CFG, lambda name, have: snap if name == "buy" else None)
+    scorer = Scorer(CFG, lambda have: [snap] if have["buy"] < snap.version else [])
     en = Enriched(Event("e", "u", "browse", 0, position="p:0"), {"views_1h": 5})
     scorer.score_batch([("0", en)])
     assert en.scored["buy"] == (1, None) and en.scores["buy"] == pytest.approx(proba(learner.model, {"views_1h": 5.0}))
@@ -380,7 +391,7 @@ def test_a_flat_scored_example_keeps_the_input_it_was_scored_with() -> None:
 
 
 def test_non_finite_features_are_counted_and_the_event_still_scored() -> None:
-    scorer = Scorer(CFG, lambda name, have: None)
+    scorer = Scorer(CFG, lambda have: [])
     en = Enriched(Event("e", "u", "browse", 0), {"views_1h": float("inf")})
     scorer.score_batch([("0", en)])
     assert en.scores["buy"] == CFG.models[0].prior and scorer.faults == 1  # both models share one input
