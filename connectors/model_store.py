@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
@@ -62,14 +63,16 @@ class RedisModelStore:
         except TRANSIENT as e:
             log.warning("cannot fetch models %s: %s", ", ".join(names), e)
             return []
-        return [_snapshot(n, h) for n, h in zip(newer, hashes)]
+        return [snap for n, h in zip(newer, hashes) if (snap := _snapshot(n, h)) is not None]
 
 
-def _snapshot(name: str, h: Mapping[bytes, bytes] | list[bytes]) -> Snapshot:
-    """A snapshot from its hash, as HGETALL answers it (a flat list of fields and values on one server, a
-    dict through a cluster's pipeline)."""
+def _snapshot(name: str, h: Any) -> Snapshot | None:
+    """A snapshot from its hash, as HGETALL answers it: a flat list of fields and values on one server, a
+    dict through a cluster's pipeline (None for a hash gone since its version was read)."""
     if isinstance(h, list):
         h = dict(zip(h[::2], h[1::2]))
+    if not isinstance(h, dict) or b"blob" not in h:
+        return None
     positives = int(h[b"positives"]) if b"positives" in h else None
     return Snapshot(name, int(h[b"version"]), int(h[b"examples"]), h[b"river"].decode(), h[b"blob"], positives)
 

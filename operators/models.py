@@ -246,6 +246,7 @@ class Scorer:
         self.fetch = fetch
         self.now_ms = now_ms
         self.refresh_ms = int(cfg.refresh_every * 1000)
+        self.defs = {m.name: m for m in cfg.models}
         self.models: dict[str, tuple[int, bool, Any, Linear | None]] = {}  # name -> (version, warm, model, flat form)
         #: the next look for snapshots, by the wall clock and by event time, whichever comes first
         self.next_refresh = self.next_refresh_ts = 0
@@ -268,9 +269,8 @@ class Scorer:
             return
         self.next_refresh = now + self.refresh_ms
         self.next_refresh_ts = event_ts + self.refresh_ms
-        defs = {m.name: m for m in self.cfg.models}
-        for snap in self.fetch({name: self.version(name) for name in defs}):
-            m = defs.get(snap.name)
+        for snap in self.fetch({name: self.version(name) for name in self.defs}):
+            m = self.defs.get(snap.name)
             if m is not None and snap.version > self.version(m.name):
                 model = snap.load()
                 self.models[m.name] = (snap.version, snap.warm(m.min_examples), model, Linear.of(model, m.features))
