@@ -257,6 +257,9 @@ class Inserts:
         ctx.settings["insert_deduplication_token"] = token
         self.client.insert(context=ctx, data=data)
 
+    def close(self) -> None:
+        self.client.close()
+
 
 def insert_batch(client: Client, database: str, table: str, columns: list[str], rows: Sequence[Row], token: str) -> None:
     """One insert of rows (tests and one-off writes: the writer keeps its :class:`Inserts`)."""
@@ -366,7 +369,7 @@ class ClickHouseWriter:
             self._cv.notify_all()
         self._thread.join(timeout=5)
         if self._inserts is not None:
-            self._inserts.client.close()
+            self._inserts.close()
             self._inserts = None
 
     def _due(self) -> list[str]:
