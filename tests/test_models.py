@@ -354,10 +354,12 @@ finite = st.floats(-1e6, 1e6, allow_nan=False)
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(finite, finite, st.booleans()), min_size=1, max_size=40), st.tuples(finite, finite),
-       st.sampled_from([{}, {"l2": 0.01}, {"intercept_lr": 0.0}]))
-def test_the_flat_form_scores_as_river_does(examples: list, x: tuple[float, float], params: dict) -> None:
-    d = ModelDef(name="p", label={"events": ["order"], "within": "1h"}, features=["a", "b", "never_seen"], params=params)
+       st.sampled_from([{}, {"l2": 0.01}, {"intercept_lr": 0.0}]), st.sampled_from(["log", "none"]))
+def test_the_flat_form_scores_as_river_does(examples: list, x: tuple[float, float], params: dict, transform: str) -> None:
+    d = ModelDef(name="p", label={"events": ["order"], "within": "1h"}, features=["a", "b", "never_seen"], params=params,
+                 transform=transform)
     m = build_model(d)
+    assert Linear.of(m, d.features).log == (transform == "log")
     for a, b, y in examples:
         m.learn_one({"a": a, "b": b}, y)
     feats = {"a": x[0], "b": x[1], "never_seen": 7, "other": "text"}
@@ -407,6 +409,32 @@ def test_learner_logic_warm_starts_from_the_published_snapshot() -> None:
     logic = LearnerLogic(CFG, None, warm=lambda name: snap)
     out, _ = logic.on_batch([Resolved("buy", "u", "x", 100, 100, {"views_1h": 3.0}, 0.5, 7, False)])
     assert logic.learner is not None and logic.learner.examples == 11 and logic.learner.version >= 7
+
+
+def test_a_snapshot_of_another_shape_than_the_definition_starts_the_learner_cold_numbering_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """models.yaml changed under a published snapshot (here from no transform to ``log``): the snapshot is not
+    the model now defined, so the learner starts cold, and numbers its versions on from the snapshot's, or
+    scorers holding it would never take the new model. A recovered learner of the old shape is replaced alike."""
+    d = CFG.models[0]
+    old = Learner(d.model_copy(update={"transform": "none"}), CFG)
+    old.learn([Resolved("buy", "u", f"e{i}", i, i, {"views_1h": float(i)}, 0.5, 0, i > 5) for i in range(10)])
+    old.version = 6
+    snap = old.maybe_publish(now=0, force=True)
+    assert snap is not None and snap.version == 7
+    example = Resolved("buy", "u", "x", 100, 100, {"views_1h": 3.0}, 0.5, 7, False)
+    logic = LearnerLogic(CFG, None, warm=lambda name: snap)
+    logic.on_batch([example])
+    assert logic.learner is not None and logic.learner.examples == 1
+    assert models.shape(logic.learner.model) == models.shape(build_model(d)) != models.shape(old.model)
+    assert logic.on_eof()[0][-1].version == 8
+    assert "snapshot v7 is ['StandardScaler', 'LogisticRegression']" in caplog.text
+
+    resumed = LearnerLogic(CFG, pickle.dumps(old), warm=lambda name: None)
+    assert resumed.learner is not None and resumed.learner.examples == 0 and resumed.learner.version == 7
+    same = LearnerLogic(CFG, pickle.dumps(logic.learner), warm=lambda name: None)
+    assert same.learner is not None and same.learner.examples == 1  # of the shape defined: kept as it was
 
 
 def test_repo_models_validate_and_bad_ones_are_named(tmp_path: Path) -> None:
