@@ -415,6 +415,25 @@ def test_a_shard_compacts_with_a_dictionary_of_its_first_shoppers_and_keeps_it_i
     assert isinstance(eng.apply(back, ev), Enriched) and type(back.users["u3"]) is not Frozen
 
 
+def test_shoppers_published_idle_by_the_shards_clock_are_compacted_by_that_flush() -> None:
+    """Shoppers changed since the last flush, and idle past ``compact_after`` by the shard's clock (their partition
+    behind the others, or a sweep between flushes, which leaves the changed ones to the flush): the flush that
+    publishes them compacts them, not the next sweep, an hour of event time later (a second of a replay)."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
+                        EventsConfig())
+    st_ = eng.new_state()
+    for i in range(10):
+        eng.apply(st_, Event(f"e{i}", f"u{i}", "browse", DAY + i, props={"category": "c1"}))
+    eng.apply(st_, Event("busy", "busy", "browse", DAY + 2 * HOUR))  # the shard's clock: 2 h on
+    st_.swept_ts = st_.max_ts  # a sweep just ran (as apply does every EVICT_EVERY events): none is due
+    want = {f"u{i}": eng.read_all(st_.users[f"u{i}"], DAY + i) for i in range(10)}  # type: ignore[arg-type]
+    published = [x for x in eng.flush(st_) if type(x) is UserFeatures]
+    assert {x.user_id: x.features for x in published if x.user_id != "busy"} == want and len(published) == 11
+    assert all(type(st_.users[uid]) is Frozen for uid in want) and type(st_.users["busy"]) is UserState
+    assert st_.compacted == 10 and st_.zdict and st_.swept_ts == st_.max_ts
+    assert {uid: eng.read_all(st_.users[uid].thaw(st_.zdict), DAY + i) for i, uid in enumerate(want)} == want
+
+
 def test_a_snapshot_from_before_dictionaries_still_thaws_its_shoppers() -> None:
     """A shard snapshotted by a version without dictionaries (five fields, blobs compressed without one) thaws
     its compacted shoppers, and goes on compacting without a dictionary."""
