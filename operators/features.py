@@ -1021,19 +1021,19 @@ class FeatureEngine:
         clock runs ahead of a user's where their partition is behind the others, and replaying history, an
         hour between sweeps is a second (measured: 70 % of some shards' users left uncompacted at the end of
         a 200k-event replay, idle for days by the shard's clock)."""
-        out, idle, cold = [], [], st.max_ts - self.compact_ms
+        out, quiet, cold = [], [], st.max_ts - self.compact_ms
         for uid in st.changed:
             u = _thawed(st.users.get(uid), st.zdict)
             if u is not None:
                 at = u.last_ts
                 out.append(UserFeatures(uid, at, self.read_all(u, at)))
                 if at <= cold:
-                    idle.append(uid)
+                    quiet.append(uid)
         st.changed.clear()
         if st.max_ts - st.swept_ts >= self.sweep_ms:
             self.evict(st)
-        elif idle:
-            st.compacted += self._freeze(st, idle)
+        elif quiet:
+            st.compacted += self._freeze(st, quiet)
         if self.idle and st.clock.watermark(self.lateness_ms, self.silent_ms, wall_ms()) - st.looked_ts >= self.look_ms:
             out += self.look(st)
         return out

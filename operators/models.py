@@ -230,9 +230,10 @@ class Linear:
         """The flat form of a default ``logistic`` pipeline; None for any other model (it scores through River)."""
         kinds = shape(model)
         log = kinds[:1] == ["FuncTransformer:symlog"]
-        if kinds[log:] != ["StandardScaler", "LogisticRegression"]:
+        first = 1 if log else 0  # the steps after the transform
+        if kinds[first:] != ["StandardScaler", "LogisticRegression"]:
             return None
-        sc, lr = list(model.steps.values())[log:]
+        sc, lr = list(model.steps.values())[first:]
         if not sc.with_std or sc.window_size is not None or type(lr.loss) is not optim.losses.Log:
             return None
         w, intercept, weights = lr.weights, lr.intercept, []
