@@ -6,6 +6,7 @@ import pickle
 import random
 from pathlib import Path
 
+import lz4.block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +14,7 @@ from nudgeflow.configload import load_features
 from nudgeflow.events import FEEDBACK_TYPES, IDLE, DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen, ShardState,
-                                UserFeatures, UserState, shard_of, window_label)
+                                UserFeatures, UserState, ZSTD_MAGIC, shard_of, window_label)
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -434,13 +435,21 @@ def test_shoppers_published_idle_by_the_shards_clock_are_compacted_by_that_flush
     assert {uid: eng.read_all(st_.users[uid].thaw(st_.zdict), DAY + i) for i, uid in enumerate(want)} == want
 
 
+def _lz4(u: UserState, zdict: bytes | None) -> Frozen:
+    """A shopper compacted as versions before zstd did: an LZ4 block, with the shard's dictionary if any."""
+    f = Frozen.__new__(Frozen)
+    f.last_ts, f.looks = u.last_ts, u.looks
+    f.blob = lz4.block.compress(pickle.dumps(u, protocol=pickle.HIGHEST_PROTOCOL), dict=zdict)
+    return f
+
+
 def test_a_snapshot_from_before_dictionaries_still_thaws_its_shoppers() -> None:
-    """A shard snapshotted by a version without dictionaries (five fields, blobs compressed without one) thaws
+    """A shard snapshotted by a version without dictionaries (five fields, LZ4 blobs compressed without one) thaws
     its compacted shoppers, and goes on compacting without a dictionary."""
     eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
                         EventsConfig())
     st_ = _shoppers(eng)
-    users = {uid: Frozen(u.thaw(st_.zdict), None) for uid, u in st_.users.items()}
+    users = {uid: _lz4(u.thaw(st_.zdict), None) for uid, u in st_.users.items()}
     old = st_.__class__.__new__(st_.__class__)
     old.__setstate__((users, st_.dedup.ids, st_.dedup.window_ms, st_.max_ts, set()))
     assert old.zdict == b"" and all(type(u) is Frozen for u in old.users.values())
@@ -450,7 +459,33 @@ def test_a_snapshot_from_before_dictionaries_still_thaws_its_shoppers() -> None:
     eng.flush(old)
     old.max_ts += 2 * HOUR
     eng.evict(old)
-    assert old.zdict == b"" and eng.read_all(old.users["u5"].thaw(b""), old.users["u5"].last_ts)["events_24h"] >= 1
+    assert old.zdict == b"" and old.users["u5"].blob.startswith(ZSTD_MAGIC)
+    assert eng.read_all(old.users["u5"].thaw(b""), old.users["u5"].last_ts)["events_24h"] >= 1
+
+
+def test_a_snapshot_of_lz4_blobs_thaws_them_and_compacts_with_zstd_and_its_dictionary() -> None:
+    """A shard snapshotted before zstd: its dictionary is its first shoppers' pickles, its blobs LZ4 blocks made
+    with it. They thaw as they were; a shopper compacted again is a zstd frame with the same bytes as a raw-content
+    dictionary, and thaws exactly."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
+                        EventsConfig())
+    st_ = _shoppers(eng)
+    thawed = {uid: u.thaw(st_.zdict) for uid, u in st_.users.items()}
+    zdict = b"".join(pickle.dumps(thawed[f"u{i}"], protocol=pickle.HIGHEST_PROTOCOL) for i in range(4))[-16_384:]
+    old = pickle.loads(pickle.dumps(st_))
+    old.zdict, old.users = zdict, {uid: _lz4(u, zdict) for uid, u in thawed.items()}
+    back = pickle.loads(pickle.dumps(old))
+    want = {uid: eng.read_all(u, u.last_ts) for uid, u in thawed.items()}
+    assert {uid: eng.read_all(u.thaw(back.zdict), u.last_ts) for uid, u in back.users.items()} == want
+    assert not any(u.blob.startswith(ZSTD_MAGIC) for u in back.users.values())
+    eng.apply(back, Event("again", "u5", "browse", back.max_ts, props={"category": "c2"}))
+    eng.flush(back)
+    back.max_ts += 2 * HOUR
+    eng.evict(back)
+    again = back.users["u5"]
+    assert back.zdict == zdict and type(again) is Frozen and again.blob.startswith(ZSTD_MAGIC)
+    assert len(again.blob) < len(Frozen(again.thaw(zdict), None).blob)  # the old dictionary still helps
+    assert eng.read_all(again.thaw(zdict), again.last_ts)["events_24h"] == want["u5"]["events_24h"] + 1
 
 
 def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:
