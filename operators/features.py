@@ -262,9 +262,10 @@ class Frozen:
     Compressed with zstd and ``zdict``, the shard's dictionary (:func:`shard_dictionary`): every shopper's
     pickle repeats the same class references, slot layout and window shapes, which a dictionary trained on
     the shard's first compacted shoppers holds once (measured on the benchmark's shoppers: 1,746 bytes a
-    pickle, 539 with LZ4 and the first shoppers' pickles as its dictionary, ~380 with zstd and a trained one,
-    compressing in the same ~5 µs). A blob thaws only with the dictionary it was made with, so a shard keeps
-    one for good, in its snapshots. Blobs of snapshots from before zstd are LZ4 blocks, and thaw as such.
+    pickle, 549 with LZ4 and the first shoppers' pickles as its dictionary, ~400 with zstd and a trained one,
+    compressing in the same ~6 µs: :data:`ZSTD_PARAMS`). A blob thaws only with the dictionary it was made
+    with, so a shard keeps one for good, in its snapshots. Blobs of snapshots from before zstd are LZ4
+    blocks, and thaw as such.
 
     >>> plan = FeaturePlan(FeatureDefs.model_validate({"counts": [{"name": "n", "types": "any", "windows": ["1h"]}]}))
     >>> u = UserState(1_000, plan); u.wins[0].add(1_000, 1)
@@ -298,16 +299,21 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 """What a zstd frame starts with; an LZ4 block of an older snapshot starts with its length, never 4 GB."""
 
 #: a shard's dictionary is trained on the pickles of the first shoppers it compacts, at most this many, with
-#: zstd's fast trainer and fixed parameters (measured on the benchmark's shoppers: ~1.5 ms once a shard, 380
-#: bytes a shopper; the default trainer searches its parameters, ~15 ms a shard, for 3 % fewer bytes; the
-#: pickles themselves as the dictionary: nothing to train, 10 % more bytes)
+#: zstd's fast trainer and fixed parameters (measured on the benchmark's shoppers at level 3: ~1.5 ms once a
+#: shard, 380 bytes a shopper; the default trainer searches its parameters, ~15 ms a shard, for 3 % fewer
+#: bytes; the pickles themselves as the dictionary: nothing to train, 10 % more bytes)
 DICT_USERS = 32
 DICT_MAX_BYTES = 8_192
 _TRAINER = {"k": 1024, "d": 8, "f": 14, "accel": 1}
-ZSTD_LEVEL = 3
-"""zstd's default. Compressing costs ~90k instructions a shopper (LZ4: ~65k, for 40 % more bytes), most of it
-the entropy coding of literals: level 1 spends 3 % fewer for 3 % more bytes, level -1 (no entropy coding) 9 % more
-bytes, and a shopper is compacted once a visit."""
+ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=15, hash_log=11, chain_log=11, search_log=1, min_match=6, target_length=0,
+    strategy=zstandard.STRATEGY_FAST, write_content_size=1, write_checksum=0, write_dict_id=0,
+)
+"""zstd's parameters for a pickle of a few KB and a small dictionary: its fast strategy and a table of 2**11
+entries. A level's own parameters size its tables for large inputs: at level 3, with a dictionary a shard and
+64 shards a process, compressing a shopper took 17 µs instead of 5 (the tables out of the caches); these take
+~6 µs, as LZ4 did, for 406 bytes a shopper (level 3: 380, LZ4: 549). Thawing takes ~3.7 µs (LZ4: ~1.6), and a
+shopper is compacted and thawed once a visit."""
 
 
 def shard_dictionary(users: Iterable[UserState]) -> bytes:
@@ -327,8 +333,8 @@ def _codec(zdict: bytes | None) -> tuple[Callable[[bytes], bytes], Callable[[byt
     the raw pickles an older snapshot's shard kept for LZ4, is used as raw content; none or empty: none."""
     d = zstandard.ZstdCompressionDict(zdict) if zdict else None
     if d is not None:
-        d.precompute_compress(level=ZSTD_LEVEL)
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=d, write_checksum=False, write_dict_id=False)
+        d.precompute_compress(compression_params=ZSTD_PARAMS)
+    compressor = zstandard.ZstdCompressor(dict_data=d, compression_params=ZSTD_PARAMS)
     return compressor.compress, zstandard.ZstdDecompressor(dict_data=d).decompress
 
 
