@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from benchmarks.run import HERE, environment, log, simulator_config
+from benchmarks.run import HERE, _md, environment, log, simulator_config, table_head
 from connectors.clickhouse import (
     EVENT_COLUMNS,
     ClickHouseWriter,
@@ -177,17 +177,14 @@ def record(run: dict[str, Any], out_dir: Path) -> None:
 
 
 def append_row(results: Path, heading: str, preamble: str, header: list[str], row: list[str]) -> None:
-    """A table row at the end of ``results``, after the heading, its preamble and the header when the last
-    table under that heading has other columns (or there is none)."""
+    """A table row at the end of ``results``: after the heading and its preamble unless the last section is
+    this table's, and after the header unless the file ends with a table of these columns."""
     text = results.read_text() if results.exists() else ""
-    line = f"| {' | '.join(header)} |"
+    text += "" if text.endswith("\n") or not text else "\n"
     section = text[text.rfind("\n## ") + 1:]  # rows go at the end: the last section must be this table's
-    headers = [h for h in section.splitlines() if h.startswith("| utc |")]
-    add = "" if section.startswith(heading) and headers and headers[-1] == line else (
-        f"\n{heading}\n{preamble}\n{line}\n|{' --- |' * len(header)}\n"
-    )
-    with results.open("a") as f:
-        f.write(("" if text.endswith("\n") or not text else "\n") + add + f"| {' | '.join(row)} |\n")
+    add = "" if section.startswith(heading) else f"\n{heading}\n{preamble}\n"
+    add += table_head(text + add, header)
+    results.write_text(text + add + _md(row) + "\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -51,6 +51,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from benchmarks.run import (
     REPO,
     _md,
+    table_head,
     _proc_cpu_s,
     bench_redis,
     environment,
@@ -702,15 +703,12 @@ def row(res: dict[str, Any]) -> list[str]:
 
 
 def record(res: dict[str, Any], out_dir: Path) -> None:
-    """Append the run at the end of RESULTS.md (the section once; the table header again when another table
-    was appended after ours) and to latency.jsonl. The file is read right before appending."""
+    """Append the run at the end of RESULTS.md (the section once; the table header again unless the file ends
+    with our table) and to latency.jsonl. The file is read right before appending."""
     md = out_dir / "RESULTS.md"
     text = md.read_text() if md.exists() else ""
-    header = _md(COLUMNS)
     add = "" if HEADING in text else ("" if text.endswith("\n") or not text else "\n") + SECTION
-    last_header = next((ln for ln in reversed((text + add).splitlines()) if ln.startswith("| utc |")), None)
-    if last_header != header:
-        add += ("" if (text + add).endswith("\n\n") else "\n") + header + "\n" + _md(["---"] * len(COLUMNS)) + "\n"
+    add += table_head(text + add, COLUMNS)
     with md.open("a") as f:
         f.write(add + _md(row(res)) + "\n")
     with (out_dir / "latency.jsonl").open("a") as f:

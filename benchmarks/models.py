@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import REPO, environment, simulator_config
+from benchmarks.run import REPO, _md, environment, simulator_config, table_head
 from connectors.simulator import iter_records
 from nudgeflow.configload import Deployment, load_deployment
 from nudgeflow.events import Event
@@ -433,24 +433,17 @@ the whole run. Targets (issue 4):
 RUN_COLUMNS = ["utc", "rev", "cpu", "nproc", "seed", "wall s"]
 
 
-def _md(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
-
-
 def record(res: dict[str, Any], out_dir: Path) -> None:
-    """Append the run's rows at the end of RESULTS.md (the section once; the table header again when
-    another table was appended after ours) and the run to models.jsonl."""
+    """Append the run's rows at the end of RESULTS.md (the section once; the table header again unless the
+    file ends with our table) and the run to models.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "RESULTS.md"
     text = md.read_text() if md.exists() else ""
     cols = RUN_COLUMNS + COLUMNS
-    header = _md(cols)
     add = ""
     if HEADING not in text:
         add += ("" if text.endswith("\n") or not text else "\n") + SECTION
-    last_header = next((ln for ln in reversed((text + add).splitlines()) if ln.startswith("| utc |")), None)
-    if last_header != header:
-        add += ("" if (text + add).endswith("\n\n") else "\n") + header + "\n" + _md(["---"] * len(cols)) + "\n"
+    add += table_head(text + add, cols)
     env = res["env"]
     wall = sum(r["wall_s"] for r in res["runs"].values())
     seed = str(res["seed"]) + (f" ({res['span_days']:g} days)" if res.get("span_days") is not None else "")

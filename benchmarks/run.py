@@ -515,19 +515,34 @@ def _md(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
+def table_head(text: str, cols: list[str]) -> str:
+    r"""What to write after ``text`` (RESULTS.md so far) before a row of ``cols``, so the row lands in a table of
+    them: nothing when the text ends with such a table, else a blank line, the header and its rule (a note, a
+    profile or another table may have come after the last one, and a row after them would be loose text).
+
+    >>> table_head("| a | b |\n| --- | --- |\n| 1 | 2 |\n", ["a", "b"])
+    ''
+    >>> table_head("| a | b |\n| --- | --- |\n| 1 | 2 |\n\nA note.\n", ["a", "b"])
+    '\n| a | b |\n| --- | --- |\n'
+    """
+    lines = text.splitlines()
+    top = len(lines)
+    while top and lines[top - 1].startswith("|"):
+        top -= 1
+    if top < len(lines) and lines[top] == _md(cols):
+        return ""
+    gap = "" if not text or text.endswith("\n\n") else "\n" if text.endswith("\n") else "\n\n"
+    return gap + _md(cols) + "\n" + _md(["---"] * len(cols)) + "\n"
+
+
 def record(run: dict[str, Any], out_dir: Path) -> None:
-    """Append the run to RESULTS.md (a new table header when the columns changed) and results.jsonl."""
+    """Append the run to RESULTS.md (a table header again unless it ends with a table of these columns) and
+    results.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "RESULTS.md"
     cols, cells = results_row(run)
-    header = _md(cols)
     text = md.read_text() if md.exists() else RESULTS_HEADER
-    last_header = next((ln for ln in reversed(text.splitlines()) if ln.startswith("| utc |")), None)
-    add = ""
-    if last_header != header:
-        add += ("" if text.endswith("\n\n") else "\n") + header + "\n" + _md(["---"] * len(cols)) + "\n"
-    add += _md(cells) + "\n"
-    md.write_text(text + add)
+    md.write_text(text + table_head(text, cols) + _md(cells) + "\n")
     with (out_dir / "results.jsonl").open("a") as f:
         f.write(json.dumps(run, sort_keys=False) + "\n")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run
-from benchmarks.clickhouse import DiscardingClient
+from benchmarks.clickhouse import DiscardingClient, append_row
 from benchmarks.peers import job
 from benchmarks.run import checks, git_revision, latest_latency
 from connectors.clickhouse import ClickHouseWriter
@@ -61,6 +61,25 @@ def test_the_peers_job_does_what_its_docstrings_show() -> None:
     # engines run, so its examples are checked here
     res = doctest.testmod(job)
     assert res.attempted >= 5 and res.failed == 0
+
+
+def test_a_row_appended_after_a_note_or_another_table_gets_its_header_again(tmp_path: Path) -> None:
+    """RESULTS.md takes notes and profiles between runs: a row appended after them, without its header, was loose
+    text (two rows of 2026-12-07 were). Every benchmark appends through ``table_head``."""
+    res = doctest.testmod(run)  # table_head's own examples
+    assert res.attempted >= 2 and res.failed == 0
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n")
+    append_row(md, "## T", "\nWhat T is.\n", ["utc", "x"], ["10:00", "1"])
+    append_row(md, "## T", "\nWhat T is.\n", ["utc", "x"], ["11:00", "2"])
+    md.write_text(md.read_text() + "\nNote: x rose.\n")
+    append_row(md, "## T", "\nWhat T is.\n", ["utc", "x"], ["12:00", "3"])
+    append_row(md, "## T", "\nWhat T is.\n", ["utc", "x", "y"], ["13:00", "4", "5"])
+    assert md.read_text() == (
+        "# Results\n\n## T\n\nWhat T is.\n\n| utc | x |\n| --- | --- |\n| 10:00 | 1 |\n| 11:00 | 2 |\n"
+        "\nNote: x rose.\n\n| utc | x |\n| --- | --- |\n| 12:00 | 3 |\n"
+        "\n| utc | x | y |\n| --- | --- | --- |\n| 13:00 | 4 | 5 |\n"
+    )
 
 
 def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None:
