@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
+import threading
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
@@ -326,11 +327,18 @@ def shard_dictionary(users: Iterable[UserState]) -> bytes:
         return b"".join(samples)[-DICT_MAX_BYTES:]
 
 
-@functools.lru_cache(maxsize=4096)
 def _codec(zdict: bytes | None) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-    """Compress and decompress with one dictionary (made once a shard: loading a dictionary costs more than a
-    shopper's compression). A trained dictionary starts with zstd's dictionary magic; anything else, such as
-    the raw pickles an older snapshot's shard kept for LZ4, is used as raw content; none or empty: none."""
+    """Compress and decompress with one dictionary, in this thread: zstd's contexts are not for two threads at
+    once (they release the interpreter lock), and a process's worker threads share the ones without a
+    dictionary (older snapshots' shards)."""
+    return _thread_codec(zdict, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=4096)
+def _thread_codec(zdict: bytes | None, _thread: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    """Made once a shard and thread: loading a dictionary costs more than a shopper's compression. A trained
+    dictionary starts with zstd's dictionary magic; anything else, such as the raw pickles an older snapshot's
+    shard kept for LZ4, is used as raw content; none or empty: none."""
     d = zstandard.ZstdCompressionDict(zdict) if zdict else None
     if d is not None:
         d.precompute_compress(compression_params=ZSTD_PARAMS)

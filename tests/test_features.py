@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import threading
 from pathlib import Path
 
 import lz4.block
@@ -14,7 +15,7 @@ from nudgeflow.configload import load_features
 from nudgeflow.events import FEEDBACK_TYPES, IDLE, DeadLetter, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig
 from operators.features import (EVICT_EVERY, MAX_VALUE, SCALE, Enriched, FeatureEngine, FeatureLogic, FeaturePlan, Frozen, ShardState,
-                                UserFeatures, UserState, ZSTD_MAGIC, shard_of, window_label)
+                                UserFeatures, UserState, ZSTD_MAGIC, _codec, shard_of, window_label)
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
@@ -486,6 +487,30 @@ def test_a_snapshot_of_lz4_blobs_thaws_them_and_compacts_with_zstd_and_its_dicti
     assert back.zdict == zdict and type(again) is Frozen and again.blob.startswith(ZSTD_MAGIC)
     assert len(again.blob) < len(Frozen(again.thaw(zdict), None).blob)  # the old dictionary still helps
     assert eng.read_all(again.thaw(zdict), again.last_ts)["events_24h"] == want["u5"]["events_24h"] + 1
+
+
+def test_worker_threads_compact_with_contexts_of_their_own() -> None:
+    """zstd's contexts release the interpreter lock and are not for two threads at once; a process's worker
+    threads (``-w N``) share the shards without a dictionary, so each thread compacts with its own."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
+                        EventsConfig())
+    users = [u.thaw(st_.zdict) for st_ in [_shoppers(eng)] for u in st_.users.values()]
+    want = [pickle.dumps(u) for u in users]
+    contexts: dict[int, object] = {}
+    failures: list[int] = []
+
+    def work(n: int) -> None:
+        contexts[n] = _codec(None)[0].__self__  # type: ignore[attr-defined]
+        for _ in range(50):
+            if [pickle.dumps(Frozen(u, None).thaw(None)) for u in users] != want:
+                failures.append(n)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and len({id(c) for c in contexts.values()}) == 4
 
 
 def test_repo_definitions_compile_and_name_what_the_issue_asks_for() -> None:
