@@ -177,7 +177,7 @@ class FeaturesConfig(Strict):
     #: each shard publishes its changed users to Redis at most this often (wall clock; 0: every batch),
     #: so a shopper active within it is written once: Redis lags the flow's own features by this much
     publish_interval: Duration = 1.0
-    #: a shopper with no event for this long (event time) is held compacted, pickled and compressed (~0.55 KB
+    #: a shopper with no event for this long (event time) is held compacted, pickled and compressed (~0.58 KB
     #: instead of ~8 KB of objects), until their next event; ``null``: never
     compact_after: Duration | None = 1800.0
 
