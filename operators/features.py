@@ -54,6 +54,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from operator import itemgetter
 from typing import Any, NamedTuple, get_args
 
@@ -1165,7 +1166,9 @@ class FeatureEngine:
 
     def _freeze(self, st: ShardState, uids: list[str]) -> int:
         """Compact those of ``uids`` still held uncompacted, idle past ``compact_after`` and not changed since the
-        last flush; how many. The shard's first compaction makes its dictionary of the first of them."""
+        last flush; how many. The shard's first compaction makes its dictionary of its first shoppers, active
+        ones too (their pickles have the same structure): of only the one or two idle at that moment, it would
+        be the raw pickles of those, ~20 % more bytes a shopper for good."""
         users, changed, cold = st.users, st.changed, st.max_ts - self.compact_ms
         ready: list[tuple[str, UserState]] = []
         for uid in uids:
@@ -1173,7 +1176,7 @@ class FeatureEngine:
             if type(u) is UserState and u.last_ts <= cold and uid not in changed:
                 ready.append((uid, u))
         if ready and st.zdict is None:
-            st.zdict = shard_dictionary(u for _, u in ready[:DICT_USERS])
+            st.zdict = shard_dictionary(islice(users.values(), DICT_USERS))  # type: ignore[arg-type]  # none Frozen yet
         for uid, u in ready:
             users[uid] = Frozen(u, st.zdict)  # a value replaced, not a key added
         return len(ready)

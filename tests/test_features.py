@@ -417,6 +417,22 @@ def test_a_shard_compacts_with_a_dictionary_of_its_first_shoppers_and_keeps_it_i
     assert isinstance(eng.apply(back, ev), Enriched) and type(back.users["u3"]) is not Frozen
 
 
+def test_a_shards_dictionary_is_trained_on_its_shoppers_even_when_one_is_idle_at_its_first_compaction() -> None:
+    """The first compaction of a shard may find a single idle shopper; the dictionary, kept for good, is then
+    trained on the shard's shoppers, active ones too, not made of that one pickle."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(allowed_lateness="30d", compact_after="1h"),
+                        EventsConfig())
+    st_ = eng.new_state()
+    eng.apply(st_, Event("e0", "idle", "browse", DAY, props={"category": "c1"}))
+    for i in range(30):
+        eng.apply(st_, Event(f"e{i + 1}", f"u{i}", "browse", DAY + 2 * HOUR + i, props={"category": f"c{i % 5}"}))
+    eng.flush(st_)
+    eng.evict(st_)
+    assert type(st_.users["idle"]) is Frozen and st_.compacted == 1
+    assert st_.zdict is not None and st_.zdict.startswith(b"\x37\xa4\x30\xec")  # zstd's dictionary magic: trained
+    assert eng.read_all(st_.users["idle"].thaw(st_.zdict), DAY)["events_24h"] == 1
+
+
 def test_shoppers_published_idle_by_the_shards_clock_are_compacted_by_that_flush() -> None:
     """Shoppers changed since the last flush, and idle past ``compact_after`` by the shard's clock (their partition
     behind the others, or a sweep between flushes, which leaves the changed ones to the flush): the flush that
