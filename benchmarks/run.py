@@ -65,10 +65,15 @@ PEER_STAGES: dict[str, tuple[str, str]] = {
     "faust": ("faust", "benchmarks.peers.faust_job"),
 }
 #: stages of several Bytewax processes (``cluster_main``, as ``nudgeflow run --processes N``): name → (stage,
-#: processes). They read their own topic of SCALE_PARTITIONS partitions (the same records), so 2 processes
-#: get 2 partitions each; the features flow, as chDB (in the full flow) lives in one process.
+#: processes). They read their own topic of SCALE_PARTITIONS partitions, so 2 processes get 2 partitions each;
+#: the features flow, as chDB (in the full flow) lives in one process.
 SCALE_STAGES: dict[str, tuple[str, int]] = {"features_x1": ("features", 1), "features_x2": ("features", 2)}
 SCALE_PARTITIONS = 4
+#: the scale stages' topic holds this many times the records and shoppers of the run: the processes of a
+#: cluster connect to each other before reading (0.5–1 s here, inside the measured wall), a fifth of
+#: ``features_x2``'s wall at 200k records, which made ``scale2`` 0.80–1.03 from one run to the next on the
+#: same machine (1.22 at 600k; ``benchmarks/RESULTS.md``, 2026-12-07)
+SCALE_FACTOR = 3
 PEERS_DIR = HERE / "peers"
 #: peer → what its virtualenv needs
 PEER_PACKAGES: dict[str, list[str]] = {
@@ -499,6 +504,9 @@ def results_row(run: dict[str, Any]) -> tuple[list[str], list[str]]:
         f"{run['events']:,} ({run['users']:,} users, {run['partitions']} part.)",
     ]
     names = list(run["stages"])
+    scaled = [run["stages"][n] for n in names if n in SCALE_STAGES]
+    if scaled:  # their own topic (SCALE_FACTOR)
+        cells[-1] += f"; scale stages {scaled[0]['events']:,} ({run['users'] * SCALE_FACTOR:,} users, {SCALE_PARTITIONS} part.)"
     cols += _stage_columns(names)
     for n in names:
         r = run["stages"][n]
@@ -615,15 +623,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"produced {n:,} records ({nbytes / 1e6:.1f} MB) to {topic}: generated in {gen_s:.2f}s, "
                 f"produced in {produce_s:.2f}s ({n / produce_s:,.0f}/s)")
 
-            scale_topic = f"{prefix}.events{SCALE_PARTITIONS}"
+            scale_topic, scale_n = f"{prefix}.events{SCALE_PARTITIONS}", a.events * SCALE_FACTOR
             if set(a.stage_list) & set(SCALE_STAGES):
                 create_topics(broker.bootstrap, [scale_topic], partitions=SCALE_PARTITIONS)
-                assert produce(broker.bootstrap, scale_topic, list(keyed_records(cfg)), timeout_s=120) == n
+                scale_cfg = simulator_config(a.users * SCALE_FACTOR, scale_n, a.seed)
+                assert produce(broker.bootstrap, scale_topic, list(keyed_records(scale_cfg)), timeout_s=300) == scale_n
+                log(f"produced {scale_n:,} records ({a.users * SCALE_FACTOR:,} users) to {scale_topic} for the scale stages")
 
             stages: dict[str, dict[str, Any]] = {}
             for name in a.stage_list:
                 stage, processes = SCALE_STAGES.get(name, (name, 1))
-                r = run_stage(name, broker, scale_topic if name in SCALE_STAGES else topic, n, redis_url, prefix,
+                scaled = name in SCALE_STAGES
+                r = run_stage(name, broker, scale_topic if scaled else topic, scale_n if scaled else n, redis_url, prefix,
                               processes=processes, stage=stage)
                 stages[name] = r
                 log(f"  {name:<15} {r['eps']:>10,.0f} events/s  wall {r['wall_s']:.2f}s  cpu {r['cpu_s']:.2f}s  "

@@ -82,6 +82,23 @@ def test_a_row_appended_after_a_note_or_another_table_gets_its_header_again(tmp_
     )
 
 
+def test_the_row_says_how_many_records_the_scale_stages_read() -> None:
+    """The scale stages read their own topic, SCALE_FACTOR times the run's records and shoppers: a cluster's
+    connection time, inside the measured wall, swamped ``scale2`` at the run's 200k records."""
+    figures = {"eps": 1000.0, "us_cpu_per_event": 20.0, "wall_s": 1.0, "max_rss_mb": 300.0}
+    env = {"utc": "2026-12-07 14:00:00", "rev": "abc", "machine": "x86_64", "cpu": "cpu", "nproc": 2, "python": "3.11",
+           "load1": 0.5}
+    base = {"env": env, "events": 200_000, "users": 20_000, "partitions": 3, "produce": {"eps": 1.0}, "ratios": {}}
+    scaled = 200_000 * run.SCALE_FACTOR
+    stages = {"features": figures | {"events": 200_000}, "features_x1": figures | {"events": scaled},
+              "features_x2": figures | {"events": scaled}}
+    cols, cells = run.results_row(base | {"stages": stages})
+    assert cells[cols.index("events")] == (
+        f"200,000 (20,000 users, 3 part.); scale stages {scaled:,} ({20_000 * run.SCALE_FACTOR:,} users, 4 part.)")
+    cols, cells = run.results_row(base | {"stages": {"features": stages["features"]}})
+    assert cells[cols.index("events")] == "200,000 (20,000 users, 3 part.)"
+
+
 def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None:
     same = {"kafka_actions": 120, "redis_users": 2000}
     assert checks({"quix": same, "faust": dict(same)}) == []
