@@ -330,6 +330,39 @@ def identity_step(parsed: Batches, dep: Deployment, url: str) -> tuple[Batches, 
     return op.map("identity_resolved", out, lambda kv: kv[1]), links
 
 
+def shard_batches(batches: list[list[Any]], shards: int) -> list[tuple[str, list[Event | Merge]]]:
+    """The events of upstream batches grouped by shard, one item a shard, in their order, each merge among
+    them where it stands (:func:`merge_sides`); dead letters are left out (the parse step's refusals go on
+    by another branch).
+
+    One item a shard, not one an event: Bytewax routes and, across processes, pickles every item on its
+    own; a list of a shard's events costs once (``features_x2``: ~15 % more events/s, ``benchmarks/RESULTS.md``
+    2026-12-07).
+
+    >>> e = lambda uid, i: Event(f"e{i}", uid, "browse", i)
+    >>> [(k, [x.event_id for x in xs]) for k, xs in shard_batches([[e("u1", 1), e("u2", 2)], [e("u1", 3)]], 1)]
+    [('0', ['e1', 'e2', 'e3'])]
+    >>> [(x.event_id if type(x) is Event else x.side) for _, xs in
+    ...  shard_batches([[e("anon:c1", 1), Merge("anon:c1", "u1", 1, 2, "merge"), e("u1", 3)]], 1) for x in xs]
+    ['e1', 'local', 'e3']
+    """
+    groups: dict[str, list[Event | Merge]] = {}
+    for b in batches:
+        for x in b:
+            t = type(x)
+            if t is Event:
+                k = shard_of(x.user_id, shards)
+                g = groups.get(k)
+                if g is None:
+                    groups[k] = [x]
+                else:
+                    g.append(x)
+            elif t is Merge:
+                for k, m in merge_sides(x, shards):
+                    groups.setdefault(k, []).append(m)
+    return list(groups.items())
+
+
 def merge_sides(m: Merge, shards: int) -> list[tuple[str, Merge]]:
     """Where a merge goes in a step keyed by shard: one ``local`` merge, or a ``release`` and an ``absorb``.
 
@@ -364,26 +397,7 @@ def feature_step(
     if s.identity.enabled:
         parsed, links = identity_step(parsed, dep, url)
         handoff = RedisHandoff(url, s.redis.key_prefix, s.identity.handoff_ttl)
-
-        def key(bs: list[list[Any]]) -> list[tuple[str, Event | Merge]]:
-            out: list[tuple[str, Event | Merge]] = []
-            for b in bs:
-                for x in b:
-                    if type(x) is Merge:
-                        break
-                else:  # no merge in the batch, the common case
-                    out += [(shard_of(e.user_id, shards), e) for e in b if type(e) is Event]
-                    continue
-                for x in b:  # a merge keeps its place among the events of its shards
-                    t = type(x)
-                    if t is Event:
-                        out.append((shard_of(x.user_id, shards), x))
-                    elif t is Merge:
-                        out.extend(merge_sides(x, shards))
-            return out
-    else:
-        key = lambda bs: [(shard_of(e.user_id, shards), e) for b in bs for e in b if type(e) is Event]  # noqa: E731
-    keyed = op.flat_map_batch("shard", parsed, key)
+    keyed = op.flat_map_batch("shard", parsed, lambda bs: shard_batches(bs, shards))
     logics: list[FeatureLogic] = []
     recover = s.recovery is not None
 

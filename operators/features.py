@@ -1253,7 +1253,7 @@ def _refuse(ev: Event, reason: str, detail: str) -> DeadLetter:
 FeatureOut = Enriched | DeadLetter | UserFeatures
 
 
-class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes]):
+class FeatureLogic(StatefulBatchLogic[list[Event | Merge], FeatureOut | Merge, bytes]):
     """Bytewax adapter: one shard's state; emits enriched events and refusals as they come, and each
     changed user once per ``publish_s`` of wall time (woken by Bytewax when the shard goes quiet), with
     the looks at quiet shoppers due by then (``features.idle``: woken on that schedule while it holds any).
@@ -1275,7 +1275,9 @@ class FeatureLogic(StatefulBatchLogic[Event | Merge, FeatureOut | Merge, bytes])
         self.recover = recover
         self.publish = Deadline(publish_s)
 
-    def on_batch(self, values: list[Event | Merge]) -> tuple[list[FeatureOut | Merge], bool]:
+    def on_batch(self, lists: list[list[Event | Merge]]) -> tuple[list[FeatureOut | Merge], bool]:
+        """``lists``: the shard's events and merges, a list per upstream batch (``flows.common.shard_batches``)."""
+        values = lists[0] if len(lists) == 1 else [v for b in lists for v in b]
         eng, st, desk = self.engine, self.state, self.desk
         eng.refresh()
         for v in values:

@@ -570,10 +570,10 @@ def test_a_shard_publishes_at_most_once_per_interval_whatever_wakes_it() -> None
     """An early wake (a hand-over awaited by another shard wakes them all every 0.1 s) publishes nothing;
     the interval's end or the end of input does."""
     logic = FeatureLogic(FeatureEngine(DEFS, FeaturesConfig(), EventsConfig()), None, False, 3600.0)
-    out, _ = logic.on_batch([Event("e1", "u1", "browse", HOUR, position="p:0")])
+    out, _ = logic.on_batch([[Event("e1", "u1", "browse", HOUR, position="p:0")]])
     assert [type(x) for x in out] == [Enriched]
     assert logic.notify_at() is not None and logic.on_notify()[0] == []
     logic.publish.mono = 0.0  # the interval has passed
     assert [(x.user_id, type(x)) for x in logic.on_notify()[0]] == [("u1", UserFeatures)]
-    logic.on_batch([Event("e2", "u2", "browse", HOUR, position="p:0")])
+    logic.on_batch([[Event("e2", "u2", "browse", HOUR, position="p:0")]])
     assert [x.user_id for x in logic.on_eof()[0] if type(x) is UserFeatures] == ["u2"]

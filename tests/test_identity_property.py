@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.identity_store import RedisHandoff
-from flows.common import merge_sides
+from flows.common import shard_batches
 from nudgeflow.configload import load_features
 from nudgeflow.events import Action, DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeaturesConfig, IdentityConfig, TriggersFile
@@ -147,17 +147,11 @@ class Pipeline:
             parsed = self.parser.parse_batch([(f"t:0:{j}", r) for j, r in enumerate(b)])
             assert not [x for x in parsed if type(x) is DeadLetter], parsed
             resolved = self.identity.apply_batch(self.graph, parsed)
-            keyed: list[tuple[str, Any]] = []
-            for x in resolved:
-                if type(x) is Event:
-                    keyed.append((shard_of(x.user_id, SHARDS), x))
-                elif type(x) is Merge:
-                    keyed.extend(merge_sides(x, SHARDS))
-            ordered: list[tuple[str, Any]] = []
-            for k, items in self._shards(keyed):
+            ordered: list[tuple[str, Any]] = []  # the flow's keying, the shards in this example's order
+            for k, items in sorted(shard_batches([resolved], SHARDS), key=lambda kv: self.order.index(int(kv[0]))):
                 lg = self.flogic.get(k) or self.flogic.setdefault(
                     k, FeatureLogic(self.features, None, False, 0.0, self.handoff))
-                ordered += [(k, x) for x in lg.on_batch(items)[0] if type(x) in (Enriched, Merge)]
+                ordered += [(k, x) for x in lg.on_batch([items])[0] if type(x) in (Enriched, Merge)]
             self._trigger(ordered)
         for lg in self.flogic.values():
             lg.on_eof()
