@@ -70,7 +70,7 @@ PEER_STAGES: dict[str, tuple[str, str]] = {
 SCALE_STAGES: dict[str, tuple[str, int]] = {"features_x1": ("features", 1), "features_x2": ("features", 2)}
 SCALE_PARTITIONS = 4
 #: the scale stages' topic holds this many times the records and shoppers of the run: the processes of a
-#: cluster connect to each other before reading (0.5–1 s here, inside the measured wall), a fifth of
+#: cluster connect to each other before reading (0.5–2.5 s here, inside the measured wall), a fifth of
 #: ``features_x2``'s wall at 200k records, which made ``scale2`` 0.80–1.03 from one run to the next on the
 #: same machine (1.22 at 600k; ``benchmarks/RESULTS.md``, 2026-12-07)
 SCALE_FACTOR = 3
