@@ -342,8 +342,9 @@ def shard_batches(batches: list[list[Any]], shards: int) -> list[tuple[str, list
     >>> e = lambda uid, i: Event(f"e{i}", uid, "browse", i)
     >>> [(k, [x.event_id for x in xs]) for k, xs in shard_batches([[e("u1", 1), e("u2", 2)], [e("u1", 3)]], 1)]
     [('0', ['e1', 'e2', 'e3'])]
+    >>> dead = DeadLetter("malformed_json", "", b"{", "p:0", 0)
     >>> [(x.event_id if type(x) is Event else x.side) for _, xs in
-    ...  shard_batches([[e("anon:c1", 1), Merge("anon:c1", "u1", 1, 2, "merge"), e("u1", 3)]], 1) for x in xs]
+    ...  shard_batches([[e("anon:c1", 1), Merge("anon:c1", "u1", 1, 2, "merge"), dead, e("u1", 3)]], 1) for x in xs]
     ['e1', 'local', 'e3']
     """
     groups: dict[str, list[Event | Merge]] = {}
