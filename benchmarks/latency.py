@@ -51,13 +51,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from benchmarks.run import (
     REPO,
     _md,
-    table_head,
     _proc_cpu_s,
     bench_redis,
     environment,
     keyed_records,
     run_stage,
     simulator_config,
+    table_head,
     user_key,
 )
 from benchmarks.stage import TRIGGERS, StageContext

@@ -258,7 +258,7 @@ class UserState:
 class Frozen:
     """A shopper idle past ``features.compact_after``: their :class:`UserState` pickled and compressed, and
     the newest event time the eviction sweep reads. Most shoppers within the longest window are between
-    visits, and a compacted one holds ~0.5 KB instead of ~8 KB of objects; the next event or merge thaws
+    visits, and a compacted one holds ~0.58 KB instead of ~8 KB of objects; the next event or merge thaws
     it (a few µs, once a visit). The round trip is exact, so features never depend on when a sweep ran.
 
     Compressed with zstd and ``zdict``, the shard's dictionary (:func:`shard_dictionary`): every shopper's
