@@ -169,6 +169,9 @@ def test_dead_letters_not_yet_handed_out_survive_in_the_snapshot() -> None:
     logic = out.logic(None)
     logic.on_batch(messages(3))
     state = logic.snapshot()  # the flush waits until the three are given up
+    # librdkafka's queue also counts events such as "connection refused" (error callbacks), which the dead
+    # broker may queue after the flush returned (seen once in CI): serve them, then no message may be left
+    out.producer().poll(0)
     assert len(state) == 3 and len(out.producer()) == 0
     resumed = out.logic(state)
     assert resumed.on_notify()[0] == state
