@@ -43,6 +43,7 @@ RATIOS: list[tuple[str, str]] = [
     ("features_rec1s", "features"), ("features_rec10s", "features"), ("full_rec10s", "full"), ("features", "features_nocompact"),
     ("full", "quix"), ("bare", "quix_bare"), ("quix", "quix_bare"),
     ("full", "faust"), ("bare", "faust_bare"), ("faust", "faust_bare"), ("features_x2", "features_x1"),
+    ("bare_x2", "bare_x1"),
 ]
 #: the last line, exactly ``BENCH k=v ...`` with these fields in this order, numbers only (0 when not measured):
 #: (name, stage, figure), (name, (num, den), None) for a ratio, or (name, None, key of the run) for a run figure
@@ -66,8 +67,11 @@ PEER_STAGES: dict[str, tuple[str, str]] = {
 }
 #: stages of several Bytewax processes (``cluster_main``, as ``nudgeflow run --processes N``): name → (stage,
 #: processes). They read their own topic of SCALE_PARTITIONS partitions, so 2 processes get 2 partitions each;
-#: the features flow, as chDB (in the full flow) lives in one process.
-SCALE_STAGES: dict[str, tuple[str, int]] = {"features_x1": ("features", 1), "features_x2": ("features", 2)}
+#: the features flow, as chDB (in the full flow) lives in one process, and the bare counter, what a second
+#: process buys Bytewax itself on the same cores in the same run (``bare_x2`` / ``bare_x1``, beside ``scale2``).
+SCALE_STAGES: dict[str, tuple[str, int]] = {
+    "features_x1": ("features", 1), "features_x2": ("features", 2), "bare_x1": ("bare", 1), "bare_x2": ("bare", 2),
+}
 SCALE_PARTITIONS = 4
 #: the scale stages' topic holds this many times the records and shoppers of the run: the processes of a
 #: cluster connect to each other before reading (0.5–2.5 s here, inside the measured wall), a fifth of
@@ -274,16 +278,17 @@ def run_stage(
 def merge(name: str, results: list[dict[str, Any]], events: int) -> dict[str, Any]:
     """One figure set for the processes of a cluster stage: the slowest process's wall time, CPU and memory summed.
 
-    Each process counted what it accepted; dead letters are counted from the shared DLQ topic, once.
+    Each process of our flows counted what it accepted, and dead letters are counted from the shared DLQ topic,
+    once; a process of the bare counter counted what it read.
     """
     wall = max(r["wall_s"] for r in results)
     cpu = sum(r["cpu_s"] for r in results)
-    consumed = sum(r["accepted"] for r in results) + max(r["kafka_dlq"] for r in results)
+    consumed = sum(r.get("accepted", r["consumed"]) for r in results) + max(r.get("kafka_dlq", 0) for r in results)
     return {
         "stage": name, "processes": len(results), "events": events, "wall_s": wall, "cpu_s": cpu,
         "user_s": sum(r["user_s"] for r in results), "sys_s": sum(r["sys_s"] for r in results),
         "max_rss_mb": sum(r["max_rss_mb"] for r in results), "eps": events / wall, "us_cpu_per_event": cpu / events * 1e6,
-        "per_process": [{k: r[k] for k in ("wall_s", "cpu_s", "accepted", "max_rss_mb")} for r in results],
+        "per_process": [{k: r.get(k) for k in ("wall_s", "cpu_s", "accepted", "consumed", "max_rss_mb")} for r in results],
         "state_users": sum(r.get("state_users", 0) for r in results), "consumed": consumed, "ok": consumed == events,
     }  # fmt: skip
 

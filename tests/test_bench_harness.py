@@ -99,6 +99,18 @@ def test_the_row_says_how_many_records_the_scale_stages_read() -> None:
     assert cells[cols.index("events")] == "200,000 (20,000 users, 3 part.)"
 
 
+def test_a_clusters_figures_count_every_record_once_whichever_stage_ran() -> None:
+    """A process of our flows counts what it accepted (its dead letters are the shared DLQ topic's, counted
+    once); a process of the bare counter counts what it read. The wall is the slower process's."""
+    figures = {"wall_s": 2.0, "cpu_s": 1.5, "user_s": 1.0, "sys_s": 0.5, "max_rss_mb": 300.0}
+    ours = [figures | {"accepted": 590, "kafka_dlq": 10, "consumed": 600},
+            figures | {"accepted": 400, "kafka_dlq": 10, "consumed": 410, "wall_s": 4.0}]
+    merged = run.merge("features_x2", ours, 1000)
+    assert (merged["consumed"], merged["ok"], merged["wall_s"], merged["eps"]) == (1000, True, 4.0, 250.0)
+    bare = [figures | {"consumed": 550}, figures | {"consumed": 450}]
+    assert (run.merge("bare_x2", bare, 1000)["ok"], run.merge("bare_x2", bare, 1001)["ok"]) == (True, False)
+
+
 def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None:
     same = {"kafka_actions": 120, "redis_users": 2000}
     assert checks({"quix": same, "faust": dict(same)}) == []
