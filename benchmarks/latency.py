@@ -575,14 +575,16 @@ def enriched_batches(dep: Deployment, events: int, users: int, seed: int) -> tup
     batch's newest event time, the clock of a live stream."""
     from flows.main import needed_features
     from nudgeflow.events import Event
-    from operators.features import Enriched, FeatureEngine, ShardState, shard_of
+    from operators.features import Enriched, FeatureEngine, ShardState
     from operators.models import Scorer
     from operators.parse import Parser
+    from operators.shards import shard_names, shard_of
 
     s = dep.settings
     parser = Parser(s.events)
     features = FeatureEngine(dep.features, s.features, s.events, needed=needed_features(dep))
     states: dict[str, ShardState] = {}
+    names = shard_names(s.shards)
     clock = [0]
     scorer = Scorer(dep.models, lambda _have: [], now_ms=lambda: clock[0])
     raws = [(f"sim:0:{i}", r) for i, r in enumerate(iter_records(simulator_config(users, events, seed)))]
@@ -593,7 +595,7 @@ def enriched_batches(dep: Deployment, events: int, users: int, seed: int) -> tup
         for ev in parser.parse_batch(raws[i:i + EVAL_BATCH]):
             if type(ev) is not Event:  # a refused record
                 continue
-            key = shard_of(ev.user_id, s.shards)
+            key = shard_of(ev.user_id, names)
             st = states.get(key) or states.setdefault(key, features.new_state())
             out = features.apply(st, ev)
             if type(out) is Enriched:

@@ -38,7 +38,7 @@ from connectors.simulator import iter_records
 from nudgeflow.configload import Deployment, load_deployment
 from nudgeflow.events import Event
 from nudgeflow.settings import ModelDef
-from operators.features import Enriched, FeatureEngine, ShardState, shard_of
+from operators.features import Enriched, FeatureEngine, ShardState
 from operators.models import (
     LabelEngine,
     LabelState,
@@ -49,6 +49,7 @@ from operators.models import (
     Snapshot,
 )
 from operators.parse import Parser
+from operators.shards import shard_names, shard_of
 
 HERE = Path(__file__).resolve().parent
 CONFIG = REPO / "config" / "local.yaml"
@@ -177,7 +178,7 @@ class Replay:
         self.parser = Parser(s.events)
         needed = set().union(*(m.features for m in mf.models))
         self.features = FeatureEngine(dep.features, s.features, s.events, needed=needed)
-        self.shards = s.shards
+        self.shards = shard_names(s.shards)
         self.feature_states: dict[str, ShardState] = {}
         self.labels = LabelEngine(mf, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
         self.label_states: dict[str, LabelState] = {}

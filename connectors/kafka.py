@@ -16,9 +16,8 @@ import atexit
 import logging
 import threading
 import weakref
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Any
@@ -34,6 +33,7 @@ from prometheus_client import Gauge
 from nudgeflow.events import ID_FIELDS, Action, DeadLetter
 from nudgeflow.settings import KafkaConfig
 from operators.parse import Raw, wall_ms
+from operators.shards import shard_of
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ class KafkaOut:
     ``kafka_failed`` with the message's bytes. Items are keyed by the message key's shard, the key the
     trigger step ran under, so no item changes worker; one producer per process serves every key."""
 
-    def __init__(self, cfg: KafkaConfig, topic: str, shards: int):
+    def __init__(self, cfg: KafkaConfig, topic: str, shards: Sequence[str]):
+        """``shards``: the shard names of the flow's keyed steps (:mod:`operators.shards`)."""
         self.config = {"bootstrap.servers": ",".join(cfg.brokers)} | SINK_DEFAULTS | dict(cfg.add_config)
         self.topic, self.shards = topic, shards
         #: weak: the producer lives as long as the run's step logics (Bytewax drops them when a run ends)
@@ -235,8 +236,9 @@ class KafkaOut:
         self._lock = threading.Lock()
 
     def keyed(self, batch: list[Out]) -> list[tuple[str, Out]]:
-        """Messages with their step key: ``shard_of`` of the message key (the user), ``"0"`` without one."""
-        return [(str(zlib.crc32(m.key or b"") % self.shards), m) for m in batch]
+        """Messages with their step key: the shard of the message key (the user), of ``b""`` without one."""
+        shards = self.shards
+        return [(shard_of(m.key or b"", shards), m) for m in batch]
 
     def producer(self) -> Producer:
         with self._lock:

@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -34,8 +35,9 @@ from nudgeflow.configload import Deployment, load_deployment
 from connectors.identity_store import IdentitySink, RedisHandoff, load_graph
 from nudgeflow.events import IDLE, DeadLetter, Decision, Event, Link, Merge
 from nudgeflow.settings import Reloadable, Settings, SinkConfig, TriggersFile
-from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
+from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures
 from operators.identity import IdentityEngine, IdentityLogic
+from operators.shards import numeric, shard_names, shard_of
 from operators.parse import Parser
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,29 @@ def recovery_store_exists(db: Path) -> bool:
     return db.is_dir() and any(db.glob("part-*.sqlite3"))
 
 
+SHARD_KEYS_FILE = "shard-keys"
+"""Beside a recovery store's partitions: which shard names (:mod:`operators.shards`) its state is keyed by."""
+BALANCED_KEYS = "balanced-1"
+
+
+def shard_keys(s: Settings, base: Path) -> tuple[str, ...]:
+    """The shard names of a deployment: balanced ones (:func:`operators.shards.shard_names`), unless it resumes
+    from a recovery store made before them, whose state is keyed ``"0"`` … (a store says which in
+    :data:`SHARD_KEYS_FILE`; one without that file predates balanced names)."""
+    if s.recovery is not None:
+        db = _resolve(base, s.recovery.dir)
+        marker = db / SHARD_KEYS_FILE
+        if marker.is_file():
+            kind = marker.read_text().strip()
+            if kind != BALANCED_KEYS:
+                raise ValueError(f"{marker}: shard keys {kind!r} are not known to this nudgeflow ({BALANCED_KEYS!r})")
+        elif recovery_store_exists(db):
+            log.warning("recovery store %s predates balanced shard keys: its shards keep the names 0 … %d",
+                        db, s.shards - 1)
+            return numeric(s.shards)
+    return shard_names(s.shards)
+
+
 def init_recovery_store(s: Settings, base: Path, share: tuple[int, int] = (0, 1)) -> Path | None:
     """Create the recovery store ``recovery.dir`` names; its folder, or None when it already existed.
 
@@ -100,6 +125,7 @@ def init_recovery_store(s: Settings, base: Path, share: tuple[int, int] = (0, 1)
     if recovery_store_exists(db):
         return None
     db.mkdir(parents=True, exist_ok=True)
+    (db / SHARD_KEYS_FILE).write_text(BALANCED_KEYS + "\n")
     with tempfile.TemporaryDirectory(dir=db) as tmp:
         init_db_dir(Path(tmp), count)
         for i in range(index, count, processes):
@@ -131,7 +157,7 @@ def output(
         assert sink_cfg.webhook is not None  # SinkConfig ensures it
         return op.flat_map_batch(step, stream, WebhookSender(sink_cfg.webhook).deliver_batch)
     if sink_cfg.kind == "kafka":
-        out = kafka.KafkaOut(s.kafka, s.topic(sink_cfg, suffix), s.shards)
+        out = kafka.KafkaOut(s.kafka, s.topic(sink_cfg, suffix), shard_keys(s, base))
         keyed = op.flat_map_batch(f"{step}_msg", stream, lambda b: out.keyed([as_message(x) for x in b]))
         return op.map(f"{step}_failed", op.stateful_batch(step, keyed, out.logic), lambda kv: kv[1])
     if sink_cfg.kind == "stdout":
@@ -330,7 +356,7 @@ def identity_step(parsed: Batches, dep: Deployment, url: str) -> tuple[Batches, 
     return op.map("identity_resolved", out, lambda kv: kv[1]), links
 
 
-def shard_batches(batches: list[list[Any]], shards: int) -> list[tuple[str, list[Event | Merge]]]:
+def shard_batches(batches: list[list[Any]], names: Sequence[str]) -> list[tuple[str, list[Event | Merge]]]:
     """The events of upstream batches grouped by shard, one item a shard, in their order, each merge among
     them where it stands (:func:`merge_sides`); dead letters are left out (the parse step's refusals go on
     by another branch).
@@ -340,11 +366,11 @@ def shard_batches(batches: list[list[Any]], shards: int) -> list[tuple[str, list
     2026-12-07).
 
     >>> e = lambda uid, i: Event(f"e{i}", uid, "browse", i)
-    >>> [(k, [x.event_id for x in xs]) for k, xs in shard_batches([[e("u1", 1), e("u2", 2)], [e("u1", 3)]], 1)]
+    >>> [(k, [x.event_id for x in xs]) for k, xs in shard_batches([[e("u1", 1), e("u2", 2)], [e("u1", 3)]], ["0"])]
     [('0', ['e1', 'e2', 'e3'])]
     >>> dead = DeadLetter("malformed_json", "", b"{", "p:0", 0)
     >>> [(x.event_id if type(x) is Event else x.side) for _, xs in
-    ...  shard_batches([[e("anon:c1", 1), Merge("anon:c1", "u1", 1, 2, "merge"), dead, e("u1", 3)]], 1) for x in xs]
+    ...  shard_batches([[e("anon:c1", 1), Merge("anon:c1", "u1", 1, 2, "merge"), dead, e("u1", 3)]], ["0"]) for x in xs]
     ['e1', 'local', 'e3']
     """
     groups: dict[str, list[Event | Merge]] = {}
@@ -352,27 +378,27 @@ def shard_batches(batches: list[list[Any]], shards: int) -> list[tuple[str, list
         for x in b:
             t = type(x)
             if t is Event:
-                k = shard_of(x.user_id, shards)
+                k = shard_of(x.user_id, names)
                 g = groups.get(k)
                 if g is None:
                     groups[k] = [x]
                 else:
                     g.append(x)
             elif t is Merge:
-                for k, m in merge_sides(x, shards):
+                for k, m in merge_sides(x, names):
                     groups.setdefault(k, []).append(m)
     return list(groups.items())
 
 
-def merge_sides(m: Merge, shards: int) -> list[tuple[str, Merge]]:
+def merge_sides(m: Merge, names: Sequence[str]) -> list[tuple[str, Merge]]:
     """Where a merge goes in a step keyed by shard: one ``local`` merge, or a ``release`` and an ``absorb``.
 
-    >>> [(k, x.side) for k, x in merge_sides(Merge("anon:c1", "u1", 1, 0, "merge"), 1)]
+    >>> [(k, x.side) for k, x in merge_sides(Merge("anon:c1", "u1", 1, 0, "merge"), ["0"])]
     [('0', 'local')]
-    >>> sorted(x.side for _, x in merge_sides(Merge("anon:c1", "u1", 1, 0, "merge"), 4096))
+    >>> sorted(x.side for _, x in merge_sides(Merge("anon:c1", "u1", 1, 0, "merge"), shard_names(64)))
     ['absorb', 'release']
     """
-    src, dst = shard_of(m.src, shards), shard_of(m.dst, shards)
+    src, dst = shard_of(m.src, names), shard_of(m.dst, names)
     if src == dst:
         return [(src, Merge(m.src, m.dst, m.seq, m.ts, "local"))]
     return [(src, Merge(m.src, m.dst, m.seq, m.ts, "release")), (dst, Merge(m.src, m.dst, m.seq, m.ts, "absorb"))]
@@ -392,13 +418,13 @@ def feature_step(
     engine = FeatureEngine(
         dep.features, s.features, s.events, needed=needed or (), enrich=needed is not None, follow=follow
     )
-    shards = s.shards
+    names = shard_keys(s, dep.base)
     links: Stream[Link] | None = None
     handoff: RedisHandoff | None = None
     if s.identity.enabled:
         parsed, links = identity_step(parsed, dep, url)
         handoff = RedisHandoff(url, s.redis.key_prefix, s.identity.handoff_ttl)
-    keyed = op.flat_map_batch("shard", parsed, lambda bs: shard_batches(bs, shards))
+    keyed = op.flat_map_batch("shard", parsed, lambda bs: shard_batches(bs, names))
     logics: list[FeatureLogic] = []
     recover = s.recovery is not None
 

@@ -556,7 +556,7 @@ class Settings(Strict):
     triggers: str = "triggers.yaml"
     #: the online models (``config/models.yaml``), relative to this file; unset runs no models
     models: str | None = None
-    #: state keys per step (users are hashed onto them); fixed for the life of a recovery store
+    #: state keys per step (users are hashed onto them, ``operators/shards.py``); fixed for the life of a recovery store
     shards: int = Field(64, ge=1, le=4096)
     recovery: RecoverySettings | None = None
     metrics: MetricsConfig = MetricsConfig()

@@ -4,8 +4,8 @@ Which features exist is data (``config/features.yaml``, :class:`FeatureDefs`);
 this module compiles the definitions once into a plan of window slots and
 value getters, then applies events to compact per-user state.
 
-**Keyed by shard.** State is keyed by a stable hash of the user id modulo
-``shards``, each shard holding the state of its users. Keying by user would
+**Keyed by shard.** State is keyed by shard (:mod:`operators.shards`: a stable
+hash of the user id modulo ``shards``), each shard holding the state of its users. Keying by user would
 give Bytewax one logic object and one call per shopper per batch; a shard gets
 its whole share of a batch in one ``on_batch`` call. Users idle past every
 window are evicted from the shard (Redis keeps serving their last values until
@@ -49,7 +49,6 @@ import functools
 import math
 import pickle
 import threading
-import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,15 +79,6 @@ Getter = Callable[["UserState", int, Totals], Any]
 
 PLATFORMS = frozenset(get_args(Platform))
 """The platforms features know; the parser passes others through, and features treat them as none."""
-
-
-def shard_of(user_id: str, shards: int) -> str:
-    """The state key of a user: stable across processes and restarts (unlike ``hash``).
-
-    >>> shard_of("u1", 16) == shard_of("u1", 16)
-    True
-    """
-    return str(zlib.crc32(user_id.encode()) % shards)
 
 
 def window_label(seconds: float) -> str:

@@ -29,16 +29,17 @@ from flows.common import shard_batches
 from nudgeflow.configload import load_features
 from nudgeflow.events import Action, DeadLetter, Event, Merge
 from nudgeflow.settings import EventsConfig, FeaturesConfig, IdentityConfig, TriggersFile
-from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures, shard_of
+from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures
 from operators.guards import StateGuards
 from operators.identity import IdentityEngine, IdentityGraph
 from operators.parse import Parser
+from operators.shards import shard_names, shard_of
 from operators.triggers import TriggerEngine, TriggerLogic
 
 FEATURES = Path(__file__).parents[1] / "config" / "features.yaml"
 T0 = 1_760_000_000_000
 MIN = 60_000
-SHARDS = 8
+SHARDS = shard_names(8)
 SESSION = {"session_id", "session_events", "session_pages", "session_duration_s", "sessions_7d", "sessions_30d"}
 TRIGGERS = TriggersFile.model_validate({
     "defaults": {"cooldown": 0, "holdout": 0, "consent": "opt_out"},
@@ -115,14 +116,14 @@ class Pipeline:
         self.handoff = RedisHandoff(redis_url, prefix, 600)
         self.flogic: dict[str, FeatureLogic] = {}
         self.tlogic: dict[str, TriggerLogic] = {}
-        self.order = order  # the order shards take each batch in (a permutation of range(SHARDS))
+        self.order = order  # the order shards take each batch in (a permutation of SHARDS)
         self.actions: set[tuple[str, str, str]] = set()
 
     def _shards(self, keyed: list[tuple[str, Any]]) -> list[tuple[str, list[Any]]]:
         by: dict[str, list[Any]] = {}
         for k, x in keyed:
             by.setdefault(k, []).append(x)
-        return sorted(by.items(), key=lambda kv: self.order.index(int(kv[0])))
+        return sorted(by.items(), key=lambda kv: self.order.index(kv[0]))
 
     def _trigger(self, keyed: list[tuple[str, Any]]) -> None:
         for k, items in self._shards(keyed):
@@ -148,14 +149,14 @@ class Pipeline:
             assert not [x for x in parsed if type(x) is DeadLetter], parsed
             resolved = self.identity.apply_batch(self.graph, parsed)
             ordered: list[tuple[str, Any]] = []  # the flow's keying, the shards in this example's order
-            for k, items in sorted(shard_batches([resolved], SHARDS), key=lambda kv: self.order.index(int(kv[0]))):
+            for k, items in sorted(shard_batches([resolved], SHARDS), key=lambda kv: self.order.index(kv[0])):
                 lg = self.flogic.get(k) or self.flogic.setdefault(
                     k, FeatureLogic(self.features, None, False, 0.0, self.handoff))
                 ordered += [(k, x) for x in lg.on_batch([items])[0] if type(x) in (Enriched, Merge)]
             self._trigger(ordered)
         for lg in self.flogic.values():
             lg.on_eof()
-        for k in sorted(self.tlogic, key=lambda k: self.order.index(int(k))):
+        for k in sorted(self.tlogic, key=lambda k: self.order.index(k)):
             self._collect(self.tlogic[k].on_eof()[0])
 
     def user(self, uid: str) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(story=stories(), order=st.permutations(list(range(SHARDS))))
+@given(story=stories(), order=st.permutations(list(SHARDS)))
 def test_any_interleaving_of_logins_ends_as_if_the_customer_id_was_there_from_the_start(
     story: tuple[list[bytes], list[bytes], list[int]], order: list[int], redis_url: str, key_prefix: str
 ) -> None:

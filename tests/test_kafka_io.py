@@ -18,7 +18,7 @@ from connectors.kafka import FAILED, KafkaOut, Source, _Partition
 from connectors.tansu import TansuBroker, create_topics, produce, read_topic
 from nudgeflow.events import DeadLetter
 from nudgeflow.settings import KafkaConfig
-from operators.features import shard_of
+from operators.shards import shard_names, shard_of
 
 PARTS = 3
 RECORDS = 600
@@ -117,7 +117,7 @@ def messages(n: int, size: int = 20) -> list[KafkaSinkMessage[bytes, bytes]]:
 def test_everything_produced_is_acknowledged_when_the_step_is_snapshotted(kafka: TansuBroker, topic_prefix: str) -> None:
     topic = topic_prefix + "actions"
     create_topics(kafka.bootstrap, [topic], partitions=PARTS)
-    out = KafkaOut(KafkaConfig(brokers=[kafka.bootstrap]), topic, shards=16)
+    out = KafkaOut(KafkaConfig(brokers=[kafka.bootstrap]), topic, shards=shard_names(16))
     logic = out.logic(None)
     sent = messages(500)
     for i in range(0, len(sent), 100):
@@ -129,13 +129,13 @@ def test_everything_produced_is_acknowledged_when_the_step_is_snapshotted(kafka:
     for key in {m.key for m in sent}:  # one shopper's messages keep their order
         assert [m.value() for m in got if m.key() == key] == [m.value for m in sent if m.key == key]
     # keyed by the shard the trigger step uses for the user: no item changes worker
-    assert [k for k, _ in out.keyed(sent[:3])] == [shard_of(f"u{i}", 16) for i in range(3)]
+    assert [k for k, _ in out.keyed(sent[:3])] == [shard_of(f"u{i}", shard_names(16)) for i in range(3)]
 
 
 def test_a_message_the_broker_refuses_is_a_dead_letter_at_once(kafka: TansuBroker, topic_prefix: str) -> None:
     topic = topic_prefix + "actions"
     create_topics(kafka.bootstrap, [topic], partitions=1)
-    out = KafkaOut(KafkaConfig(brokers=[kafka.bootstrap], add_config={"message.max.bytes": "2000"}), topic, shards=4)
+    out = KafkaOut(KafkaConfig(brokers=[kafka.bootstrap], add_config={"message.max.bytes": "2000"}), topic, shards=shard_names(4))
     logic = out.logic(None)
     big, small = messages(1, size=5000)[0], messages(1)[0]
     dead, discard = logic.on_batch([big, small])
@@ -148,7 +148,7 @@ def test_messages_no_broker_takes_come_back_as_dead_letters() -> None:
     """No broker listens: after ``message.timeout.ms`` librdkafka gives each message up, and the step hands
     them out on its next notification, the bytes whole, without being fed anything new."""
     cfg = KafkaConfig(brokers=[f"127.0.0.1:{free_port()}"], add_config={"message.timeout.ms": "300"})
-    logic = KafkaOut(cfg, "nowhere.actions", shards=4).logic(None)
+    logic = KafkaOut(cfg, "nowhere.actions", shards=shard_names(4)).logic(None)
     sent = messages(5)
     assert logic.on_batch(sent) == ([], False)
     dead: list[DeadLetter] = []
@@ -165,7 +165,7 @@ def test_messages_no_broker_takes_come_back_as_dead_letters() -> None:
 def test_dead_letters_not_yet_handed_out_survive_in_the_snapshot() -> None:
     """What failed but was not emitted before an epoch ended is in the step's state: a resumed step emits it."""
     cfg = KafkaConfig(brokers=[f"127.0.0.1:{free_port()}"], add_config={"message.timeout.ms": "200"})
-    out = KafkaOut(cfg, "nowhere.dlq", shards=4)
+    out = KafkaOut(cfg, "nowhere.dlq", shards=shard_names(4))
     logic = out.logic(None)
     logic.on_batch(messages(3))
     state = logic.snapshot()  # the flush waits until the three are given up
