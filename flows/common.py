@@ -37,8 +37,8 @@ from nudgeflow.events import IDLE, DeadLetter, Decision, Event, Link, Merge
 from nudgeflow.settings import Reloadable, Settings, SinkConfig, TriggersFile
 from operators.features import Enriched, FeatureEngine, FeatureLogic, UserFeatures
 from operators.identity import IdentityEngine, IdentityLogic
-from operators.shards import numeric, shard_names, shard_of
 from operators.parse import Parser
+from operators.shards import numeric, shard_names, shard_of
 
 log = logging.getLogger(__name__)
 
