@@ -469,17 +469,22 @@ class ClickHouseSink(_TableOut, DynamicSink[Any]):
         return _WriterPartition(self)
 
 
-class _EpochPartition(_Partition, StatefulSinkPartition[Any, None]):
+class _EpochPartition(_Partition, StatefulSinkPartition[list[Any], None]):
+    def write_batch(self, items: list[list[Any]]) -> None:
+        self.out.write_batch(items[0] if len(items) == 1 else [x for batch in items for x in batch])
+
     def snapshot(self) -> None:
         self.out.writer.store(self.out.table)
 
 
-class DurableClickHouseSink(_TableOut, FixedPartitionedSink[Any, None]):
+class DurableClickHouseSink(_TableOut, FixedPartitionedSink[list[Any], None]):
     """:class:`ClickHouseSink` for a flow with recovery. Bytewax snapshots a partitioned sink at the end of
     each epoch, before it records the epoch, and this one's snapshot waits until the table's rows are
     stored. Without it an epoch could be recorded while its rows still waited in the writer; a process
     that died then lost them for good, as the replay starts after that epoch (``tests/test_recovery.py``).
-    Items are ``(table, item)``; the one partition is the table, so one worker writes it."""
+    Items are ``(table, list of items)``, a list an upstream batch: the one partition is the table, so one
+    worker writes it, and in a cluster the other processes' items cross to it, pickled, a list at a time
+    rather than one by one."""
 
     def list_parts(self) -> list[str]:
         return [self.table]

@@ -246,7 +246,7 @@ def table_output(writer: ClickHouseWriter, durable: bool) -> TableOutput:
 
     def out(step_id: str, up: Stream[Any], table: str, columns: list[str], to_row: Callable[[Any], Row]) -> None:
         if durable:
-            keyed = op.flat_map_batch(f"{step_id}_table", up, lambda batch: [(table, x) for x in batch])
+            keyed = op.flat_map_batch(f"{step_id}_table", up, lambda batch: [(table, batch)])
             op.output(step_id, keyed, DurableClickHouseSink(writer, table, columns, to_row))
         else:
             op.output(step_id, up, ClickHouseSink(writer, table, columns, to_row))

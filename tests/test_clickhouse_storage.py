@@ -461,6 +461,29 @@ def test_pii_reaches_clickhouse_hashed_and_joins(client: Client, ch_database: st
     assert one(client, f"SELECT count() FROM {db}.events AS e INNER JOIN {db}.actions AS a ON a.user_id = e.user_id") == 9
 
 
+def test_a_durable_table_output_stores_every_row_once_from_every_worker(client: Client, chdb_path: Path,
+                                                                        ch_database: str) -> None:
+    """With recovery on, a table's rows go to the worker of the table's one partition as a list an upstream
+    batch: spread over two workers, small batches, every row is stored exactly once."""
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSource, cluster_main
+
+    from flows.common import table_output
+
+    dead = [DeadLetter(REASONS[i % 3], "", f"{{{i}".encode(), f"p:0:{i}", T0 + i) for i in range(2_000)]
+    writer = ClickHouseWriter(ClickHouseConfig(dsn=f"chdb://{chdb_path}", database=ch_database))
+    flow = Dataflow("durable_rows")
+    spread = op.redistribute("spread", op.input("in", flow, TestingSource(dead, batch_size=7)))
+    table_output(writer, durable=True)("dlq_ch", spread, "dlq", DLQ_COLUMNS, dlq_row)
+    try:
+        cluster_main(flow, [], 0, worker_count_per_proc=2)
+    finally:
+        writer.close()
+    assert one(client, f"SELECT count() FROM {ch_database}.dlq") == 2_000
+    assert one(client, f"SELECT uniqExact(position) FROM {ch_database}.dlq") == 2_000
+
+
 # -- the main flow
 
 
