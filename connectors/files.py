@@ -117,6 +117,7 @@ class _JsonlPartition(StatefulSinkPartition[str, int]):
         self._f.truncate()
 
     def write_batch(self, values: list[str]) -> None:
+        """Each value is one or more lines (joined by newlines), written with a newline after it."""
         self._f.write("".join(f"{v}\n" for v in values))
         self._f.flush()
 
