@@ -149,15 +149,16 @@ def clickhouse_dsn(s: Settings, base: Path) -> str:
 
 def output(
     step: str, s: Settings, sink_cfg: SinkConfig, suffix: str, base: Path, stream: Stream[Any],
-    as_line: Callable[[Any], str], as_message: Callable[[Any], Any],
+    as_line: Callable[[Any], str], as_message: Callable[[Any], Any], shards: Sequence[str],
 ) -> Stream[DeadLetter] | None:
     """Send a stream to a sink of the config: Kafka topic ``<prefix>.<suffix>``, stdout, a JSONL file or
-    a webhook; a webhook or Kafka returns what it could not deliver, as dead letters for the flow's DLQ."""
+    a webhook; a webhook or Kafka returns what it could not deliver, as dead letters for the flow's DLQ.
+    ``shards``: the flow's shard names (:attr:`FeatureStreams.shards`), which a Kafka sink keys by."""
     if sink_cfg.kind == "webhook":
         assert sink_cfg.webhook is not None  # SinkConfig ensures it
         return op.flat_map_batch(step, stream, WebhookSender(sink_cfg.webhook).deliver_batch)
     if sink_cfg.kind == "kafka":
-        out = kafka.KafkaOut(s.kafka, s.topic(sink_cfg, suffix), shard_keys(s, base))
+        out = kafka.KafkaOut(s.kafka, s.topic(sink_cfg, suffix), shards)
         keyed = op.flat_map_batch(f"{step}_msg", stream, lambda b: out.keyed([as_message(x) for x in b]))
         return op.map(f"{step}_failed", op.stateful_batch(step, keyed, out.logic), lambda kv: kv[1])
     if sink_cfg.kind == "stdout":
@@ -317,6 +318,8 @@ class FeatureStreams(NamedTuple):
     links: Stream[Link] | None
     #: where per-user steps hand merged users over (None without the identity step)
     handoff: RedisHandoff | None
+    #: the shard names every per-user step keys by (:func:`shard_keys`)
+    shards: tuple[str, ...]
 
 
 GC_THRESHOLDS = (10_000, 2, 100)
@@ -447,4 +450,6 @@ def feature_step(
     ordered = enriched if handoff is None and not engine.idle else op.flat_map_batch(
         "ordered", feats, lambda b: [kv for kv in b if type(kv[1]) is Enriched or type(kv[1]) is Merge]
     )
-    return FeatureStreams(enriched, by_type("published", feats, UserFeatures), dead, logics, ordered, links, handoff)
+    return FeatureStreams(
+        enriched, by_type("published", feats, UserFeatures), dead, logics, ordered, links, handoff, names
+    )

@@ -25,7 +25,7 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     metrics = start_metrics(s, url, None)
     flow = Dataflow(f"{s.name}_features")
     fs = feature_step(parsed_input(flow, dep, metrics), dep, needed=None, url=url)
-    output("dlq_out", s, s.dlq, "dlq", dep.base, fs.dead, dlq_line, kafka.dlq_message)
+    output("dlq_out", s, s.dlq, "dlq", dep.base, fs.dead, dlq_line, kafka.dlq_message, fs.shards)
     features_sink = RedisFeatureSink(s.redis, url)
     op.output("features_redis", fs.published, features_sink)
     metered(metrics, fs.dead, feature_logics=fs.logics, redis_features=features_sink)

@@ -123,10 +123,11 @@ def build(dep: Deployment) -> tuple[Dataflow, Runtime]:
     decisions = op.flat_map_batch("guards", op.map("candidates", fired, lambda kv: kv[1]), redis_guards.decide_batch)
     ch("decisions_ch", decisions, "decisions", DECISION_COLUMNS, partial(decision_row, pii=pii))
     actions = op.filter_map("actions", decisions, lambda d: d.action if d.outcome == "fired" else None)
-    undelivered = output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message)
+    undelivered = output("actions_out", s, s.actions, "actions", base, actions, action_line, kafka.action_message,
+                         fs.shards)
     ch("actions_ch", actions, "actions", ACTION_COLUMNS, partial(action_row, pii=pii))
     dead = fs.dead if undelivered is None else op.merge("dead_all", fs.dead, undelivered)
-    output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message)
+    output("dlq_out", s, s.dlq, "dlq", base, dead, dlq_line, kafka.dlq_message, fs.shards)
     ch("dlq_ch", dead, "dlq", DLQ_COLUMNS, partial(dlq_row, pii=pii))
     metered(rt.metrics, dead, decisions, fs.logics, redis_features=features_sink, redis_guards=redis_guards)
     return flow, rt
