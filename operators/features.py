@@ -66,7 +66,7 @@ from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platfo
 from operators.dedup import Deduper
 from operators.clock import Deadline, PartitionClock, wall_ms
 from operators.merge import Handoff, MergeDesk, restore, snapshot
-from operators.windows import SLOT_BITS, PackedWindow, unpacker
+from operators.windows import SLOT_BITS, PackedWindow, unpacker, window
 
 EVICT_EVERY = 4096
 """Events between scans for idle users (a scan is O(users in the shard))."""
@@ -236,13 +236,45 @@ class UserState:
         #: the ``idle`` looks taken since ``last_ts`` (:meth:`FeatureEngine.look`)
         self.looks = 0
 
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, k) for k in self.__slots__)
+    def __reduce__(self) -> tuple[Callable[..., UserState], tuple[Any, ...]]:
+        """Pickled flat: the shopper's fields, windows and cart lines as plain tuples, rebuilt by one call
+        (:func:`_thaw_user`). Every shopper is pickled once a visit (compaction) and in every recovery snapshot;
+        the objects' own pickling (a class reference, a build and a ``__setstate__`` call for each of six
+        windows and each cart line) took 23 µs to dump and 12.5 to load a benchmark shopper, this 19 and 9."""
+        return _thaw_user, (
+            self.first_ts, self.ref_ts, self.last_ts, self.prev_ts, self.last, self.prev, self.session,
+            self.cart_cut, self.cart_totals, self.aff, self.top, self.distinct, self.plat_ts, self.platform,
+            self.looks, [w.__getstate__() for w in self.wins],
+            {item: (c.net, c.price_ts, c.price, c.cut, c.changes) for item, c in self.cart.items()},
+        )
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
+        """Shoppers pickled before :meth:`__reduce__` (older snapshots and compacted blobs)."""
         self.looks = 0  # a snapshot from before looks
         for k, v in zip(self.__slots__, state):
             setattr(self, k, v)
+
+
+def _thaw_user(
+    first_ts: int, ref_ts: int, last_ts: int, prev_ts: int, last: list[int], prev: list[int],
+    session: list[Any] | None, cart_cut: int, cart_totals: tuple[int, int, float] | None, aff: dict[str, float],
+    top: list[str], distinct: list[dict[str, int]], plat_ts: int, platform: str | None, looks: int,
+    wins: list[tuple[int, int, dict[int, int], int, int]], cart: dict[str, tuple[Any, ...]],
+) -> UserState:
+    """A :class:`UserState` from its flat pickled form (:meth:`UserState.__reduce__`)."""
+    u = _new(UserState)
+    u.first_ts, u.ref_ts, u.last_ts, u.prev_ts, u.last, u.prev, u.session = first_ts, ref_ts, last_ts, prev_ts, last, prev, session
+    u.cart_cut, u.cart_totals, u.aff, u.top, u.distinct = cart_cut, cart_totals, aff, top, distinct
+    u.plat_ts, u.platform, u.looks = plat_ts, platform, looks
+    u.wins = [window(*w) for w in wins]
+    lines = u.cart = {}
+    for item, (net, price_ts, price, cut, changes) in cart.items():
+        line = lines[item] = _new(CartLine)
+        line.net, line.price_ts, line.price, line.cut, line.changes = net, price_ts, price, cut, changes
+    return u
+
+
+_new = object.__new__
 
 
 class Frozen:

@@ -147,3 +147,19 @@ class PackedWindow:
 
     def __setstate__(self, s: tuple[int, int, dict[int, int], int, int]) -> None:
         self.bucket_ms, self.n, self.buckets, self.tot, self.lo = s
+
+
+def window(bucket_ms: int, n: int, buckets: dict[int, int], tot: int, lo: int) -> PackedWindow:
+    """A window from its state (:meth:`PackedWindow.__getstate__`) without a ``__setstate__`` call: how a
+    shopper's pickled windows are rebuilt (``operators.features``).
+
+    >>> w = PackedWindow(3_600_000, 30_000); w.add(1_000, delta({0: 2}))
+    >>> unpack(window(*w.__getstate__()).total(1_000), 1)
+    (2,)
+    """
+    w = _new(PackedWindow)
+    w.bucket_ms, w.n, w.buckets, w.tot, w.lo = bucket_ms, n, buckets, tot, lo
+    return w
+
+
+_new = object.__new__

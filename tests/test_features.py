@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copyreg
+import io
 import pickle
 import random
 import threading
 from pathlib import Path
 
 import lz4.block
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -195,7 +198,7 @@ def test_a_shopper_from_a_snapshot_before_looks_loads_with_none_taken() -> None:
     user = s.users["u1"]
     user.looks = 2
     old = UserState.__new__(UserState)
-    old.__setstate__(user.__getstate__()[:-1])  # the slots a snapshot of the older code holds
+    old.__setstate__(tuple(getattr(user, k) for k in UserState.__slots__)[:-1])  # the slots a snapshot of then holds
     assert old.looks == 0 and old.last_ts == 0
     frozen = Frozen(user, None)
     older = Frozen.__new__(Frozen)
@@ -338,6 +341,37 @@ def test_state_survives_a_snapshot_round_trip() -> None:
     got += [eng.apply(s, e) for e in events[150:]]
     assert [g.features for g in got] == [w.features for w in want]
 
+
+
+class _PicklerOfThen(pickle.Pickler):
+    """Pickles shoppers as the code before ``UserState.__reduce__`` did: a class reference and its slots' tuple."""
+
+    def reducer_override(self, obj: object) -> object:
+        if type(obj) is UserState:
+            return copyreg.__newobj__, (UserState,), tuple(getattr(obj, k) for k in UserState.__slots__)
+        return NotImplemented
+
+
+def test_shoppers_pickled_by_the_older_code_load_exactly_and_pickle_flat_again() -> None:
+    """Snapshots and compacted blobs made before shoppers pickled flat still load, to the same shopper."""
+    eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(compact_after=None), EventsConfig())
+    s = eng.new_state()
+    for i in range(200):
+        eng.apply(s, Event(f"e{i}", f"u{i % 5}", ("browse", "add_to_cart", "remove_from_cart", "order")[i % 4],
+                           i * 7 * MIN, props={"item_id": f"i{i % 6}", "category": f"c{i % 3}", "price": 10.0 + i,
+                                                 "amount": 30.0, "quantity": 1 + i % 2}))
+    assert any(u.cart for u in s.users.values())  # cart lines are part of what is pickled
+    for user in s.users.values():
+        buf = io.BytesIO()
+        _PicklerOfThen(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(user)
+        then = buf.getvalue()
+        assert then != pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL)
+        loaded = pickle.loads(then)
+        assert pickle.dumps(loaded) == pickle.dumps(user)
+        assert eng.read_all(loaded, user.last_ts) == eng.read_all(user, user.last_ts)
+        frozen = Frozen.__new__(Frozen)
+        frozen.last_ts, frozen.looks, frozen.blob = user.last_ts, user.looks, zstandard.ZstdCompressor().compress(then)
+        assert pickle.dumps(frozen.thaw(None)) == pickle.dumps(user)
 
 steps = st.lists(st.one_of(
     st.tuples(st.just("event"), st.integers(0, 3), st.integers(0, 20 * DAY),
