@@ -352,17 +352,22 @@ def profile(raw: Path, us_per_event: float) -> dict[str, Any]:
 
 def profile_markdown(run: dict[str, Any], prof: dict[str, Any]) -> str:
     """The "Profile of the <stage> flow" section appended to RESULTS.md."""
-    env, stage = run["env"], prof["stage"]
+    env, stage, gil = run["env"], prof["stage"], prof.get("gil", False)
     out = [
         f"## Profile of the {stage} flow",
         "",
-        f"`python -m benchmarks.run --profile {stage}`, {env['utc']} UTC, rev `{env['rev']}`, {env['cpu']} x{env['nproc']}, "
+        f"`python -m benchmarks.run --profile {stage}{' --profile-gil' if gil else ''}`, {env['utc']} UTC, rev "
+        f"`{env['rev']}`, {env['cpu']} x{env['nproc']}, "
         f"{run['events']:,} events ({run['users']:,} users): the `{stage}` stage run once more under "
-        f"`py-spy record -f raw -r 250`, {prof['samples']:,} samples, summed by our functions "
+        f"`py-spy record -f raw -r 250{' --gil' if gil else ''}`, {prof['samples']:,} samples, summed by our functions "
         f"(`benchmarks.run.profile`). **self**: samples whose innermost frame of ours is the function, so the library "
         f"code it calls is its cost; **incl.**: the function anywhere on the stack. µs/event = share × "
-        f"{prof['us_cpu_per_event']:.1f} µs CPU per event (the unprofiled `{stage}` stage); native-only threads "
-        f"(librdkafka, chDB internals) are not sampled, so shares are of Python time.",
+        + (f"{prof['us_cpu_per_event']:.1f} µs of wall time per event (the unprofiled `{stage}` stage). Only samples of "
+           "the thread holding the interpreter lock: what keeps the flow's Python busy, which sets its speed; work "
+           "that releases the lock (chDB's inserts, socket waits) is left out, and the µs are an upper bound (the lock "
+           "is not held all the time)." if gil else
+           f"{prof['us_cpu_per_event']:.1f} µs CPU per event (the unprofiled `{stage}` stage); native-only threads "
+           "(librdkafka, chDB internals) are not sampled, so shares are of Python time."),
         "",
         "| # | function | file | self % | self µs/ev | incl. % | incl. µs/ev | most samples in |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -575,8 +580,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stage_names())}")
     p.add_argument("--profile", nargs="?", const="full", default=None, metavar="STAGE",
                    help="run a stage (default full) once more under py-spy and append its top costs to RESULTS.md")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only the thread holding the interpreter lock (py-spy --gil)")
     p.add_argument("--out-dir", type=Path, default=HERE, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.profile_gil and not a.profile:
+        p.error("--profile-gil goes with --profile")
     if a.events is None:
         a.events = QUICK_EVENTS if a.quick else DEFAULT_EVENTS
     if a.users is None:
@@ -647,10 +656,12 @@ def main(argv: list[str] | None = None) -> int:
             prof = None
             if a.profile:
                 raw = Path(tempfile.mkdtemp(prefix="nfbench-profile-")) / f"{a.profile}.txt"
-                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(raw), "-f", "raw", "-r", "250", "--"]
+                spy = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", str(raw), "-f", "raw", "-r", "250",
+                       *(["--gil"] if a.profile_gil else []), "--"]
                 r = run_stage(f"{a.profile}_profiled", broker, topic, n, redis_url, prefix, wrap=spy, stage=a.profile)
-                prof = profile(raw, stages.get(a.profile, r)["us_cpu_per_event"])
-                prof["stage"] = a.profile
+                unprofiled = stages.get(a.profile, r)
+                prof = profile(raw, 1e6 / unprofiled["eps"] if a.profile_gil else unprofiled["us_cpu_per_event"])
+                prof["stage"], prof["gil"] = a.profile, a.profile_gil
                 prof["profiled_run"] = {k: r[k] for k in ("eps", "us_cpu_per_event", "wall_s")}
                 shutil.rmtree(raw.parent, ignore_errors=True)
                 log(f"  profiled {a.profile}: {r['eps']:,.0f} events/s under py-spy, {prof['samples']:,} samples")

@@ -128,3 +128,23 @@ def test_the_clickhouse_benchmarks_discarding_client_takes_every_row_the_writer_
         time.sleep(0.01)
     assert writer.failures == 0 and writer.inserted == 50 and writer.buffered == 0
     writer.close()
+
+
+def test_a_profile_sums_samples_by_our_functions_and_a_gil_profile_says_what_it_scales_by(tmp_path: Path) -> None:
+    raw = tmp_path / "full.txt"
+    raw.write_text("\n".join([
+        "<module> (x.py:1);measure (benchmarks/measure.py:9);apply (operators/features.py:5);loads (pickle.py:3) 30",
+        "<module> (x.py:1);measure (benchmarks/measure.py:9);apply (operators/features.py:5) 10",
+        "<module> (x.py:1);measure (benchmarks/measure.py:9);score (operators/models.py:7) 60",
+        "<module> (x.py:1);build (flows/main.py:2) 500",  # before the timed region: not the flow at work
+        "<module> (x.py:1);measure (benchmarks/measure.py:9);wait (threading.py:1) 99",  # waiting costs nothing
+    ]))
+    prof = run.profile(raw, 50.0)
+    assert prof["samples"] == 100
+    assert [(r["function"], r["self_us"], r["incl_us"], r["top_leaf"]) for r in prof["top"]] == [
+        ("score", 30.0, 30.0, "(itself)"), ("apply", 20.0, 20.0, "loads")]
+    env = {"utc": "2026-12-07 18:00:00", "rev": "abc1234", "cpu": "cpu", "nproc": 2}
+    cpu = run.profile_markdown({"env": env, "events": 1000, "users": 10}, prof | {"stage": "full"})
+    gil = run.profile_markdown({"env": env, "events": 1000, "users": 10}, prof | {"stage": "full", "gil": True})
+    assert "--gil" not in cpu and "µs CPU per event" in cpu
+    assert "--profile-gil" in gil and "py-spy record -f raw -r 250 --gil" in gil and "µs of wall time per event" in gil
