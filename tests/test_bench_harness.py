@@ -148,3 +148,27 @@ def test_a_profile_sums_samples_by_our_functions_and_a_gil_profile_says_what_it_
     gil = run.profile_markdown({"env": env, "events": 1000, "users": 10}, prof | {"stage": "full", "gil": True})
     assert "--gil" not in cpu and "µs CPU per event" in cpu
     assert "--profile-gil" in gil and "py-spy record -f raw -r 250 --gil" in gil and "µs of wall time per event" in gil
+
+
+def test_the_harness_examples_hold() -> None:
+    # benchmarks/ is not a doctest path of the suite: the user key, the median of rounds, the table header
+    res = doctest.testmod(run)
+    assert res.attempted >= 6 and res.failed == 0
+
+
+def test_with_rounds_each_stage_is_its_median_run_and_the_row_says_so() -> None:
+    """One run's figures move by 10-30 % here from one minute to the next; ``--rounds N`` keeps each stage's
+    median run whole (its CPU, wall and state are that run's, not medians of each), and the row names it."""
+    runs = [{"eps": e, "wall_s": w, "us_cpu_per_event": 20.0, "max_rss_mb": 300.0} for e, w in
+            ((44_000.0, 4.5), (39_000.0, 5.1), (45_000.0, 4.4), (41_000.0, 4.9))]
+    mid = run.median_run(runs)
+    assert (mid["eps"], mid["wall_s"], mid["eps_rounds"]) == (41_000.0, 4.9, [44_000.0, 39_000.0, 45_000.0, 41_000.0])
+    assert run.median_run(runs[:1]) == runs[0]
+    env = {"utc": "2026-12-07 18:00:00", "rev": "abc", "machine": "x86_64", "cpu": "cpu", "nproc": 2, "python": "3.11",
+           "load1": 0.5}
+    base = {"env": env, "events": 200_000, "users": 20_000, "partitions": 3, "produce": {"eps": 1.0}, "ratios": {},
+            "stages": {"features": mid}}
+    cols, cells = run.results_row(base | {"rounds": 4})
+    assert cells[cols.index("events")] == "200,000 (20,000 users, 3 part.); each stage the median of 4 rounds"
+    cols, cells = run.results_row(base)
+    assert cells[cols.index("events")] == "200,000 (20,000 users, 3 part.)"
