@@ -352,6 +352,16 @@ class _PicklerOfThen(pickle.Pickler):
         return NotImplemented
 
 
+def _every_slot(obj: object) -> object:
+    """An object's slots, and those of the objects in them, as plain values (what equality can compare)."""
+    if isinstance(obj, (list, tuple)):
+        return [_every_slot(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _every_slot(v) for k, v in obj.items()}
+    slots = getattr(type(obj), "__slots__", None)
+    return {k: _every_slot(getattr(obj, k)) for k in slots} if slots else obj
+
+
 def test_shoppers_pickled_by_the_older_code_load_exactly_and_pickle_flat_again() -> None:
     """Snapshots and compacted blobs made before shoppers pickled flat still load, to the same shopper."""
     eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(compact_after=None), EventsConfig())
@@ -362,6 +372,7 @@ def test_shoppers_pickled_by_the_older_code_load_exactly_and_pickle_flat_again()
                                                  "amount": 30.0, "quantity": 1 + i % 2}))
     assert any(u.cart for u in s.users.values())  # cart lines are part of what is pickled
     for user in s.users.values():
+        assert _every_slot(pickle.loads(pickle.dumps(user))) == _every_slot(user)  # a slot left out would show
         buf = io.BytesIO()
         _PicklerOfThen(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(user)
         then = buf.getvalue()
