@@ -86,6 +86,8 @@ PEER_PACKAGES: dict[str, list[str]] = {
 }
 LATENCY_LOG = HERE / "latency.jsonl"
 PROFILE_TOP = 15
+#: steps below this share of samples are left out of the profile's step table (they stay in results.jsonl)
+STEP_MIN_SHARE = 0.005
 #: frames of these folders are "ours" in the profile
 OUR_CODE = ("operators/", "flows/", "connectors/", "nudgeflow/", "benchmarks/")
 
@@ -309,17 +311,19 @@ IDLE_FRAMES = frozenset({"Condition.wait", "Event.wait", "wait", "Thread._wait_f
 
 
 def profile(raw: Path, us_per_event: float) -> dict[str, Any]:
-    """py-spy's raw samples summed by our functions (``OUR_CODE``), top PROFILE_TOP by self time.
+    """py-spy's raw samples summed by our functions (``OUR_CODE``), top PROFILE_TOP by self time, and by step.
 
     **self** of one of our functions: samples whose innermost frame of ours is it, so the library code it calls
     (Bytewax's Python, redis-py, orjson, chDB's client) counts as its cost; **inclusive**: samples with it
     anywhere on the stack. µs per event = share of samples × the stage's CPU µs per event (py-spy samples
     Python stacks of running threads: native-only threads, e.g. librdkafka's, are not in the shares).
+    **steps**: every sample under the callback Bytewax called (:func:`step_of`), so the shares add up to 100 %.
     """
     total = 0
     self_n: dict[tuple[str, str], int] = {}
     incl_n: dict[tuple[str, str], int] = {}
     leaves: dict[tuple[str, str], dict[str, int]] = {}
+    step_n: dict[tuple[str, str], int] = {}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -330,6 +334,8 @@ def profile(raw: Path, us_per_event: float) -> dict[str, Any]:
         if not any(f[0] in TIMED_FRAMES for f in frames) or frames[-1][0] in IDLE_FRAMES:
             continue
         total += n
+        step = step_of(frames)
+        step_n[step] = step_n.get(step, 0) + n
         ours = [f for f in frames if f[1].startswith(OUR_CODE)]
         if not ours:
             ours = [("(outside our code)", "")]
@@ -347,7 +353,37 @@ def profile(raw: Path, us_per_event: float) -> dict[str, Any]:
             "function": f[0], "file": f[1], "self_share": n / total, "self_us": n / total * us_per_event,
             "incl_share": incl_n[f] / total, "incl_us": incl_n[f] / total * us_per_event, "top_leaf": top_leaf,
         })  # fmt: skip
-    return {"samples": total, "us_cpu_per_event": us_per_event, "top": rows}
+    steps = [{"callback": f[0], "file": f[1], "share": n / total, "us": n / total * us_per_event}
+             for f, n in sorted(step_n.items(), key=lambda kv: -kv[1])]
+    return {"samples": total, "us_cpu_per_event": us_per_event, "top": rows, "steps": steps}
+
+
+BETWEEN_STEPS = ("(Bytewax between steps)", "")
+
+
+def step_of(frames: list[tuple[str, str]]) -> tuple[str, str]:
+    """The step a sample was taken in: the outermost frame of ours below the timed region that is not the
+    harness's (the callback Bytewax called: a logic's ``on_batch``, a mapper, a sink partition's ``write_batch``,
+    or the ClickHouse writer's thread); :data:`BETWEEN_STEPS` when there is none (Bytewax's own work).
+
+    >>> step_of([("measure", "benchmarks/measure.py"), ("run", "benchmarks/stage.py"),
+    ...          ("FeatureLogic.on_batch", "operators/features.py"), ("read", "operators/features.py")])
+    ('FeatureLogic.on_batch', 'operators/features.py')
+    >>> step_of([("measure", "benchmarks/measure.py"), ("run", "benchmarks/stage.py"), ("shim", "bytewax/operators.py")])
+    ('(Bytewax between steps)', '')
+    >>> step_of([("Thread.run", "threading.py"), ("ClickHouseWriter._run", "connectors/clickhouse.py"),
+    ...          ("ClickHouseWriter._insert", "connectors/clickhouse.py")])
+    ('ClickHouseWriter._run', 'connectors/clickhouse.py')
+    """
+    timed = False
+    for f in frames:
+        if f[0] in TIMED_FRAMES:
+            timed = True
+            if not f[1].startswith("benchmarks/"):  # the writer's thread is a step of its own
+                return f
+        elif timed and f[1].startswith(OUR_CODE) and not f[1].startswith("benchmarks/"):
+            return f
+    return BETWEEN_STEPS
 
 
 def profile_markdown(run: dict[str, Any], prof: dict[str, Any]) -> str:
@@ -377,6 +413,11 @@ def profile_markdown(run: dict[str, Any], prof: dict[str, Any]) -> str:
             f"| {i} | `{r['function']}` | {r['file']} | {r['self_share'] * 100:.1f} | {r['self_us']:.1f} | "
             f"{r['incl_share'] * 100:.1f} | {r['incl_us']:.1f} | `{r['top_leaf']}` |"
         )
+    out += ["", "By step: each sample under the callback Bytewax called (a logic's `on_batch`, a mapper, a sink's "
+            "`write_batch`; the ClickHouse writer's thread is one), the rest between steps.", "",
+            "| step | file | % | µs/ev |", "| --- | --- | --- | --- |"]
+    out += [f"| `{r['callback']}` | {r['file']} | {r['share'] * 100:.1f} | {r['us']:.1f} |"
+            for r in prof["steps"] if r["share"] >= STEP_MIN_SHARE]
     return "\n".join(out) + "\n"
 
 

@@ -138,16 +138,22 @@ def test_a_profile_sums_samples_by_our_functions_and_a_gil_profile_says_what_it_
         "<module> (x.py:1);measure (benchmarks/measure.py:9);score (operators/models.py:7) 60",
         "<module> (x.py:1);build (flows/main.py:2) 500",  # before the timed region: not the flow at work
         "<module> (x.py:1);measure (benchmarks/measure.py:9);wait (threading.py:1) 99",  # waiting costs nothing
+        "<module> (x.py:1);measure (benchmarks/measure.py:9);run (benchmarks/stage.py:4);shim (bytewax/op.py:3) 10",
     ]))
-    prof = run.profile(raw, 50.0)
-    assert prof["samples"] == 100
-    assert [(r["function"], r["self_us"], r["incl_us"], r["top_leaf"]) for r in prof["top"]] == [
-        ("score", 30.0, 30.0, "(itself)"), ("apply", 20.0, 20.0, "loads")]
+    prof = run.profile(raw, 110.0)
+    assert prof["samples"] == 110
+    assert [(r["function"], round(r["self_us"], 9), round(r["incl_us"], 9), r["top_leaf"]) for r in prof["top"]] == [
+        ("score", 60.0, 60.0, "(itself)"), ("apply", 40.0, 40.0, "loads"), ("run", 10.0, 10.0, "shim")]
+    # by step: the callback under the harness's frames holds all below it; Bytewax's own frames are between steps
+    assert [(r["callback"], round(r["us"], 9)) for r in prof["steps"]] == [
+        ("score", 60.0), ("apply", 40.0), ("(Bytewax between steps)", 10.0)]
+    assert sum(r["share"] for r in prof["steps"]) == pytest.approx(1.0)
     env = {"utc": "2026-12-07 18:00:00", "rev": "abc1234", "cpu": "cpu", "nproc": 2}
     cpu = run.profile_markdown({"env": env, "events": 1000, "users": 10}, prof | {"stage": "full"})
     gil = run.profile_markdown({"env": env, "events": 1000, "users": 10}, prof | {"stage": "full", "gil": True})
     assert "--gil" not in cpu and "µs CPU per event" in cpu
     assert "--profile-gil" in gil and "py-spy record -f raw -r 250 --gil" in gil and "µs of wall time per event" in gil
+    assert "| `score` | operators/models.py | 54.5 | 60.0 |" in gil and "| `(Bytewax between steps)` |  | 9.1 | 10.0 |" in gil
 
 
 def test_the_harness_examples_hold() -> None:
