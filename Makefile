@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 # moto needs botocore, which pins python-dateutil below the project's
 MOTO   := $(VENV)/moto/bin/moto_server
 
-.PHONY: install demo test bench bench-clickhouse bench-latency bench-models tools schema clean
+.PHONY: install demo test bench bench-clickhouse bench-latency bench-models bench-instructions tools schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ bench-latency: install
 ## model quality on the simulator (progressive AUC, log loss, ECE vs a heuristic): 1M events in-process
 bench-models: install
 	$(BIN)/python -m benchmarks.models
+
+## instructions per event of each step of the main flow, counted by valgrind: repeatable on a busy machine (~2 min)
+bench-instructions: install
+	@command -v valgrind >/dev/null 2>&1 || { \
+	  echo "installing valgrind (Debian) to count instructions"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
+	$(BIN)/python -m benchmarks.instructions
 
 ## JSON Schemas of the config files, for editors
 schema: install

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import run
+from benchmarks import instructions, run
 from benchmarks.clickhouse import DiscardingClient, append_row
 from benchmarks.peers import job
 from benchmarks.run import checks, git_revision, latest_latency
@@ -157,9 +157,34 @@ def test_a_profile_sums_samples_by_our_functions_and_a_gil_profile_says_what_it_
 
 
 def test_the_harness_examples_hold() -> None:
-    # benchmarks/ is not a doctest path of the suite: the user key, the median of rounds, the table header
+    # benchmarks/ is not a doctest path of the suite: the user key, the median of rounds, the table header, a
+    # profile's step, how instruction counts are read and summed by step
     res = doctest.testmod(run)
     assert res.attempted >= 6 and res.failed == 0
+    res = doctest.testmod(instructions)
+    assert res.attempted >= 3 and res.failed == 0
+
+
+def test_the_instruction_chain_marks_each_step_of_a_batch_once_and_runs_the_flows_steps() -> None:
+    """``benchmarks.instructions`` sums callgrind's dumps by their order: it holds only if the chain marks exactly once
+    before each step of each batch; and the chain must do the flow's work (events enriched, models learned and
+    published, triggers evaluated), or its counts say nothing."""
+    from connectors.simulator import iter_records
+
+    chain = instructions.Chain(instructions.CONFIG)
+    records = [(f"sim:0:{i}", r) for i, r in enumerate(iter_records(run.simulator_config(300, 6_000, 7)))]
+    for i in range(0, 4_000, instructions.BATCH):
+        chain.feed(records[i:i + instructions.BATCH])
+    assert "purchase_propensity" in chain.published  # learned, and published to the scorer's store
+    marks: list[int] = []
+    enriched = sum(chain.feed(records[i:i + instructions.BATCH], lambda: marks.append(1)) for i in (4_000, 5_000))
+    assert len(marks) == 2 * len(instructions.STEPS) and enriched > 2_000 and chain.fired > 0
+    assert chain.scorer.version("purchase_propensity") > 0  # scoring with a learned snapshot, not the prior
+    dumps = [10**9, *range(1, 11), 0]  # start-up, the ten marked steps, the final mark's own
+    assert instructions.per_step(dumps, batches=2) == {"parse": 7, "features": 9, "score": 11, "labels": 13,
+                                                        "triggers": 15}
+    with pytest.raises(ValueError, match="another call"):
+        instructions.per_step(dumps[:-3], batches=2)
 
 
 def test_with_rounds_each_stage_is_its_median_run_and_the_row_says_so() -> None:
