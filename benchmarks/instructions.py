@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.run import REPO, _md, environment, simulator_config, table_head
+from connectors.simulator import SimulatorConfig
 
 HERE = Path(__file__).resolve().parent
 CONFIG = REPO / "config" / "local.yaml"
@@ -154,7 +155,7 @@ def child(a: argparse.Namespace) -> int:
     from flows.common import tune_collector
 
     chain = Chain(a.config)
-    records = [(f"sim:0:{i}", r) for i, r in enumerate(iter_records(simulator_config(a.users, a.warmup + a.events, a.seed)))]
+    records = [(f"sim:0:{i}", r) for i, r in enumerate(iter_records(records_config(a.users, a.warmup + a.events, a.seed)))]
     tune_collector()  # as the flow's process once built: its thresholds, everything alive so far frozen
     for i in range(0, a.warmup, BATCH):
         chain.feed(records[i:i + BATCH])
@@ -165,6 +166,22 @@ def child(a: argparse.Namespace) -> int:
     print(json.dumps({"records": len(counted), "enriched": enriched, "batches": -(-len(counted) // BATCH),
                       "fired": chain.fired, "models_published": sorted(chain.published)}))
     return 0
+
+
+WEEK_MS, MONDAY_MS = 7 * 86_400_000, 4 * 86_400_000  # 1970-01-01 was a Thursday
+
+
+def records_config(users: int, events: int, seed: int) -> SimulatorConfig:
+    """``benchmarks.run``'s simulator settings, starting on a Monday: that start moves by a whole day from one
+    day to the next, which moves the ISO weeks of the weekly frequency caps under the shoppers; moved by whole
+    weeks, runs made on different days count the same work.
+
+    >>> (records_config(10, 100, 1).start_ms - MONDAY_MS) % WEEK_MS
+    0
+    """
+    cfg = simulator_config(users, events, seed)
+    start = cfg.start_ms or 0
+    return cfg.model_copy(update={"start_ms": start - (start - MONDAY_MS) % WEEK_MS})
 
 
 _TOTAL = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.M)
