@@ -233,6 +233,33 @@ def test_a_learner_from_an_older_recovery_store_resumes() -> None:
         ("window", 2), ("cumulative", 2), ("served_window", 1), ("served_cumulative", 1)]
 
 
+def test_metrics_pickled_with_rivers_log_loss_load_with_the_same_figures_and_keep_counting() -> None:
+    """Recovery stores pickle each learner's metrics; those of the code before held River's ``LogLoss`` (a running
+    mean). They load with the same log loss, and one more example counts as it would have."""
+    from river import metrics
+
+    data = [(True, 0.8), (False, 0.3), (False, 0.0), (True, 1.0), (True, 0.45)]
+    old = Metrics(CFG.calibration_bins)
+    state = {k: v for k, v in old.__dict__.items() if k != "loss"} | {"logloss": metrics.LogLoss()}
+    for y, p in data[:-1]:
+        state["logloss"].update(y, {True: p, False: 1 - p})
+    old.__dict__.clear()
+    old.__dict__.update(state)
+    for y, p in data[:-1]:  # the other figures as the older code kept them
+        old.auc.update(y, p), old.cal.update(y, p)
+    old.brier, old.count, old.positives = sum((p - y) ** 2 for y, p in data[:-1]), 4, 2
+    resumed = pickle.loads(pickle.dumps(old))
+    assert not hasattr(resumed, "logloss")
+    assert resumed.row()["logloss"] == pytest.approx(state["logloss"].get(), rel=1e-12)
+    resumed.update(*data[-1])
+    fresh = Metrics(CFG.calibration_bins)
+    for y, p in data:
+        fresh.update(y, p)
+    got, want = resumed.row(), fresh.row()
+    assert got.pop("calibration") == want.pop("calibration")
+    assert got == pytest.approx(want, rel=1e-12)
+
+
 def test_a_pending_example_from_a_snapshot_before_labels_were_held_loads_unlabelled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Label state pickled before examples were held to their deadline: its pending examples had no label
     yet (a labelled one was learned at once) and load as such."""
