@@ -20,7 +20,7 @@ from nudgeflow.yamlconf import ConfigError
 from operators import models
 from operators.features import Enriched
 from operators.models import (
-    LabelEngine, Learner, LearnerLogic, Linear, Metrics, Pending, Resolved, Scorer, Snapshot, SnapshotVersionError,
+    BinnedAUC, LabelEngine, Learner, LearnerLogic, Linear, Metrics, Pending, Resolved, Scorer, Snapshot, SnapshotVersionError,
     build_model, proba, vector,
 )
 
@@ -231,6 +231,23 @@ def test_a_learner_from_an_older_recovery_store_resumes() -> None:
     assert (resumed.examples, resumed.positives) == (2, 0)
     assert [(r.window, r.values["examples"]) for r in resumed.close_window()] == [
         ("window", 2), ("cumulative", 2), ("served_window", 1), ("served_cumulative", 1)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(0.0, 1.0)), max_size=60))
+def test_the_binned_auc_is_the_share_of_positive_negative_pairs_a_positive_wins(examples: list[tuple[bool, float]]) -> None:
+    """Against every pair counted one by one (ties within a bin count half): the AUC of ``model_metrics``."""
+    auc = BinnedAUC()
+    for y, p in examples:
+        auc.update(y, p)
+    bin_of = lambda p: min(int(p * 1000), 999)  # noqa: E731
+    pos = [bin_of(p) for y, p in examples if y]
+    neg = [bin_of(p) for y, p in examples if not y]
+    if not pos or not neg:
+        assert math.isnan(auc.get())
+        return
+    twice = sum(2 if a > b else 1 if a == b else 0 for a in pos for b in neg)
+    assert auc.get() == twice / (2 * len(pos) * len(neg))
 
 
 def test_metrics_pickled_with_rivers_log_loss_load_with_the_same_figures_and_keep_counting() -> None:
