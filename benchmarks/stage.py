@@ -40,9 +40,10 @@ from connectors import kafka
 from nudgeflow.settings import KafkaConfig
 
 REPO = Path(__file__).resolve().parent.parent
-TRIGGERS = REPO / "config" / "triggers.yaml"
-FEATURES = REPO / "config" / "features.yaml"
-MODELS = REPO / "config" / "models.yaml"
+SHIPPED = REPO / "config"
+TRIGGERS = SHIPPED / "triggers.yaml"
+#: the peers' job (``benchmarks/peers/job.py``) as nudgeflow's config: features, triggers and (no) models
+PEER_JOB = Path(__file__).resolve().parent / "peers" / "nudgeflow"
 
 
 @dataclass
@@ -249,10 +250,11 @@ def build_bare(ctx: StageContext) -> Built:
 
 
 def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None, identity: bool = True,
-                compact: bool = True) -> Any:
-    """A nudgeflow deployment reading the stage's topic (shipped features and triggers), with Redis keys and
-    output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's prefix and chDB in its workdir;
-    ``compact=False``: idle shoppers' state is never compacted (``features.compact_after: null``)."""
+                compact: bool = True, configs: Path = SHIPPED) -> Any:
+    """A nudgeflow deployment reading the stage's topic, with the features, triggers and models of ``configs``
+    (the shipped ones), Redis keys and output topics (``<prefix>.actions``, ``<prefix>.dlq``) under the stage's
+    prefix and chDB in its workdir; ``compact=False``: idle shoppers' state is never compacted
+    (``features.compact_after: null``)."""
     from connectors.tansu import create_topics
     from nudgeflow.configload import deployment
     from nudgeflow.settings import Settings
@@ -262,13 +264,13 @@ def _deployment(ctx: StageContext, name: str, recovery_s: float | None = None, i
         "name": name,
         "source": {"kind": "kafka"},
         "kafka": ctx.kafka_config().model_dump() | {"topic_prefix": ctx.prefix},
-        "features": {"definitions": str(FEATURES)} | ({} if compact else {"compact_after": None}),
+        "features": {"definitions": str(configs / "features.yaml")} | ({} if compact else {"compact_after": None}),
         "redis": {"url": ctx.redis_url, "key_prefix": ctx.prefix, "ttl": "1h"},
         "clickhouse": {"chdb_path": str(ctx.workdir / "chdb"), "database": "nfbench"},
         "actions": {"kind": "kafka"},
         "dlq": {"kind": "kafka"},
-        "triggers": str(TRIGGERS),
-        "models": str(MODELS),  # the shipped triggers read scores; the feature flow does not run models
+        "triggers": str(configs / "triggers.yaml"),
+        "models": str(configs / "models.yaml"),  # the shipped triggers read scores; the feature flow runs no models
         "recovery": None if recovery_s is None else {"dir": str(ctx.workdir / "recovery"), "snapshot_interval": recovery_s},
         "identity": {"enabled": identity},
     })
@@ -390,18 +392,20 @@ def build_features(ctx: StageContext, recovery_s: float | None = None, identity:
     )
 
 
-def build_full(ctx: StageContext, identity: bool = True, recovery_s: float | None = None) -> Built:
+def build_full(ctx: StageContext, identity: bool = True, recovery_s: float | None = None,
+               configs: Path = SHIPPED) -> Built:
     """The main job of ``flows/main.py`` as shipped (features, the models of ``config/models.yaml``, the
     triggers of ``config/triggers.yaml``, guards) in Kafka mode; ``rt.close()`` (final ClickHouse flush) timed;
     ``identity=False``: without the identity step (what it costs the whole job); ``recovery_s``: with Bytewax
-    recovery, epochs of that length (snapshots, and the ClickHouse rows stored at each epoch's end)."""
+    recovery, epochs of that length (snapshots, and the ClickHouse rows stored at each epoch's end);
+    ``configs``: another folder's features, triggers and models (:data:`PEER_JOB`: the peers' job)."""
     import redis
 
     from connectors.clickhouse import connect
     from flows.common import clickhouse_dsn
     from flows.main import build
 
-    dep = _deployment(ctx, "bench_full", recovery_s, identity=identity)
+    dep = _deployment(ctx, "bench_full", recovery_s, identity=identity, configs=configs)
     s, database = dep.settings, dep.settings.clickhouse.database
     flow, rt = build(dep)
     counts: dict[str, int] = {}
@@ -450,6 +454,8 @@ STAGES: dict[str, Callable[[StageContext], Built]] = {
     "full": build_full,
     "full_noid": lambda ctx: build_full(ctx, identity=False),
     "full_rec10s": lambda ctx: build_full(ctx, recovery_s=10.0),
+    # the peers' job (benchmarks/peers/job.py) run by nudgeflow's main flow: the like-for-like of quix and faust
+    "peerjob": lambda ctx: build_full(ctx, identity=False, configs=PEER_JOB),
 }
 
 

@@ -115,6 +115,11 @@ def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None
     same = {"kafka_actions": 120, "redis_users": 2000}
     assert checks({"quix": same, "faust": dict(same)}) == []
     assert checks({"quix": same, "faust": same | {"kafka_actions": 119}}) == ["peers: kafka_actions quix 120 != faust 119"]
+    # nudgeflow on the peers' job: the same shoppers in Redis; more actions (its timers fire without a next event)
+    ours = {"redis_users": 2000, "kafka_actions": 200, "ch_actions": 200, "kafka_dlq": 3, "ch_dlq": 3}
+    assert checks({"quix": same, "faust": same, "peerjob": ours}) == []
+    assert checks({"quix": same, "peerjob": ours | {"redis_users": 1999, "ch_actions": 199}}) == [
+        "peerjob: actions in Kafka 200 != in ClickHouse 199", "peerjob: Redis users 1999 != quix's 2000"]
 
 
 def test_the_clickhouse_benchmarks_discarding_client_takes_every_row_the_writer_hands_it() -> None:
