@@ -107,9 +107,11 @@ class Chain:
         return out
 
     def score(self, enriched: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        return self.scorer.score_batch(enriched)
+        return self.scorer.score_batch(enriched) if self.learners else enriched  # as flows.main: no models, no step
 
     def label(self, scored: list[tuple[str, Any]]) -> None:
+        if not self.learners:
+            return
         eng, resolved = self.labels, []
         for key, en in scored:
             eng.on_event(self._of("labels", key, eng.new_state), en, self.clock)
