@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import REPO, _md, environment, simulator_config, table_head
+from benchmarks.run import REPO, append_section_row, environment, simulator_config
 from connectors.simulator import SimulatorConfig
 
 HERE = Path(__file__).resolve().parent
@@ -266,16 +266,8 @@ def row(res: dict[str, Any]) -> list[str]:
 
 
 def record(res: dict[str, Any], out_dir: Path) -> None:
-    """Append the run at the end of RESULTS.md (the section once, the header unless the file ends with our
-    table) and to instructions.jsonl. The file is read right before appending."""
-    md = out_dir / "RESULTS.md"
-    text = md.read_text() if md.exists() else ""
-    add = "" if HEADING in text else ("" if text.endswith("\n") or not text else "\n") + SECTION
-    add += table_head(text + add, COLUMNS)
-    with md.open("a") as f:
-        f.write(add + _md(row(res)) + "\n")
-    with (out_dir / "instructions.jsonl").open("a") as f:
-        f.write(json.dumps(res) + "\n")
+    """Append the run at the end of RESULTS.md (the section once) and to instructions.jsonl."""
+    append_section_row(out_dir, HEADING, SECTION, COLUMNS, row(res), "instructions.jsonl", res)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -50,14 +50,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from benchmarks.run import (
     REPO,
-    _md,
     _proc_cpu_s,
+    append_section_row,
     bench_redis,
     environment,
     keyed_records,
     run_stage,
     simulator_config,
-    table_head,
     user_key,
 )
 from benchmarks.stage import TRIGGERS, StageContext
@@ -705,16 +704,8 @@ def row(res: dict[str, Any]) -> list[str]:
 
 
 def record(res: dict[str, Any], out_dir: Path) -> None:
-    """Append the run at the end of RESULTS.md (the section once; the table header again unless the file ends
-    with our table) and to latency.jsonl. The file is read right before appending."""
-    md = out_dir / "RESULTS.md"
-    text = md.read_text() if md.exists() else ""
-    add = "" if HEADING in text else ("" if text.endswith("\n") or not text else "\n") + SECTION
-    add += table_head(text + add, COLUMNS)
-    with md.open("a") as f:
-        f.write(add + _md(row(res)) + "\n")
-    with (out_dir / "latency.jsonl").open("a") as f:
-        f.write(json.dumps(res) + "\n")
+    """Append the run at the end of RESULTS.md (the section once) and to latency.jsonl."""
+    append_section_row(out_dir, HEADING, SECTION, COLUMNS, row(res), "latency.jsonl", res)
 
 
 # -- main

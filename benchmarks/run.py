@@ -615,6 +615,21 @@ def table_head(text: str, cols: list[str]) -> str:
     return gap + _md(cols) + "\n" + _md(["---"] * len(cols)) + "\n"
 
 
+def append_section_row(out_dir: Path, heading: str, section: str, cols: list[str], cells: list[str],
+                       jsonl: str, run: dict[str, Any]) -> None:
+    """A harness's run at the end of RESULTS.md, under its ``section`` (written once, the first time ``heading`` is
+    missing) in a table of ``cols`` (its header again unless the file ends with such a table), and as one line of
+    ``jsonl``. The file is read right before appending: other harnesses append to it too."""
+    md = out_dir / "RESULTS.md"
+    text = md.read_text() if md.exists() else ""
+    add = "" if heading in text else ("" if text.endswith("\n") or not text else "\n") + section
+    add += table_head(text + add, cols)
+    with md.open("a") as f:
+        f.write(add + _md(cells) + "\n")
+    with (out_dir / jsonl).open("a") as f:
+        f.write(json.dumps(run) + "\n")
+
+
 def record(run: dict[str, Any], out_dir: Path) -> None:
     """Append the run to RESULTS.md (a table header again unless it ends with a table of these columns) and
     results.jsonl."""

@@ -122,6 +122,16 @@ def test_the_harness_warns_when_the_two_peers_disagree_on_the_same_job() -> None
         "peerjob: actions in Kafka 200 != in ClickHouse 199", "peerjob: Redis users 1999 != quix's 2000"]
 
 
+def test_a_harness_section_is_written_once_and_its_header_again_after_another_table(tmp_path: Path) -> None:
+    one = lambda v: run.append_section_row(tmp_path, "## A", "\n## A\n\nAbout A.\n", ["a"], [v], "a.jsonl", {"a": v})  # noqa: E731
+    one("1"), one("2")
+    run.append_section_row(tmp_path, "## B", "\n## B\n", ["b"], ["x"], "b.jsonl", {"b": "x"})
+    one("3")
+    assert (tmp_path / "RESULTS.md").read_text() == (
+        "\n## A\n\nAbout A.\n\n| a |\n| --- |\n| 1 |\n| 2 |\n\n## B\n\n| b |\n| --- |\n| x |\n\n| a |\n| --- |\n| 3 |\n")
+    assert [json.loads(x)["a"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == ["1", "2", "3"]
+
+
 def test_the_clickhouse_benchmarks_discarding_client_takes_every_row_the_writer_hands_it() -> None:
     """The ``discard`` run of ``benchmarks.clickhouse`` is the flow without ClickHouse's cost: its client must take
     the writer's inserts as a real one does, or the writer retries forever and the run measures nothing."""
