@@ -40,10 +40,10 @@ import logging
 import math
 import pickle
 from collections.abc import Callable, Iterable
-from itertools import accumulate
-from operator import mul
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from itertools import accumulate
+from operator import mul
 from typing import Any
 
 import river
