@@ -63,6 +63,26 @@ def test_the_peers_job_does_what_its_docstrings_show() -> None:
     assert res.attempted >= 5 and res.failed == 0
 
 
+def test_the_peerjob_stage_runs_the_peers_job_as_nudgeflow_config() -> None:
+    """``peerjob`` is compared with the peers as the same job: its config must keep every feature the peers compute
+    (plus only those nudgeflow always keeps), their one trigger, and no models."""
+    from benchmarks.stage import PEER_JOB
+    from nudgeflow.configload import load_features, load_models, load_triggers
+    from nudgeflow.settings import EventsConfig
+    from operators.features import FeaturePlan
+
+    events = EventsConfig()
+    names = FeaturePlan(load_features(PEER_JOB / "features.yaml", events)).names
+    peers = job.features({}, {"ts": 0, "type": "browse"})
+    assert set(names) - set(peers) == {"first_seen_ts", "user_age_s", "last_platform", "cart_quantity"}
+    assert set(peers) <= set(names) and len(peers) == 23
+    tf = load_triggers(PEER_JOB / "triggers.yaml", events, names, [])
+    assert [(t.id, t.kind, t.after, t.unless, t.within) for t in tf.triggers] == [
+        ("cart_abandonment", "absence", ["add_to_cart"], ["order"], job.ABANDON_AFTER_MS / 1000)]
+    assert tf.defaults.cooldown == job.COOLDOWN_MS / 1000
+    assert load_models(PEER_JOB / "models.yaml", events, names).models == []
+
+
 def test_a_row_appended_after_a_note_or_another_table_gets_its_header_again(tmp_path: Path) -> None:
     """RESULTS.md takes notes and profiles between runs: a row appended after them, without its header, was loose
     text (two rows of 2026-12-07 were). Every benchmark appends through ``table_head``."""
