@@ -53,15 +53,18 @@ class Chain:
     """The main flow's per-event steps in-process, one method a step, each taking what the one before gave."""
 
     def __init__(self, config: Path):
+        from flows.common import shard_batches
         from flows.main import needed_features
         from nudgeflow.configload import load_deployment
-        from operators.features import FeatureEngine
+        from operators.features import Enriched, FeatureEngine
         from operators.guards import StateGuards
         from operators.models import LabelEngine, Learner, Scorer
         from operators.parse import Parser
         from operators.shards import shard_names
-        from operators.triggers import TriggerEngine
+        from operators.triggers import TriggerEngine, TriggerLogic
 
+        # the steps' own code only, not imports, in the counted steps
+        self._shard_batches, self._enriched, self._trigger_logic = shard_batches, Enriched, TriggerLogic
         dep = load_deployment(config)
         s, mf = dep.settings, dep.models
         lateness, idle = int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000)
@@ -92,13 +95,11 @@ class Chain:
         return self.parser.parse_batch(raws)
 
     def enrich(self, parsed: list[Any]) -> list[tuple[str, Any]]:
-        from flows.common import shard_batches
-        from operators.features import Enriched
-
+        Enriched = self._enriched
         self.batches += 1
         publish = self.batches % PUBLISH_EVERY == 0
         out: list[tuple[str, Any]] = []
-        for key, events in shard_batches([parsed], self.names):
+        for key, events in self._shard_batches([parsed], self.names):
             st = self._of("features", key, self.features.new_state)
             out += [(key, x) for x in self.features.apply_batch(st, events) if type(x) is Enriched]
             if publish:  # the Redis side is left out; the looks at quiet shoppers go on
@@ -125,18 +126,18 @@ class Chain:
                 self.published[name] = snap
 
     def trigger(self, scored: list[tuple[str, Any]]) -> None:
-        from operators.triggers import TriggerLogic
-
         by_shard: dict[str, list[Any]] = {}
         for key, en in scored:
             by_shard.setdefault(key, []).append(en)
         for key, values in by_shard.items():
-            logic = self._of("triggers", key, lambda: TriggerLogic(self.triggers, None, recover=False))
+            logic = self._of("triggers", key, self._new_trigger_logic)
             self.fired += len(logic.on_batch(values)[0])
 
+    def _new_trigger_logic(self) -> Any:
+        return self._trigger_logic(self.triggers, None, recover=False)
+
     def feed(self, raws: list[tuple[str, bytes]], mark: Callable[[], Any] | None = None) -> int:
-        """One source batch through every step (``mark`` called before each, and once after the last); the events
-        it enriched."""
+        """One source batch through every step, ``mark`` called before each; the events it enriched."""
         m = mark or (lambda: None)
         m()
         parsed = self.parse(raws)

@@ -342,7 +342,6 @@ def test_state_survives_a_snapshot_round_trip() -> None:
     assert [g.features for g in got] == [w.features for w in want]
 
 
-
 class _PicklerOfThen(pickle.Pickler):
     """Pickles shoppers as the code before ``UserState.__reduce__`` did: a class reference and its slots' tuple."""
 
@@ -383,6 +382,7 @@ def test_shoppers_pickled_by_the_older_code_load_exactly_and_pickle_flat_again()
         frozen = Frozen.__new__(Frozen)
         frozen.last_ts, frozen.looks, frozen.blob = user.last_ts, user.looks, zstandard.ZstdCompressor().compress(then)
         assert pickle.dumps(frozen.thaw(None)) == pickle.dumps(user)
+
 
 steps = st.lists(st.one_of(
     st.tuples(st.just("event"), st.integers(0, 3), st.integers(0, 20 * DAY),
