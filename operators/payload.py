@@ -15,6 +15,12 @@ written (``nudgeflow validate`` names them first).
 ['features.cart_items', 'user.first_name']
 >>> t.render({"features.cart_items": 3, "user.first_name": "Ada"})
 {'template': 'cart_reminder', 'items': 3, 'subject': 'Hi Ada, 3 items wait'}
+
+Placeholders are found and filled at any depth, in lists too:
+
+>>> t = PayloadTemplate({"blocks": [{"text": "for ${user_id}"}, "${score.churn_risk}", 7]})
+>>> sorted(t.refs), t.render({"user_id": "u1", "score.churn_risk": 0.8})
+(['score.churn_risk', 'user_id'], {'blocks': [{'text': 'for u1'}, 0.8, 7]})
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from river import linear_model
 
 from connectors.model_store import RedisModelStore
 from nudgeflow.configload import load_models
@@ -441,6 +442,28 @@ def test_non_finite_features_are_counted_and_the_event_still_scored() -> None:
     en = Enriched(Event("e", "u", "browse", 0), {"views_1h": float("inf")})
     scorer.score_batch([("0", en)])
     assert en.scores["buy"] == CFG.models[0].prior and scorer.faults == 1  # both models share one input
+
+
+class Exploding(linear_model.LogisticRegression):
+    """A River model that fails to score an input it cannot handle (here: more than 100 views)."""
+
+    def predict_proba_one(self, x: dict[str, float]) -> dict[bool, float]:
+        if x["views_1h"] > 100:
+            raise OverflowError("cannot score")
+        return super().predict_proba_one(x)
+
+
+def test_a_model_that_raises_scores_the_prior_and_is_counted_and_the_event_goes_on() -> None:
+    """A model fault must not stop the event: the prior scores it under version 0 (no prediction names a model
+    that did not score), the error is counted, the other model scores as usual, and the input is kept."""
+    snaps = [Snapshot.of("churn", 4, 100, Exploding(), positives=50),
+             Snapshot.of("buy", 2, 100, build_model(CFG.models[0]), positives=50)]
+    scorer = Scorer(CFG, lambda have: [s for s in snaps if have[s.name] < s.version])
+    fine, bad = (Enriched(Event(f"e{v}", "u", "browse", 0), {"views_1h": v}) for v in (5, 500))
+    scorer.score_batch([("0", fine), ("0", bad)])
+    assert fine.scored["churn"][0] == 4 and fine.scores["churn"] == pytest.approx(0.5) and scorer.errors == 1
+    assert bad.scores["churn"] == CFG.models[1].prior and bad.scored["churn"] == (0, {"views_1h": 500.0})
+    assert bad.scored["buy"][0] == 2 and scorer.faults == 0
 
 
 def test_learner_logic_warm_starts_from_the_published_snapshot() -> None:

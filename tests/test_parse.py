@@ -40,6 +40,8 @@ def parse(raw: bytes | None) -> Event | DeadLetter:
     (rec(user_id=""), "invalid_field"),
     (rec(ts="yesterday"), "invalid_field"),
     (rec(ts=True), "invalid_field"),
+    (rec(ts=None), "invalid_field"),
+    (b'{"event_id": "e1", "user_id": "u1", "type": "browse", "ts": 1e400}', "malformed_json"),  # no infinite time
     (rec(session_id=3), "invalid_field"),
     (rec(platform=["web"]), "invalid_field"),
     (rec(props=[1]), "invalid_field"),
@@ -75,7 +77,7 @@ def test_each_refusal_has_its_reason_the_bytes_and_the_position(raw: bytes | Non
 
 def test_timestamps_in_every_accepted_form_agree() -> None:
     iso = "2023-11-14T22:13:19"
-    forms = [NOW - 1000, f"{iso}Z", f"{iso}+00:00", iso, "2023-11-14T23:13:19+01:00"]
+    forms = [NOW - 1000, NOW - 999.6, f"{iso}Z", f"{iso}+00:00", iso, "2023-11-14T23:13:19+01:00"]
     assert {parse(rec(ts=f)).ts for f in forms} == {NOW - 1000}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
@@ -382,3 +383,39 @@ def test_a_flattened_condition_decides_as_the_maps_do(source: str, feats: dict[s
     assert (flat.flat is None) == source.startswith("has(")
     ev = Event("e", "u", "browse", 0, props={"note": note})
     assert flat.holds(ev, feats, scores) == maps.holds(ev, feats, scores)
+
+
+def test_a_reload_drops_the_timers_of_removed_triggers_and_enables_a_disabled_one(tmp_path: Path) -> None:
+    """Hot reload, in the engine: a disabled trigger never fires until an edit enables it; an absence trigger
+    the edit removes never fires its pending timer, nor keeps it, while one that stays fires on time; a removed
+    sequence trigger's waiting event is forgotten."""
+    from nudgeflow.configload import TriggerSource, load_triggers
+    from nudgeflow.settings import EventsConfig
+
+    body = """
+triggers:
+  - {{id: ping, kind: event, on: [browse], enabled: {enabled}}}
+  - {{id: cart, kind: absence, after: [add_to_cart], unless: [order], within: 30m}}
+{rest}"""
+    removed = """  - {id: look, kind: absence, after: [browse], unless: [add_to_cart], within: 30m}
+  - {id: seq, kind: sequence, first: [favourite], then: [add_to_cart], within: 1d}
+"""
+    path = tmp_path / "triggers.yaml"
+    path.write_text(body.format(enabled="false", rest=removed))
+    check = lambda p: load_triggers(p, EventsConfig())  # noqa: E731
+    src = TriggerSource(path, check(path), check, every=0)
+    engine = TriggerEngine(src.current, lateness_ms=LATENESS, idle_ms=10**12, now_ms=lambda: 0, source=src)
+    s = engine.new_state()
+
+    def feed(eid: str, uid: str, etype: str, ts: int) -> list[str]:
+        ev = Event(eid, uid, etype, ts, position=f"t:0:{eid}")
+        return [a.trigger_id for a in engine.on_event(s, Enriched(ev, {}), 0) if type(a) is triggers.Action]
+
+    assert feed("b1", "u1", "browse", 0) == []  # disabled: no action, and the look timer opens
+    assert feed("c1", "u2", "add_to_cart", 0) == []  # the cart timer opens; seq waits for a late favourite
+    assert set(s.sequences) == {("seq", "u2")} and {k[0] for k in s.timers} == {"look", "cart"}
+    path.write_text(body.format(enabled="true", rest=""))
+    engine.refresh()
+    assert feed("b2", "u3", "browse", 60_000) == ["ping"]
+    fired = [a.trigger_id for a in engine.advance(s, W + LATENESS + 60_000) if type(a) is triggers.Action]
+    assert fired == ["cart"] and not s.timers and not s.sequences
