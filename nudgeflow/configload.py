@@ -93,7 +93,7 @@ def load_csv_mapping(mapping: str | CsvMapping, resolve: Callable[[str], Path], 
 
 def load_models(path: str | Path, events: EventsConfig, feature_names: list[str]) -> ModelsFile:
     """Load and check ``models.yaml``: features exist, pipelines build with their parameters."""
-    from operators.models import build_model  # River is imported only where models are configured
+    from operators.models import check_model  # River is imported only where models are configured
 
     data, lines = load_yaml(path)
     mf = validate(ModelsFile, data, path, lines)
@@ -112,7 +112,7 @@ def load_models(path: str | Path, events: EventsConfig, feature_names: list[str]
                              f"{IDLE!r} is a look at a quiet shopper, not an outcome: score_on may name it, a label not"))
         _types_known(m.score_on, known | {IDLE}, ("models", i, "score_on"), lines, problems)
         try:
-            build_model(m)
+            check_model(m)
         except ValueError as e:
             loc = ("models", i, "params")
             problems.append((line_of(lines, loc) or line_of(lines, ("models", i)), ".".join(map(str, loc)), str(e)))

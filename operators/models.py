@@ -85,13 +85,19 @@ def build_model(d: ModelDef) -> Any:
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"{d.pipeline} does not take {unknown}; it takes lr and {sorted(accepted)}")
+    for name, value in params.items():  # regularisation strengths: a negative one rewards large weights
+        if name.startswith(("l1", "l2")) and isinstance(value, (int, float)) and value < 0:
+            raise ValueError(f"{name}: a regularisation strength, expected 0 or more, got {value!r}")
     if lr is not None:
-        if d.pipeline == "logistic":
-            params["optimizer"] = optim.SGD(float(lr))
-        elif d.pipeline == "fm":
-            params["weight_optimizer"] = optim.SGD(float(lr))
-        else:
+        if d.pipeline not in ("logistic", "fm"):
             raise ValueError(f"{d.pipeline} has no learning rate (lr)")
+        try:
+            rate = float(lr)
+        except (TypeError, ValueError):
+            rate = math.nan
+        if isinstance(lr, bool) or not 0 < rate < math.inf:  # a negative rate climbs the loss
+            raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        params["optimizer" if d.pipeline == "logistic" else "weight_optimizer"] = optim.SGD(rate)
     if "seed" in accepted:
         params.setdefault("seed", 42)
     try:
@@ -102,6 +108,31 @@ def build_model(d: ModelDef) -> Any:
     if d.pipeline in ("logistic", "fm"):  # gradient models want scaled inputs; trees do not
         steps.append(preprocessing.StandardScaler())
     return compose.Pipeline(*steps, est) if steps else est
+
+
+def check_model(d: ModelDef) -> None:
+    """Build the model and teach a copy a few examples of both outcomes: River takes most parameters without
+    a look (a string where a number goes), and such a model would fail at the first example a running flow
+    learns. Raises ValueError saying why, for ``nudgeflow validate``.
+
+    >>> d = ModelDef(name="p", label={"events": ["order"], "within": "1h"}, features=["a"], params={"l2": "x"})
+    >>> check_model(d)
+    Traceback (most recent call last):
+    ...
+    ValueError: logistic with params {'l2': 'x'} fails on a first example: TypeError: ...
+    """
+    model = build_model(d)
+    xs = [dict.fromkeys(d.features, float(v)) for v in (0, 1, 10, 100)]
+    try:
+        for i, x in enumerate(xs + xs):
+            model.learn_one(x, i % 2 == 1)
+        ps = [proba(model, x) for x in xs]
+    except Exception as e:  # whatever River raises for a parameter it cannot use
+        raise ValueError(f"{d.pipeline} with params {dict(d.params)} fails on a first example: "
+                         f"{type(e).__name__}: {e}") from None
+    if not all(0.0 <= p <= 1.0 for p in ps):  # NaN too
+        raise ValueError(f"{d.pipeline} with params {dict(d.params)} scores {ps} after a few examples, not "
+                         "probabilities")
 
 
 def symlog(x: dict[str, float]) -> dict[str, float]:

@@ -526,6 +526,22 @@ def test_repo_models_validate_and_bad_ones_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no learning rate"):
         build_model(ModelDef(name="t", label={"events": ["order"], "within": "1h"}, features=["a"],
                              pipeline="hoeffding_tree", params={"lr": 0.1}))
+    # parameters River takes without a look, and which would fail or diverge only as a running flow learns
+    bad.write_text("models:\n" + "".join(
+        f"  - {{name: m{i}, label: {{events: [order], within: 1h}}, features: [views_1h], pipeline: {pipe}, "
+        f"params: {params}}}\n"
+        for i, (pipe, params) in enumerate([("logistic", "{l2: x}"), ("logistic", "{lr: -0.01}"), ("fm", "{l2_weight: -1}"),
+                                            ("logistic", "{intercept_lr: fast}"), ("logistic", "{lr: 1.0e-3, l2: 0}")])))
+    with pytest.raises(ConfigError) as e:
+        load_models(bad, EventsConfig(), ["views_1h"])
+    assert [line.split(": ", 2)[1:] for line in str(e.value).splitlines()] == [
+        ["models.0.params", "logistic with params {'l2': 'x'} fails on a first example: TypeError: VectorDict "
+                            "values must be real numbers"],
+        ["models.1.params", "lr: expected a positive number, got -0.01"],
+        ["models.2.params", "l2_weight: a regularisation strength, expected 0 or more, got -1"],
+        ["models.3.params", "logistic with params {'intercept_lr': 'fast'} fails on a first example: AttributeError: "
+                            "'str' object has no attribute 'get'"],
+    ]
     for pipeline in ("logistic", "hoeffding_tree", "arf", "fm"):
         m = build_model(ModelDef(name="t", label={"events": ["order"], "within": "1h"}, features=["a"], pipeline=pipeline))
         m.learn_one({"a": 1.0}, True)
