@@ -61,7 +61,16 @@ DLQ_SQL = "SELECT count() FROM {db}.dlq FINAL"
 
 
 def parse_time(value: str, now_ms: int) -> int:
-    """Epoch ms from ``2026-11-01`` / an ISO-8601 time (naive is UTC), or a duration back from now (``7d``)."""
+    """Epoch ms from ``2026-11-01`` / an ISO-8601 time (naive is UTC), or a duration back from now (``7d``).
+
+    >>> now = parse_time("2026-11-08", 0)
+    >>> parse_time("7d", now) == parse_time("2026-11-01T00:00:00+00:00", 0) == parse_time("2026-11-01T01:00+01:00", 0)
+    True
+    >>> parse_time("last week", now)
+    Traceback (most recent call last):
+    ...
+    ValueError: expected a date, an ISO-8601 time or a duration like 7d, got 'last week'
+    """
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:

@@ -374,6 +374,11 @@ def next_date(value: Any, t: DateTrigger, tz: str, after_ms: int) -> tuple[int, 
     ('2026-03-10', '2026-03-09T09:00:00+01:00')
     >>> next_date("1990-03-10", bday, "Europe/Berlin", after_ms=ms)[1]  # once fired, next year's
     '2027-03-10'
+    >>> next_date("2004-02-29", bday, "UTC", after_ms=ms)[1]  # no 29th in 2027
+    '2027-02-28'
+    >>> expiry = DateTrigger(id="e", kind="date", attribute="coupon_expires", at="10:00")  # once, not yearly
+    >>> next_date("2026-03-01", expiry, "UTC", after_ms=ms), next_date("soon", expiry, "UTC", after_ms=ms)  # past; no date
+    (None, None)
     """
     try:
         d = date.fromisoformat(str(value)[:10])

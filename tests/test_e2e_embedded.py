@@ -82,3 +82,41 @@ def test_cli_run_on_the_embedded_default(tmp_path: Path, redis_url: str, key_pre
                                  "(SELECT countIf(type = 'idle') FROM {db}.events FINAL) "
                                  "FROM {db}.predictions FINAL WHERE startsWith(event_id, 'idle:')")
     assert looks[0][0] > 20 and looks[0][1:] == [0, 0], looks
+
+
+STDOUT_CONFIG = """
+name: nudgeflow_stdout
+source: {{kind: file, file: {{paths: [{events}]}}}}
+features: {{definitions: {features}}}
+redis: {{url: "{redis_url}", key_prefix: {prefix}}}
+clickhouse: {{chdb_path: ch}}
+actions: {{kind: stdout}}
+dlq: {{kind: stdout}}
+triggers: {triggers}
+"""
+
+
+def test_actions_and_dead_letters_as_json_lines_on_stdout(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
+    """The stdout sinks (``kind: stdout``): each action and each dead letter is one JSON line among the run's
+    output, with what a file sink writes."""
+    now = 1_796_000_000_000
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"".join(
+        orjson.dumps({"event_id": f"e{i}", "user_id": u, "type": "browse", "ts": now + i, "props": {"item_id": "i1"}})
+        + b"\n" for i, u in enumerate(["u1", "u2", "u1"])) + b'{"event_id": "broken"\n')
+    triggers = tmp_path / "triggers.yaml"
+    triggers.write_text("defaults: {cooldown: 1h, holdout: 0, consent: opt_out}\n"
+                        "triggers:\n  - {id: hello, kind: event, on: [browse], channel: push}\n")
+    cfg = tmp_path / "stdout.yaml"
+    cfg.write_text(STDOUT_CONFIG.format(events=events, features=Path(__file__).parents[1] / "config" / "features.yaml",
+                                        redis_url=redis_url, prefix=key_prefix, triggers=triggers))
+    proc = subprocess.run([sys.executable, "-m", "nudgeflow.cli", "run", "--config", str(cfg), "--no-summary"],
+                          capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [orjson.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    actions = [x for x in lines if "action_id" in x]
+    dead = [x for x in lines if "reason" in x]
+    assert sorted((a["trigger_id"], a["user_id"], a["occurrence"]) for a in actions) == [
+        ("hello", "u1", "e0"), ("hello", "u2", "e1")]  # u1's second browse: within the cooldown
+    assert [(d["reason"], d["raw"]) for d in dead] == [("malformed_json", '{"event_id": "broken"')]
+    assert len(lines) == 3
