@@ -17,6 +17,7 @@ import httpx
 import orjson
 from redis.cluster import RedisCluster
 from prometheus_client.parser import text_string_to_metric_families
+from river import linear_model
 
 from connectors.clickhouse import connect
 from connectors.redis_client import Client, redis_client
@@ -267,3 +268,13 @@ def clickhouse_rows(config: Path, sql: str) -> list[list[Any]]:
                           timeout=120, cwd=CONFIG_DIR.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return orjson.loads(proc.stdout)
+
+
+class Exploding(linear_model.LogisticRegression):
+    """A River model that fails to score an input it cannot handle (here: more than 100 views); importable,
+    so a snapshot of it pickles."""
+
+    def predict_proba_one(self, x: dict[str, float]) -> dict[bool, float]:
+        if x["views_1h"] > 100:
+            raise OverflowError("cannot score")
+        return super().predict_proba_one(x)

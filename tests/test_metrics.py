@@ -218,3 +218,35 @@ def test_configure_installs_one_handler_in_the_chosen_format() -> None:
         for h in [h for h in root.handlers if h.get_name() == "nudgeflow"]:
             root.removeHandler(h)
         root.setLevel(level)
+
+
+def test_the_scorers_versions_input_faults_and_errors_are_metrics(redis_url: str) -> None:
+    """What scoring did, per model: the snapshot version serving (0 while the prior answers), inputs that were
+    missing or not numbers, and models that raised (the prior answered instead)."""
+    from nudgeflow.settings import ModelsFile
+    from operators.features import Enriched
+    from operators.models import Scorer, Snapshot, build_model
+    from tests.helpers import Exploding
+
+    models = ModelsFile.model_validate({"models": [
+        {"name": name, "label": {"events": ["order"], "within": "1h"}, "features": ["views_1h"], "min_examples": 10,
+         "pipeline": pipeline} for name, pipeline in (("buy", "logistic"), ("cold", "logistic"), ("odd", "hoeffding_tree"))
+    ]})
+    snaps = [Snapshot.of("buy", 3, 50, build_model(models.models[0]), positives=20),
+             Snapshot.of("cold", 1, 5, build_model(models.models[1]), positives=2)]  # not warm: the prior serves
+    scorer = Scorer(models, lambda have: [s for s in snaps if have[s.name] < s.version])
+    m = FlowMetrics(redis_url)
+    m.scorer = scorer
+    try:
+        scorer.score_batch([("0", Enriched(Event(f"e{i}", "u", "browse", 0), feats))
+                            for i, feats in enumerate([{"views_1h": 2}, {}, {"views_1h": "many"}])])
+        snaps.append(Snapshot.of("odd", 7, 50, Exploding(), positives=20))
+        scorer.refresh(10**13)
+        scorer.score_batch([("0", Enriched(Event("e9", "u", "browse", 0), {"views_1h": 500}))])
+        sample = m.registry.get_sample_value
+        assert {n: sample("nudgeflow_model_version", {"model": n}) for n in ("buy", "cold", "odd")} == {
+            "buy": 3, "cold": 0, "odd": 7}
+        assert sample("nudgeflow_model_input_faults_total") == 2  # two events' inputs, each counted once
+        assert sample("nudgeflow_model_errors_total") == 1
+    finally:
+        m.close()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from river import linear_model
 
 from connectors.model_store import RedisModelStore
 from nudgeflow.configload import load_models
@@ -24,6 +23,7 @@ from operators.models import (
     BinnedAUC, LabelEngine, Learner, LearnerLogic, Linear, Metrics, Pending, Resolved, Scorer, Snapshot, SnapshotVersionError,
     build_model, proba, vector,
 )
+from tests.helpers import Exploding
 
 MIN, HOUR = 60_000, 3_600_000
 CFG = ModelsFile.model_validate({
@@ -442,15 +442,6 @@ def test_non_finite_features_are_counted_and_the_event_still_scored() -> None:
     en = Enriched(Event("e", "u", "browse", 0), {"views_1h": float("inf")})
     scorer.score_batch([("0", en)])
     assert en.scores["buy"] == CFG.models[0].prior and scorer.faults == 1  # both models share one input
-
-
-class Exploding(linear_model.LogisticRegression):
-    """A River model that fails to score an input it cannot handle (here: more than 100 views)."""
-
-    def predict_proba_one(self, x: dict[str, float]) -> dict[bool, float]:
-        if x["views_1h"] > 100:
-            raise OverflowError("cannot score")
-        return super().predict_proba_one(x)
 
 
 def test_a_model_that_raises_scores_the_prior_and_is_counted_and_the_event_goes_on() -> None:
