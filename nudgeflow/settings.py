@@ -9,6 +9,7 @@ these models for editors.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -781,11 +782,7 @@ class TriggersFile(Strict):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> TriggersFile:
-        seen: set[str] = set()
-        for t in self.triggers:
-            if t.id in seen:
-                raise ValueError(f"trigger id {t.id!r} is used twice")
-            seen.add(t.id)
+        _used_once("trigger id", (t.id for t in self.triggers))
         return self
 
 
@@ -845,10 +842,17 @@ class ModelsFile(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> ModelsFile:
-        names = [m.name for m in self.models]
-        if len(names) != len(set(names)):
-            raise ValueError("model names must be unique")
+        _used_once("model name", (m.name for m in self.models))
         return self
+
+
+def _used_once(what: str, names: Iterable[str]) -> None:
+    """Raise naming the first name given twice: ids key state, metrics and rows."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} {name!r} is used twice")
+        seen.add(name)
 
 
 SCHEMAS: dict[str, type[BaseModel]] = {

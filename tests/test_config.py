@@ -78,11 +78,43 @@ def json_schema_of(name: str) -> str:
     ("name: x\nname: y\n", ":2: name: duplicate key"),
     ("name: [x\n", "invalid YAML"),
     ("name: x\nredis:\n  url: redis+cluster://h:7000\n  embedded: true\n", ":3: redis: Value error, embedded starts"),
+    ("events:\n  dedup_window: -300\n", ":2: events.dedup_window: Value error, a duration cannot be negative"),
+    ("events:\n  max_age: true\n", ":2: events.max_age: Value error, expected a duration like 30m"),
+    ("events:\n  currency_rates: {USD: 1.0, EUR: 0}\n", ":2: events.currency_rates: Value error, rates must be "
+                                                         "positive: ['EUR']"),
+    ("source:\n  kind: file\n  file: {paths: [a.jsonl], tail: 0s}\n", ":3: source.file.tail: Value error, tail is how"),
+    ("actions: {kind: file}\n", ":1: actions: Value error, a file sink needs a path"),
+    ("actions: {kind: webhook}\n", ":1: actions: Value error, a webhook sink needs a webhook section"),
 ])
 def test_errors_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
     msg = error(Settings, path)
     assert str(path) in msg and expected in msg, msg
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("features.yaml", "rfm:\n  frequency: [1, 4, 2, 8]\n", ": rfm: Value error, rfm.frequency thresholds must be ascending"),
+    ("features.yaml", "lifecycle:\n  active_within: 30d\n  at_risk_within: 7d\n",
+     ": lifecycle: Value error, lifecycle windows must satisfy active_within <= at_risk_within <= dormant_within"),
+    ("triggers.yaml", "defaults:\n  quiet_hours: {start: 9pm}\ntriggers: []\n",
+     ":2: defaults.quiet_hours.start: Value error, expected a time of day like 21:00 (got '9pm')"),
+    ("triggers.yaml", "triggers:\n  - {id: c, kind: crossing, value: score.p, above: 0.5, reset_below: 0.7}\n",
+     ":2: triggers.0.crossing: Value error, reset_below must not be above `above`"),
+    ("triggers.yaml", "triggers:\n  - {id: d, kind: date, attribute: birthday, at: '25:00'}\n",
+     ":2: triggers.0.at: Value error, expected a time of day like 10:00 (got '25:00')"),
+    ("models.yaml", "models:\n" + "  - {name: a, label: {events: [order], within: 1h}, features: [views_1h]}\n" * 2,
+     ": <root>: Value error, model name 'a' is used twice"),
+])
+def test_bad_features_triggers_and_models_files_are_refused_with_what_is_wrong(
+    tmp_path: Path, name: str, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text, name)
+    load = {"features.yaml": lambda: load_features(path, EventsConfig()),
+            "triggers.yaml": lambda: load_triggers(path, EventsConfig(), [], ["p"]),
+            "models.yaml": lambda: load_models(path, EventsConfig(), ["views_1h"])}[name]
+    with pytest.raises(ConfigError) as e:
+        load()
+    assert str(path) in str(e.value) and expected in str(e.value), str(e.value)
 
 
 def test_environment_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
