@@ -149,7 +149,7 @@ def load_features(path: str | Path, events: EventsConfig) -> FeatureDefs:
             if span >= keep_s:
                 problems.append((line_of(lines, ("idle", j)), f"idle.{j}",
                                  f"a shopper quiet for {span:g}s is forgotten by then (state is kept {keep_s:g}s, "
-                                 "the longest window): look earlier"))
+                                 "the longest window or lifecycle.remember): look earlier"))
     seen: dict[str, tuple[str, int]] = {}
     for kind in ("counts", "sums", "distinct"):
         for i, d in enumerate(getattr(defs, kind)):

@@ -285,12 +285,17 @@ class LifecycleDef(Strict):
     active_within: Duration = 14 * 86400.0
     at_risk_within: Duration = 30 * 86400.0
     dormant_within: Duration = 90 * 86400.0
+    #: how long the feature step keeps a silent shopper (beyond its longest window): one back after
+    #: ``dormant_within`` and within this is ``churned``; one back later has been forgotten and starts afresh
+    #: (``new``). Longer holds more shoppers in state (~0.6 KB each, compacted)
+    remember: Duration = 180 * 86400.0
     repeat_orders: int = Field(2, ge=2)
 
     @model_validator(mode="after")
     def _ordered(self) -> LifecycleDef:
-        if not self.active_within <= self.at_risk_within <= self.dormant_within:
-            raise ValueError("lifecycle windows must satisfy active_within <= at_risk_within <= dormant_within")
+        if not self.active_within <= self.at_risk_within <= self.dormant_within < self.remember:
+            raise ValueError("lifecycle windows must satisfy active_within <= at_risk_within <= dormant_within "
+                             "< remember")
         return self
 
 

@@ -495,7 +495,10 @@ class FeaturePlan:
         self.window_shapes = [(w, max(1, w // n)) for w in self._widths]
         distinct_ms = [int(w * 1000) for d in self.distinct for w in d.windows]
         gap_ms = [int(defs.session.gap * 1000)] if defs.session else []
-        self.retention_ms = max(self._widths + distinct_ms + gap_ms + [0])
+        # a shopper back after ``dormant_within`` reads churned only if still held: kept ``remember``
+        remember_ms = [int(defs.lifecycle.remember * 1000)] if defs.lifecycle else []
+        #: how long a silent shopper is kept: the longest window, or ``lifecycle.remember``
+        self.retention_ms = max(self._widths + distinct_ms + gap_ms + remember_ms + [0])
         self.names = sorted(self.getters)
         plain = {name for name, *_ in self._window_values if name in self.getters}
         by_window: dict[int, list[tuple[str, int, bool]]] = {}

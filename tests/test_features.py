@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import lz4.block
+import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -277,6 +278,28 @@ def test_session_cart_recency_rfm_lifecycle_affinity_by_example() -> None:
     # affinity: shoes (two views and a cart add) lead, decayed by time
     assert f[3]["top_categories"] == ["shoes", "bags"]
     assert f[6]["top_categories"][0] == "shoes" and set(f[6]["category_affinity"]) == set(f[6]["top_categories"])
+
+
+@pytest.mark.parametrize("windows", [["1h"], ["1h", "400d"]])
+def test_a_shopper_back_after_every_stage_is_churned_until_forgotten(windows: list[str]) -> None:
+    """The lifecycle stage comes from the gap before the event, whatever the feature windows: a shopper is held
+    ``lifecycle.remember`` past their last event even when every window is shorter (else a 40-day gap would
+    read as a new shopper, and nobody would ever be churned); one back later is new again, unless a longer
+    window keeps them."""
+    defs = FeatureDefs.model_validate({
+        "counts": [{"name": "events", "types": "any", "windows": windows}], "recency": {},
+        "lifecycle": {}, "rfm": None, "session": None, "affinity": None, "distinct": [],
+    })
+    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig(), needed=["lifecycle_stage", "user_age_s"])
+    s = eng.new_state()
+    stages, t = [], 0
+    for i, gap in enumerate([0, 20, 40, 100, 300]):  # days of silence before each visit
+        t += gap * DAY
+        en = eng.apply(s, Event(f"e{i}", "u", "browse", t))
+        assert isinstance(en, Enriched)
+        stages.append((en.features["lifecycle_stage"], en.features["user_age_s"] // 86400))
+    last = ("churned", 460) if "400d" in windows else ("new", 0)  # 300 days: forgotten after the default 180
+    assert stages == [("new", 0), ("at_risk", 20), ("dormant", 60), ("churned", 160), last]
 
 
 def test_flush_publishes_each_changed_user_once_with_every_feature() -> None:
