@@ -351,6 +351,20 @@ def test_distinct_values_past_the_longest_window_are_forgotten_and_counts_stay_e
     assert isinstance(en, Enriched) and (en.features["items_1m"], en.features["items_10m"]) == (60, 600)
 
 
+def test_a_distinct_count_keeps_at_most_max_values_the_newest_ones() -> None:
+    """``max_values`` bounds a shopper's state whatever they browse: the newest values are kept (a value seen
+    again is new again), so the count reads at most that many."""
+    defs = FeatureDefs.model_validate({
+        "distinct": [{"name": "items", "types": ["browse"], "field": "item_id", "windows": ["1h"], "max_values": 3}],
+        "session": None, "rfm": None, "lifecycle": None, "affinity": None,
+    })
+    eng = FeatureEngine(defs, FeaturesConfig(), EventsConfig())
+    s = eng.new_state()
+    counts = [eng.apply(s, Event(f"e{i}", "u", "browse", i * MIN, props={"item_id": item})).features["items_1h"]
+              for i, item in enumerate(["a", "b", "c", "d", "b", "e"])]
+    assert counts == [1, 2, 3, 3, 3, 3] and list(s.users["u"].distinct[0]) == ["d", "b", "e"]
+
+
 def test_state_survives_a_snapshot_round_trip() -> None:
     eng = FeatureEngine(load_features(CONFIG, EventsConfig()), FeaturesConfig(), EventsConfig())
     events = [Event(f"e{i}", f"u{i % 7}", ("browse", "add_to_cart", "order")[i % 3], i * 45 * MIN,

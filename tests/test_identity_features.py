@@ -19,16 +19,17 @@ from nudgeflow.configload import load_features
 from nudgeflow.events import PLATFORM_ALIASES, Event
 from nudgeflow.settings import EventsConfig, FeatureDefs, FeaturesConfig, Platform
 from nudgeflow.yamlconf import ConfigError
-from operators.features import CartLine, Enriched, FeatureEngine, ShardState, UserFeatures, UserState
+from operators.features import CartLine, Enriched, FeatureEngine, FeaturePlan, ShardState, UserFeatures, UserState
 from operators.windows import PackedWindow, delta, unpack
 
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 LATENESS = 5 * MIN  # FeaturesConfig's default allowed_lateness
 CONFIG = Path(__file__).parents[1] / "config" / "features.yaml"
 DEFS = load_features(CONFIG, EventsConfig())
-#: the second epoch of the property test: past the longest retention (90 d + lateness) after the first,
-#: so every id idle since the first starts afresh there
-EPOCH = 100 * DAY
+#: the second epoch of the property test: past the retention (``lifecycle.remember``, 180 d, + lateness) after
+#: the first, so every id idle since the first starts afresh there
+EPOCH = 200 * DAY
+assert EPOCH > FeaturePlan(DEFS).retention_ms + LATENESS
 #: features FeatureEngine.absorb documents as a rule, not exact: how two ids' sessions interleave
 SESSION_RULE = {"session_id", "session_events", "session_pages", "session_duration_s", "sessions_7d"}
 
