@@ -1163,7 +1163,8 @@ class FeatureEngine:
         return out
 
     def evict(self, st: ShardState) -> None:
-        """Drop users idle past every window, ids past the dedup window, and distinct values past their
+        """Drop users idle past the retention (every window, and ``lifecycle.remember``), ids past the dedup
+        window, and distinct values past their
         feature's longest window (features are read at the user's newest time, which only moves on: such
         a value is never counted again; without this a busy shopper keeps ``max_values`` of them), then
         compact the users idle past ``compact_after`` (:class:`Frozen`), but for those changed since the last
