@@ -1164,11 +1164,10 @@ class FeatureEngine:
 
     def evict(self, st: ShardState) -> None:
         """Drop users idle past the retention (every window, and ``lifecycle.remember``), ids past the dedup
-        window, and distinct values past their
-        feature's longest window (features are read at the user's newest time, which only moves on: such
-        a value is never counted again; without this a busy shopper keeps ``max_values`` of them), then
-        compact the users idle past ``compact_after`` (:class:`Frozen`), but for those changed since the last
-        flush, which compacts them once it has read them."""
+        window, and distinct values past their feature's longest window (features are read at the user's
+        newest time, which only moves on: such a value is never counted again; without this a busy shopper
+        keeps ``max_values`` of them), then compact the users idle past ``compact_after`` (:class:`Frozen`),
+        but for those changed since the last flush, which compacts them once it has read them."""
         st.since_evict, st.swept_ts = 0, st.max_ts
         horizon = st.max_ts - self.idle_ms
         idle = [uid for uid, u in st.users.items() if u.last_ts < horizon]
