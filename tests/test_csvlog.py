@@ -272,3 +272,24 @@ def test_the_feature_flow_replays_a_taobao_log_into_redis(tmp_path: Path, redis_
         ("too_late", f"{path}:9", "102,i9,c9,pv,1511547670"),
         ("unknown_type", f"{path}:10", "101,i1,c1,teleport,1511544070"),
     ]
+
+
+def test_a_log_of_ones_own_with_event_ids_iso_times_one_platform_and_typed_props(tmp_path: Path) -> None:
+    """A mapping for a log the shop exports itself: its own event ids, ISO-8601 times (a naive one is UTC),
+    every event from one platform, props converted by type, a tab as the delimiter; a mapping naming a column
+    the log does not have is refused before any row is read."""
+    m = CsvMapping.model_validate({
+        "columns": ["id", "at", "who", "what", "sku", "qty"], "delimiter": "\t", "event_id": "id",
+        "user_id": "who", "type": "what", "types": {"view": "browse"}, "ts": "at", "ts_format": "iso",
+        "platform": "app", "props": {"item_id": "sku", "quantity": {"column": "qty", "type": "int"}},
+    })
+    path = tmp_path / "export.tsv"
+    path.write_bytes(b"ev-1\t2023-11-14T22:13:19+01:00\tu1\tview\ts9\t\n"
+                     b"ev-2\t2023-11-14T21:13:20\tu1\tadd_to_cart\ts9\t2\n")
+    a, b = replay(path, m)
+    assert event_tuple(a)[:7] == ("ev-1", "u1", "browse", NOW - 1000 - 3600_000, None, "app", {"item_id": "s9"})
+    assert event_tuple(b)[:7] == ("ev-2", "u1", "add_to_cart", NOW - 3600_000, None, "app",
+                                  {"item_id": "s9", "quantity": 2, "price": 0.0, "currency": "USD"})
+    with pytest.raises(ValueError, match=r"quantity: unknown column 'amount'"):
+        CsvMapping.model_validate({"columns": ["who", "what", "at"], "user_id": "who", "type": "what", "ts": "at",
+                                   "props": {"quantity": {"column": "amount", "type": "int"}}})
