@@ -43,7 +43,7 @@ from nudgeflow.logs import tag_worker
 if TYPE_CHECKING:
     from connectors.clickhouse import ClickHouseWriter
     from operators.features import FeatureLogic
-    from operators.models import Scorer
+    from operators.models import LearnerLogic, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ class FlowMetrics:
         #: connectors whose ``failures`` are read as ``sink_errors_total{sink=<name>}``
         self.failing: dict[str, list[Failing]] = {}
         self.scorer: Scorer | None = None
+        #: this process's learners (one per model it learns), for their errors
+        self.learner_logics: list[LearnerLogic] = []
         #: this process's feature-step logics, whose state sizes are read as ``feature_users{state}``
         self.feature_logics: list[FeatureLogic] = []
         #: the newest event time parsed (ms); workers race on it, which can only leave it briefly older
@@ -242,6 +244,13 @@ class FlowMetrics:
                                       value=self.scorer.faults)
             yield CounterMetricFamily("nudgeflow_model_errors", "Scoring errors (the prior was used)",
                                       value=self.scorer.errors)
+        learners = [lg.learner for lg in list(self.learner_logics) if lg.learner is not None]
+        if learners:
+            learn = CounterMetricFamily("nudgeflow_model_learn_errors", "Examples a model raised on while learning "
+                                        "(skipped, not learned)", labels=["model"])
+            for ln in learners:
+                learn.add_metric([ln.d.name], ln.errors)
+            yield learn
 
     # -- endpoints
 

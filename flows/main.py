@@ -56,6 +56,12 @@ def model_steps(
     recover = s.recovery is not None
     store = RedisModelStore(url, s.redis.key_prefix)
     scorer = Scorer(dep.models, store.fetch_newer)
+    learners: list[LearnerLogic] = []  # as Bytewax builds them: the metrics read their errors
+
+    def learner(resume: bytes | None) -> LearnerLogic:
+        learners.append(LearnerLogic(dep.models, resume, lambda name: store.fetch(name)))
+        return learners[-1]
+
     labels = LabelEngine(dep.models, int(s.features.allowed_lateness * 1000), int(s.features.idle_timeout * 1000))
     scored = op.flat_map_batch("score", enriched, scorer.score_batch)
     scores_sink = RedisFeatureSink(s.redis, url, fields=True)
@@ -64,15 +70,13 @@ def model_steps(
     )
     op.output("scores_redis", op.map("score_fields_out", fields, lambda kv: kv[1]), scores_sink)
     if metrics is not None:
-        metrics.scorer = scorer
+        metrics.scorer, metrics.learner_logics = scorer, learners
         metrics.watch("redis_scores", scores_sink)
     resolved = op.map("resolved", op.stateful_batch(
         "labels", scored, lambda resume: LabelLogic(labels, resume, handoff=handoff, recover=recover)
     ), lambda kv: kv[1])
     by_model = op.key_on("by_model", resolved, lambda r: r.model)
-    learned = op.map("learned", op.stateful_batch(
-        "learn", by_model, lambda resume: LearnerLogic(dep.models, resume, lambda name: store.fetch(name))
-    ), lambda kv: kv[1])
+    learned = op.map("learned", op.stateful_batch("learn", by_model, learner), lambda kv: kv[1])
     snaps = op.branch("snapshots", learned, lambda x: type(x) is Snapshot)
     op.output("models_redis", snaps.trues, RedisModelSink(url, s.redis.key_prefix))
     rows = op.branch("predictions", snaps.falses, lambda x: type(x) is PredictionRow)

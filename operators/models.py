@@ -754,6 +754,8 @@ class Learner:
         self.model = model if model is not None else build_model(d)
         self.examples = examples
         self.positives = positives
+        #: examples the model raised on: skipped, not learned (a model fault must not stop the flow)
+        self.errors = 0
         self.version = version
         self.updates_since = 0
         self.published_wall = 0
@@ -769,6 +771,7 @@ class Learner:
         from now on."""
         self.__dict__.update(state)
         self.__dict__.setdefault("positives", 0)
+        self.__dict__.setdefault("errors", 0)
         if "served_total" not in state:
             bins = self.cfg.calibration_bins
             self.served_window, self.served_total = Metrics(bins), Metrics(bins)
@@ -781,7 +784,7 @@ class Learner:
         none is scored by a model that has learned anything of its batch.
         """
         linear = Linear.of(self.model, self.d.features) if len(batch) > 2 else None  # pays from a few examples on
-        scores = [proba(self.model, r.x) if linear is None or (p := linear.proba(r.x)) is None else p for r in batch]
+        scores = [p if linear is not None and (p := linear.proba(r.x)) is not None else self._score(r) for r in batch]
         rows: list[MetricRow] = []
         for r, p in zip(batch, scores):
             start = r.ts - r.ts % self.window_ms
@@ -790,15 +793,35 @@ class Learner:
             elif start > self.window_start:
                 rows.extend(self.close_window())
                 self.window_start = start
+            if p is None:  # the model raised on it (counted): learning it would too
+                continue
             self.window_metrics.update(r.label, p)
             self.total.update(r.label, p)
             self.served_window.update(r.label, r.score)
             self.served_total.update(r.label, r.score)
-            self.model.learn_one(r.x, r.label)
-        self.examples += len(batch)
-        self.positives += sum(1 for r in batch if r.label)
-        self.updates_since += len(batch)
-        return rows, [PredictionRow(r, p) for r, p in zip(batch, scores)]
+            try:
+                self.model.learn_one(r.x, r.label)
+            except Exception as e:  # River raised on this input: skip it, count it, go on
+                self._fault(r, "learn", e)
+                continue
+            self.examples += 1
+            self.positives += r.label
+            self.updates_since += 1
+        return rows, [PredictionRow(r, p) for r, p in zip(batch, scores) if p is not None]
+
+    def _score(self, r: Resolved) -> float | None:
+        try:
+            return proba(self.model, r.x)
+        except Exception as e:  # as in learning: a model fault must not stop the flow
+            self._fault(r, "score", e)
+            return None
+
+    def _fault(self, r: Resolved, what: str, e: Exception) -> None:
+        """An example the model raised on: counted (``nudgeflow_model_learn_errors``) and logged, not learned."""
+        self.errors += 1
+        if self.errors & (self.errors - 1) == 0:  # the 1st, 2nd, 4th, 8th …: a steady fault does not flood the log
+            log.warning("model %s could not %s the example of event %s (%d so far): %s: %s", self.d.name, what,
+                        r.event_id, self.errors, type(e).__name__, e)
 
     def close_window(self) -> list[MetricRow]:
         """Rows for the window so far and the cumulative figures, of both scores; starts a new window.

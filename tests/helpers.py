@@ -271,10 +271,15 @@ def clickhouse_rows(config: Path, sql: str) -> list[list[Any]]:
 
 
 class Exploding(linear_model.LogisticRegression):
-    """A River model that fails to score an input it cannot handle (here: more than 100 views); importable,
-    so a snapshot of it pickles."""
+    """A River model that fails to score or learn an input it cannot handle (here: more than 100 views);
+    importable, so a snapshot of it pickles."""
 
     def predict_proba_one(self, x: dict[str, float]) -> dict[bool, float]:
         if x["views_1h"] > 100:
             raise OverflowError("cannot score")
         return super().predict_proba_one(x)
+
+    def learn_one(self, x: dict[str, float], y: bool, **kwargs: Any) -> None:
+        if x["views_1h"] > 100:
+            raise OverflowError("cannot learn")
+        super().learn_one(x, y, **kwargs)

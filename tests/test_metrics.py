@@ -220,12 +220,13 @@ def test_configure_installs_one_handler_in_the_chosen_format() -> None:
         root.setLevel(level)
 
 
-def test_the_scorers_versions_input_faults_and_errors_are_metrics(redis_url: str) -> None:
+def test_the_models_versions_input_faults_and_errors_are_metrics(redis_url: str) -> None:
     """What scoring did, per model: the snapshot version serving (0 while the prior answers), inputs that were
-    missing or not numbers, and models that raised (the prior answered instead)."""
+    missing or not numbers, and models that raised (the prior answered instead); and per model, the examples
+    its learner could not learn."""
     from nudgeflow.settings import ModelsFile
     from operators.features import Enriched
-    from operators.models import Scorer, Snapshot, build_model
+    from operators.models import Learner, LearnerLogic, Resolved, Scorer, Snapshot, build_model
     from tests.helpers import Exploding
 
     models = ModelsFile.model_validate({"models": [
@@ -248,5 +249,11 @@ def test_the_scorers_versions_input_faults_and_errors_are_metrics(redis_url: str
             "buy": 3, "cold": 0, "odd": 7}
         assert sample("nudgeflow_model_input_faults_total") == 2  # two events' inputs, each counted once
         assert sample("nudgeflow_model_errors_total") == 1
+        assert sample("nudgeflow_model_learn_errors_total", {"model": "odd"}) is None  # no learner here yet
+        logic = LearnerLogic(models, None, lambda name: None)
+        m.learner_logics.append(logic)
+        logic.learner = Learner(models.models[2], models, model=Exploding())
+        logic.on_batch([Resolved("odd", "u", f"e{v}", 0, 0, {"views_1h": v}, 0.5, 0, True) for v in (1.0, 500.0)])
+        assert sample("nudgeflow_model_learn_errors_total", {"model": "odd"}) == 1
     finally:
         m.close()

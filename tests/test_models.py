@@ -457,6 +457,34 @@ def test_a_model_that_raises_scores_the_prior_and_is_counted_and_the_event_goes_
     assert bad.scored["buy"][0] == 2 and scorer.faults == 0
 
 
+def test_an_example_a_model_raises_on_is_skipped_and_counted_and_learning_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    """Learning must not stop the flow either (a restart would meet the same example again): an example the
+    model raises on, scoring it for the metrics or learning it, is skipped, counted once
+    (``nudgeflow_model_learn_errors``) and logged; the rest of the batch is learned, and only learned examples
+    count towards being warm."""
+
+    class LearnOnly(Exploding):  # scores anything, fails to learn as Exploding does
+        def predict_proba_one(self, x: dict[str, float]) -> dict[bool, float]:
+            return {True: 0.5, False: 0.5}
+
+    learners = []
+    for model, fails in ((Exploding(), "score"), (LearnOnly(), "learn")):
+        learner = Learner(CFG.models[0], CFG, model=model)
+        learners.append(learner)
+        batch = [Resolved("buy", "u", f"e{v}", 0, 0, {"views_1h": float(v)}, 0.5, 0, v > 3) for v in (1, 500, 5, 700)]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="operators.models"):
+            _, predictions = learner.learn(batch)
+        assert (learner.examples, learner.positives, learner.errors) == (2, 1, 2)
+        assert [p.example.event_id for p in predictions] == (
+            ["e1", "e5"] if fails == "score" else ["e1", "e500", "e5", "e700"])
+        assert learner.total.count == len(predictions)
+        assert learner.model._weights["views_1h"] > 0  # the two good examples were learned
+        assert f"model buy could not {fails} the example of event e500 (1 so far): OverflowError: cannot {fails}" \
+            in caplog.text
+    assert pickle.loads(pickle.dumps(learners[0])).errors == 2
+
+
 def test_learner_logic_warm_starts_from_the_published_snapshot() -> None:
     d = CFG.models[0]
     trained = Learner(d, CFG)
