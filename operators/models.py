@@ -786,6 +786,7 @@ class Learner:
         linear = Linear.of(self.model, self.d.features) if len(batch) > 2 else None  # pays from a few examples on
         scores = [p if linear is not None and (p := linear.proba(r.x)) is not None else self._score(r) for r in batch]
         rows: list[MetricRow] = []
+        learned = positives = 0
         for r, p in zip(batch, scores):
             start = r.ts - r.ts % self.window_ms
             if self.window_start is None:
@@ -804,9 +805,11 @@ class Learner:
             except Exception as e:  # River raised on this input: skip it, count it, go on
                 self._fault(r, "learn", e)
                 continue
-            self.examples += 1
-            self.positives += r.label
-            self.updates_since += 1
+            learned += 1
+            positives += r.label
+        self.examples += learned
+        self.positives += positives
+        self.updates_since += learned
         return rows, [PredictionRow(r, p) for r, p in zip(batch, scores) if p is not None]
 
     def _score(self, r: Resolved) -> float | None:
